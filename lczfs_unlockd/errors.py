@@ -1,0 +1,75 @@
+"""The one domain error type and its subclasses.
+
+Every message is lowercase, names the config key, dataset, device or path
+involved and says what to do.  ``errno`` becomes systemd's ``ERRNO=``.
+Messages never contain key material.
+"""
+
+from __future__ import annotations
+
+import errno as _errno
+
+
+class UnlockError(Exception):
+    """Something the operator must fix; the message says what and how."""
+
+    errno: int = _errno.EIO
+
+    def __init__(self, message: str, *, errno: int | None = None) -> None:
+        super().__init__(message)
+        self.message = message
+        if errno is not None:
+            self.errno = errno
+
+    def __str__(self) -> str:
+        return self.message
+
+
+class ConfigError(UnlockError):
+    errno = _errno.EINVAL
+
+
+class PoolError(UnlockError):
+    errno = _errno.ENODEV
+
+
+class KeystoreError(UnlockError):
+    errno = _errno.EIO
+
+
+class WrongKeyError(KeystoreError):
+    """A passphrase, key file or token PIN did not open any keyslot."""
+
+    errno = _errno.EPERM
+
+
+class PinRequiredError(KeystoreError):
+    """A LUKS2 token needs a PIN (libcryptsetup returned -ENOANO)."""
+
+    errno = _errno.ENOANO
+
+
+class NoTokenError(KeystoreError):
+    """No LUKS2 token could be used (none enrolled, plugin or device missing)."""
+
+    errno = _errno.ENOENT
+
+
+class PromptError(KeystoreError):
+    """A password prompt was cancelled or timed out."""
+
+    errno = _errno.ECANCELED
+
+
+class KeyLoadError(UnlockError):
+    errno = _errno.EACCES
+
+
+class TeardownError(UnlockError):
+    errno = _errno.EBUSY
+
+
+class Interrupted(UnlockError):
+    """SIGTERM/SIGINT arrived; raised so that every teardown callback runs."""
+
+    errno = _errno.EINTR

@@ -1,0 +1,26 @@
+"""Programs and libraries the daemon uses, in one place.
+
+The defaults work in any initrd whose PATH and dynamic loader find the
+programs and sonames (dracut).  Packagers that must not rely on PATH or the
+loader's search path (Nix) write ``lczfs_unlockd/_build_paths.py`` at build
+time with absolute paths; its names override these.
+"""
+
+from __future__ import annotations
+
+ZPOOL = "zpool"
+ZFS = "zfs"
+SYSTEMD_ASK_PASSWORD = "systemd-ask-password"
+# Candidate sonames, tried in order.  Full sonames (never "zfs_core"): cffi's
+# and ctypes.util's short-name lookup runs ldconfig and gcc, which an initrd
+# does not have.
+LIBCRYPTSETUP: tuple[str, ...] = ("libcryptsetup.so.12",)
+LIBZFS_CORE: tuple[str, ...] = ("libzfs_core.so.3",)
+LIBNVPAIR: tuple[str, ...] = ("libnvpair.so.3",)
+LIBC: tuple[str, ...] = ("libc.so.6",)
+SYSTEMD_PRIVATE_BUS = "unix:path=/run/systemd/private"
+
+try:  # pragma: no cover - only present in packaged builds
+    from ._build_paths import *  # type: ignore[import-not-found,unused-ignore]  # noqa: F403
+except ImportError:
+    pass
