@@ -1,0 +1,467 @@
+"""A thin ctypes binding of libcryptsetup's stable API.
+
+No maintained Python binding of libcryptsetup exists, and the daemon needs
+only a dozen calls: load a LUKS header, try tokens, a key file or a
+passphrase, activate (or only check) the key, and deactivate.  Negative
+errno values become the typed errors of ``errors.py`` with a message that
+names the device and says what to do.
+
+The library is loaded by full soname (``paths.LIBCRYPTSETUP``) on first use:
+``ctypes.util.find_library`` runs ldconfig and gcc, which an initrd lacks,
+and importing this module stays cheap.
+
+Key material: passphrases and PINs arrive as ``bytearray`` and are handed to
+C through a ctypes view of the caller's buffer, so no immutable ``bytes``
+copy is made that could not be zeroed; key files are read by the library
+itself.  Nothing here logs key material or puts it in a message.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import errno
+import logging
+import os
+import threading
+from types import TracebackType
+from typing import TYPE_CHECKING
+
+from . import paths
+from .errors import KeystoreError, NoTokenError, PinRequiredError, WrongKeyError
+from .ports import MappingState
+
+if TYPE_CHECKING:
+    from .ports import Cryptsetup, LuksDevice
+
+__all__ = ["LibCryptsetup", "LuksVolume", "set_debug"]
+
+log = logging.getLogger("lczfs_unlockd.cryptsetup")
+
+# Constants from libcryptsetup.h (cryptsetup 2.x, stable API).
+CRYPT_LUKS1 = "LUKS1"
+CRYPT_LUKS2 = "LUKS2"
+CRYPT_ANY_SLOT = -1
+CRYPT_ANY_TOKEN = -1
+CRYPT_ACTIVATE_READONLY = 1 << 0
+CRYPT_LOG_NORMAL = 0
+CRYPT_LOG_ERROR = 1
+CRYPT_LOG_VERBOSE = 2
+CRYPT_LOG_DEBUG = -1
+CRYPT_LOG_DEBUG_JSON = -2
+CRYPT_DEBUG_ALL = -1
+CRYPT_DEBUG_NONE = 0
+# enum crypt_status_info: CRYPT_INVALID, CRYPT_INACTIVE, CRYPT_ACTIVE, CRYPT_BUSY
+# (MappingState uses the same values).
+# enum crypt_token_info: the first two mean "no usable token in this slot".
+CRYPT_TOKEN_INVALID = 0
+CRYPT_TOKEN_INACTIVE = 1
+
+_LEVEL_NAMES = {
+    CRYPT_LOG_NORMAL: "normal",
+    CRYPT_LOG_ERROR: "error",
+    CRYPT_LOG_VERBOSE: "verbose",
+    CRYPT_LOG_DEBUG: "debug",
+    CRYPT_LOG_DEBUG_JSON: "debug-json",
+}
+
+# crypt_activate_by_token_pin() return values meaning "no token could be used"
+# (libcryptsetup.h): -ENOENT no token (or assigned keyslot) was eligible,
+# -EAGAIN the token handler needs hardware that is not present, -EINVAL the
+# header has no token support (LUKS1).  -EPERM (the token supplied a key no
+# keyslot accepts) and -ENOANO (PIN missing or wrong) have their own errors.
+_TOKEN_UNUSABLE = frozenset({errno.ENOENT, errno.EAGAIN, errno.EINVAL})
+
+_c_crypt_device_p = ctypes.c_void_p
+# Key material travels as char* into the caller's bytearray, never c_char_p
+# (which would want an immutable bytes object).
+_c_key_p = ctypes.POINTER(ctypes.c_char)
+_LOG_CALLBACK = ctypes.CFUNCTYPE(None, ctypes.c_int, ctypes.c_char_p, ctypes.c_void_p)
+
+
+def _log_message(level: int, message: bytes | None, _usrptr: int | None) -> None:
+    # Called from C: an exception here would only be printed to stderr.
+    try:
+        if message:
+            text = message.decode("utf-8", "replace").rstrip("\n")
+            log.debug("libcryptsetup %s: %s", _LEVEL_NAMES.get(level, str(level)), text)
+    except Exception:  # noqa: S110 - nothing sensible to do inside a C callback
+        pass
+
+
+# A module global: the C side keeps only a pointer, and a collected
+# trampoline would crash the next log call.
+_log_callback = _LOG_CALLBACK(_log_message)
+
+_lib: ctypes.CDLL | None = None
+_lib_lock = threading.Lock()
+
+
+def _declare(lib: ctypes.CDLL) -> None:
+    c_int, c_char_p, c_size_t = ctypes.c_int, ctypes.c_char_p, ctypes.c_size_t
+    cd = _c_crypt_device_p
+
+    lib.crypt_init.argtypes = [ctypes.POINTER(cd), c_char_p]
+    lib.crypt_init.restype = c_int
+    lib.crypt_load.argtypes = [cd, c_char_p, ctypes.c_void_p]
+    lib.crypt_load.restype = c_int
+    lib.crypt_get_type.argtypes = [cd]
+    lib.crypt_get_type.restype = c_char_p
+    lib.crypt_free.argtypes = [cd]
+    lib.crypt_free.restype = None
+    lib.crypt_set_log_callback.argtypes = [cd, _LOG_CALLBACK, ctypes.c_void_p]
+    lib.crypt_set_log_callback.restype = None
+    lib.crypt_set_debug_level.argtypes = [c_int]
+    lib.crypt_set_debug_level.restype = None
+    lib.crypt_token_max.argtypes = [c_char_p]
+    lib.crypt_token_max.restype = c_int
+    lib.crypt_token_status.argtypes = [cd, c_int, ctypes.POINTER(c_char_p)]
+    lib.crypt_token_status.restype = c_int
+    lib.crypt_activate_by_token_pin.argtypes = [
+        cd,
+        c_char_p,  # name, NULL: check only
+        c_char_p,  # token type, NULL: any
+        c_int,  # token
+        _c_key_p,  # pin
+        c_size_t,
+        ctypes.c_void_p,  # usrptr
+        ctypes.c_uint32,  # flags
+    ]
+    lib.crypt_activate_by_token_pin.restype = c_int
+    lib.crypt_activate_by_passphrase.argtypes = [
+        cd,
+        c_char_p,
+        c_int,  # keyslot
+        _c_key_p,
+        c_size_t,
+        ctypes.c_uint32,
+    ]
+    lib.crypt_activate_by_passphrase.restype = c_int
+    lib.crypt_activate_by_keyfile_device_offset.argtypes = [
+        cd,
+        c_char_p,
+        c_int,  # keyslot
+        c_char_p,  # key file path
+        c_size_t,  # keyfile_size, 0: whole file
+        ctypes.c_uint64,  # keyfile_offset
+        ctypes.c_uint32,
+    ]
+    lib.crypt_activate_by_keyfile_device_offset.restype = c_int
+    lib.crypt_deactivate_by_name.argtypes = [cd, c_char_p, ctypes.c_uint32]
+    lib.crypt_deactivate_by_name.restype = c_int
+    lib.crypt_status.argtypes = [cd, c_char_p]
+    lib.crypt_status.restype = c_int
+
+
+def _library() -> ctypes.CDLL:
+    """Load libcryptsetup once, declare its functions and route its log."""
+    global _lib
+    with _lib_lock:
+        if _lib is not None:
+            return _lib
+        failures = []
+        for name in paths.LIBCRYPTSETUP:
+            try:
+                lib = ctypes.CDLL(name)
+            except OSError as e:
+                failures.append(f"{name}: {e}")
+                continue
+            _declare(lib)
+            # The default callback (cd=NULL) also receives the messages of
+            # crypt_init(), before a device handle exists.
+            lib.crypt_set_log_callback(None, _log_callback, None)
+            _lib = lib
+            return lib
+        raise KeystoreError(
+            "cannot load libcryptsetup ("
+            + "; ".join(failures)
+            + "): include libcryptsetup in the initrd or fix paths.LIBCRYPTSETUP",
+            errno=errno.ELIBACC,
+        )
+
+
+def set_debug(enabled: bool) -> None:
+    """Let libcryptsetup send its debug messages to the log (process-wide)."""
+    _library().crypt_set_debug_level(CRYPT_DEBUG_ALL if enabled else CRYPT_DEBUG_NONE)
+
+
+def _strerror(code: int) -> str:
+    return os.strerror(code).lower()
+
+
+def _key_buffer(key: bytearray) -> ctypes.Array[ctypes.c_char]:
+    """A ctypes view of ``key`` (no copy).  Never NULL, even for b""."""
+    if not key:
+        return (ctypes.c_char * 1)()
+    return (ctypes.c_char * len(key)).from_buffer(key)
+
+
+def _flags(read_only: bool) -> int:
+    return CRYPT_ACTIVATE_READONLY if read_only else 0
+
+
+def _name_arg(name: str | None) -> bytes | None:
+    return None if name is None else os.fsencode(name)
+
+
+class LuksVolume:
+    """One loaded LUKS1/LUKS2 header: ``crypt_init`` + ``crypt_load``.
+
+    Implements ``ports.LuksDevice``.  ``name=None`` activates nothing: it only
+    checks that the key opens a keyslot.  Use as a context manager or call
+    :meth:`close`.
+    """
+
+    def __init__(self, device: str, handle: ctypes.c_void_p, luks_type: str) -> None:
+        self.device = device
+        self._cd: ctypes.c_void_p | None = handle
+        self._luks_type = luks_type
+
+    def __enter__(self) -> LuksVolume:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        state = "closed" if self._cd is None else "open"
+        return f"<LuksVolume {self.device} {self._luks_type} {state}>"
+
+    @property
+    def luks_type(self) -> str:
+        return self._luks_type
+
+    def _handle(self) -> ctypes.c_void_p:
+        if self._cd is None:
+            raise RuntimeError(f"LUKS handle of {self.device} used after close()")
+        return self._cd
+
+    def close(self) -> None:
+        cd, self._cd = self._cd, None
+        if cd is not None:
+            _library().crypt_free(cd)
+
+    def token_count(self) -> int:
+        """Number of enrolled LUKS2 tokens (any type, plugin present or not)."""
+        lib = _library()
+        cd = self._handle()
+        if self._luks_type != CRYPT_LUKS2:
+            return 0  # LUKS1 has no tokens: crypt_token_max() is -EINVAL
+        token_max = int(lib.crypt_token_max(self._luks_type.encode()))
+        if token_max < 0:
+            return 0
+        count = 0
+        for token in range(token_max):
+            if int(lib.crypt_token_status(cd, token, None)) not in (
+                CRYPT_TOKEN_INVALID,
+                CRYPT_TOKEN_INACTIVE,
+            ):
+                count += 1
+        return count
+
+    def activate_by_token(
+        self, name: str | None, pin: bytearray | None, *, read_only: bool
+    ) -> None:
+        lib = _library()
+        cd = self._handle()
+        pin_buf = None if pin is None else _key_buffer(pin)
+        try:
+            r = int(
+                lib.crypt_activate_by_token_pin(
+                    cd,
+                    _name_arg(name),
+                    None,
+                    CRYPT_ANY_TOKEN,
+                    pin_buf,
+                    0 if pin is None else len(pin),
+                    None,
+                    _flags(read_only),
+                )
+            )
+        finally:
+            del pin_buf  # release the export so the caller may resize/zero it
+        if r >= 0:
+            log.debug("a token of %s unlocked key slot %d", self.device, r)
+            return
+        code = -r
+        if code == errno.EPERM:
+            raise WrongKeyError(
+                f"a token of {self.device} supplied a key that no key slot accepts: "
+                "re-enroll the token or use another unlock method",
+                errno=code,
+            )
+        if code == errno.ENOANO:
+            if pin is None:
+                raise PinRequiredError(f"the token of {self.device} needs a PIN", errno=code)
+            raise PinRequiredError(
+                f"the token of {self.device} did not accept this PIN: try again", errno=code
+            )
+        # With a name, -ENOTSUP is device-mapper refusing the mapping (it
+        # outranks token errors), not a missing token plugin.
+        if code in _TOKEN_UNUSABLE or (code == errno.ENOTSUP and name is None):
+            raise NoTokenError(
+                f"no token of {self.device} can be used ({_strerror(code)}): "
+                "enroll one, plug in its hardware, or use a key file or passphrase",
+                errno=code,
+            )
+        raise self._activation_error("a token", name, code)
+
+    def activate_by_passphrase(
+        self, name: str | None, passphrase: bytearray, *, read_only: bool
+    ) -> None:
+        lib = _library()
+        cd = self._handle()
+        buf = _key_buffer(passphrase)
+        try:
+            r = int(
+                lib.crypt_activate_by_passphrase(
+                    cd, _name_arg(name), CRYPT_ANY_SLOT, buf, len(passphrase), _flags(read_only)
+                )
+            )
+        finally:
+            del buf
+        if r >= 0:
+            log.debug("a passphrase unlocked key slot %d of %s", r, self.device)
+            return
+        if -r == errno.EPERM:
+            raise WrongKeyError(
+                f"no key slot of {self.device} accepts this passphrase", errno=errno.EPERM
+            )
+        raise self._activation_error("a passphrase", name, -r)
+
+    def activate_by_keyfile(self, name: str | None, path: str, *, read_only: bool) -> None:
+        lib = _library()
+        cd = self._handle()
+        r = int(
+            lib.crypt_activate_by_keyfile_device_offset(
+                cd, _name_arg(name), CRYPT_ANY_SLOT, os.fsencode(path), 0, 0, _flags(read_only)
+            )
+        )
+        if r >= 0:
+            log.debug("key file %s unlocked key slot %d of %s", path, r, self.device)
+            return
+        code = -r
+        if code == errno.EPERM:
+            raise WrongKeyError(
+                f"no key slot of {self.device} accepts the key file {path}: "
+                "check keystore.key_file or add it with cryptsetup luksAddKey",
+                errno=code,
+            )
+        if code == errno.EINVAL and not os.access(path, os.R_OK):
+            # libcryptsetup says only "Failed to open key file." with -EINVAL.
+            raise KeystoreError(
+                f"cannot read key file {path} for {self.device}: check that it exists "
+                "and is readable",
+                errno=errno.ENOENT if not os.path.lexists(path) else errno.EACCES,
+            )
+        raise self._activation_error(f"key file {path}", name, code)
+
+    def _activation_error(self, method: str, name: str | None, code: int) -> KeystoreError:
+        if name is None:
+            what = f"cannot check {method} against {self.device}"
+        else:
+            what = f"cannot activate {self.device} as /dev/mapper/{name} with {method}"
+        if name is not None and code in (errno.ENOTSUP, errno.ENODEV):
+            hint = "device-mapper is not usable: include dm_mod and dm_crypt in the initrd"
+        elif code in (errno.EEXIST, errno.EBUSY):
+            hint = f"the name is in use: close it with cryptsetup close {name}"
+        elif code == errno.ENOMEM:
+            hint = "not enough memory for the key derivation: free memory or lower the pbkdf cost"
+        else:
+            hint = "see the libcryptsetup messages in the debug log"
+        return KeystoreError(f"{what}: {_strerror(code)}: {hint}", errno=code)
+
+
+class LibCryptsetup:
+    """``ports.Cryptsetup`` on the real libcryptsetup."""
+
+    def open(self, device: str) -> LuksVolume:
+        """Load the LUKS1/LUKS2 header of ``device``; the caller closes it."""
+        lib = _library()
+        cd = _c_crypt_device_p()
+        r = int(lib.crypt_init(ctypes.byref(cd), os.fsencode(device)))
+        if r < 0:
+            raise _open_error(device, -r)
+        try:
+            r = int(lib.crypt_load(cd, None, None))  # NULL: any LUKS version
+            if r < 0:
+                raise _load_error(device, -r)
+            raw_type = lib.crypt_get_type(cd)
+            luks_type = str(raw_type.decode()) if raw_type else ""
+            if luks_type not in (CRYPT_LUKS1, CRYPT_LUKS2):
+                raise KeystoreError(
+                    f"{device} is a {luks_type or 'unknown'} device, not LUKS: "
+                    "check keystore.volume and keystore.partition",
+                    errno=errno.EINVAL,
+                )
+        except BaseException:
+            lib.crypt_free(cd)
+            raise
+        log.debug("loaded %s header of %s", luks_type, device)
+        return LuksVolume(device, cd, luks_type)
+
+    def status(self, name: str) -> MappingState:
+        """State of ``/dev/mapper/<name>``; INVALID when device-mapper is unusable."""
+        return MappingState(int(_library().crypt_status(None, os.fsencode(name))))
+
+    def deactivate(self, name: str) -> None:
+        """Remove ``/dev/mapper/<name>``; a mapping that does not exist is fine."""
+        lib = _library()
+        if self.status(name) is MappingState.INACTIVE:
+            return
+        r = int(lib.crypt_deactivate_by_name(None, os.fsencode(name), 0))
+        if r >= 0:
+            return
+        code = -r
+        if code == errno.EBUSY:
+            hint = "it is still in use: unmount it first (see findmnt, fuser)"
+        elif code == errno.ENODEV:
+            hint = "device-mapper does not know it or is not usable"
+        else:
+            hint = "see the libcryptsetup messages in the debug log"
+        raise KeystoreError(
+            f"cannot deactivate /dev/mapper/{name}: {_strerror(code)}: {hint}", errno=code
+        )
+
+
+def _open_error(device: str, code: int) -> KeystoreError:
+    if code in (errno.ENOTBLK, errno.ENOENT, errno.ENXIO):
+        return KeystoreError(
+            f"{device} does not exist or is not a block device: "
+            "check keystore.volume and keystore.partition, and that the pool is imported",
+            errno=code,
+        )
+    if code in (errno.EACCES, errno.EPERM):
+        return KeystoreError(f"cannot open {device}: {_strerror(code)}: run as root", errno=code)
+    return KeystoreError(f"cannot open {device}: {_strerror(code)}", errno=code)
+
+
+def _load_error(device: str, code: int) -> KeystoreError:
+    if code == errno.EINVAL:
+        return KeystoreError(
+            f"{device} is not a LUKS device: check keystore.volume and keystore.partition",
+            errno=code,
+        )
+    if code == errno.EIO:
+        return KeystoreError(
+            f"cannot read a LUKS header from {device} (too small or unreadable): "
+            "check keystore.volume and keystore.partition",
+            errno=code,
+        )
+    if code == errno.ENOTSUP:
+        return KeystoreError(
+            f"the LUKS header of {device} needs a feature this libcryptsetup lacks "
+            "(unfinished reencryption?): update cryptsetup or repair the header",
+            errno=code,
+        )
+    return KeystoreError(f"cannot load the LUKS header of {device}: {_strerror(code)}", errno=code)
+
+
+if TYPE_CHECKING:  # mypy proves that the adapters implement the ports
+
+    def _implements(c: LibCryptsetup, v: LuksVolume) -> tuple[Cryptsetup, LuksDevice]:
+        return c, v
