@@ -8,6 +8,8 @@ time with absolute paths; its names override these.
 
 from __future__ import annotations
 
+import contextlib
+
 ZPOOL = "zpool"
 ZFS = "zfs"
 SYSTEMD_ASK_PASSWORD = "systemd-ask-password"
@@ -20,7 +22,5 @@ LIBNVPAIR: tuple[str, ...] = ("libnvpair.so.3",)
 LIBC: tuple[str, ...] = ("libc.so.6",)
 SYSTEMD_PRIVATE_BUS = "unix:path=/run/systemd/private"
 
-try:  # pragma: no cover - only present in packaged builds
+with contextlib.suppress(ImportError):  # only present in packaged builds
     from ._build_paths import *  # type: ignore[import-not-found,unused-ignore]  # noqa: F403
-except ImportError:
-    pass

@@ -1,0 +1,145 @@
+"""Command line: run (default), check-config, --dry-run, --version.
+
+The only place that picks exit codes and prints the final line.  Exit codes
+follow systemd.exec(5)'s names: 0 success, 1 FAILURE, 6 NOTCONFIGURED (the
+configuration is missing or wrong).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import logging
+import sys
+import time
+from collections.abc import Sequence
+
+from . import __version__, config
+from . import log as logsetup
+from .errors import ConfigError
+from .notify import SystemdNotifier
+from .unlock import Ports, Report, Unlocker
+
+log = logging.getLogger("lczfs_unlockd")
+
+EXIT_FAILURE = 1
+EXIT_NOTCONFIGURED = 6
+
+
+class SystemClock:
+    def monotonic(self) -> float:
+        return time.monotonic()
+
+    def sleep(self, seconds: float) -> None:
+        time.sleep(seconds)
+
+
+def real_ports(notifier: SystemdNotifier) -> Ports:
+    from .askpass import SystemdAskPassword
+    from .cryptsetup import LibCryptsetup
+    from .mounts import HostFilesystem, LibcMounts
+    from .units import SystemdUnits
+    from .zfskeys import PyzfsKeyLoader, read_key_file
+    from .zpool import ZpoolCli
+
+    return Ports(
+        zpool=ZpoolCli(),
+        keys=PyzfsKeyLoader(),
+        crypt=LibCryptsetup(),
+        mounts=LibcMounts(),
+        units=SystemdUnits(),
+        askpass=SystemdAskPassword(),
+        notifier=notifier,
+        fs=HostFilesystem(),
+        clock=SystemClock(),
+        read_key_file=lambda mp, path, dataset: read_key_file(mp, path, dataset=dataset),
+    )
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="lczfs-unlockd",
+        description="Unlock an encrypted ZFS pool from a LUKS keystore on one of its zvols.",
+        epilog="lczfs-unlockd check-config [PATH] validates a configuration file offline.",
+    )
+    parser.add_argument("--version", action="version", version=f"lczfs-unlockd {__version__}")
+    parser.add_argument("--config", default=config.DEFAULT_PATH, metavar="PATH")
+    parser.add_argument(
+        "--dry-run",
+        action="store_true",
+        help="check everything, change nothing (pool imported read-only and exported again, "
+        "keys verified, not loaded, nothing masked)",
+    )
+    parser.add_argument("--debug", action="store_true", help="log more detail (never secrets)")
+    parser.add_argument(
+        "--kernel-cmdline",
+        default="/proc/cmdline",
+        metavar="PATH",
+        help="where to read rd.lczfs.* parameters (default /proc/cmdline)",
+    )
+    return parser
+
+
+def check_config(argv: Sequence[str]) -> int:
+    parser = argparse.ArgumentParser(
+        prog="lczfs-unlockd check-config", description="Validate a configuration file offline."
+    )
+    parser.add_argument("path", nargs="?", default=config.DEFAULT_PATH)
+    args = parser.parse_args(argv)
+    try:
+        cfg = config.load(args.path)
+    except ConfigError as exc:
+        print(f"lczfs-unlockd: {exc}", file=sys.stderr)
+        return EXIT_NOTCONFIGURED
+    print(f"{args.path}: ok")
+    for line in config.summary(cfg):
+        print(f"  {line}")
+    return 0
+
+
+def _finish(report: Report, notifier: SystemdNotifier) -> int:
+    summary = report.summary
+    if report.ok:
+        log.info("%s", summary)
+        notifier.notify(f"READY=1\nSTATUS={summary}")
+        return 0
+    log.error("%s", summary)
+    notifier.notify(f"STATUS={summary}\nERRNO={report.errno}")
+    return EXIT_FAILURE
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["check-config"]:
+        return check_config(argv[1:])
+    if argv[:1] == ["run"]:
+        argv = argv[1:]
+    args = _parser().parse_args(argv)
+    logsetup.setup(debug=args.debug)
+    notifier = SystemdNotifier()
+    try:
+        cfg = config.load(args.config)
+    except ConfigError as exc:
+        log.error("%s", exc)
+        notifier.notify(f"STATUS=failed: {exc}\nERRNO={exc.errno}")
+        return EXIT_NOTCONFIGURED
+    cfg, warnings = config.apply_cmdline(cfg, config.read_cmdline(args.kernel_cmdline))
+    for warning in warnings:
+        log.warning("kernel command line: %s", warning)
+    if args.dry_run:
+        cfg = dataclasses.replace(cfg, dry_run=True)
+    if cfg.debug or args.debug:
+        logsetup.setup(debug=True)
+    if not cfg.enabled:
+        text = "disabled by rd.lczfs=0 on the kernel command line; nothing done"
+        log.info("%s", text)
+        notifier.notify(f"READY=1\nSTATUS={text}")
+        return 0
+    for line in config.summary(cfg):
+        log.debug("%s", line)
+    if cfg.debug or args.debug:
+        from . import cryptsetup
+
+        cryptsetup.set_debug(True)
+    report = Unlocker(cfg, real_ports(notifier)).run()
+    return _finish(report, notifier)

@@ -1,0 +1,499 @@
+"""Configuration: ``/etc/lczfs-unlockd.toml`` and the kernel command line.
+
+The file describes the pool, the keystore and the keys.  The kernel command
+line may only change harmless knobs (dry run, debug, timeouts, disabling the
+daemon): never a path, a device or a key location, because anyone at the
+boot loader can edit it.
+
+Every error names the key and the value and says what is expected.
+"""
+
+from __future__ import annotations
+
+import enum
+import math
+import os
+import re
+import tomllib
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field, replace
+from typing import Any
+
+from .errors import ConfigError
+
+DEFAULT_PATH = "/etc/lczfs-unlockd.toml"
+
+
+class UnlockMethod(enum.Enum):
+    TOKEN = "token"
+    KEYFILE = "keyfile"
+    PASSPHRASE = "passphrase"
+
+
+@dataclass(frozen=True)
+class KeystoreConfig:
+    volume: str
+    partition: int = 1
+    name: str = "lczfs-keystore"
+    mountpoint: str = "/bootsecrets"
+    unlock: tuple[UnlockMethod, ...] = (
+        UnlockMethod.TOKEN,
+        UnlockMethod.KEYFILE,
+        UnlockMethod.PASSPHRASE,
+    )
+    keyfile: str | None = None
+    tries: int = 3  # 0 = ask until the passphrase is right
+    prompt_timeout: float = 0.0  # 0 = no limit
+    token_timeout: float = 30.0
+
+    @property
+    def device(self) -> str:
+        """The block device udev creates for the zvol (or its partition)."""
+        base = f"/dev/zvol/{self.volume}"
+        return f"{base}-part{self.partition}" if self.partition else base
+
+    @property
+    def mapper_path(self) -> str:
+        return f"/dev/mapper/{self.name}"
+
+
+@dataclass(frozen=True)
+class Config:
+    pool: str
+    keystore: KeystoreConfig
+    devices: tuple[str, ...] = ()
+    dev_nodes: str = "/dev/disk/by-id"
+    force_import: bool = False
+    online_grace: float = 10.0
+    timeout: float = 300.0  # 0 = no limit
+    datasets: tuple[str, ...] | None = None  # None = "auto"
+    mask: tuple[str, ...] = ()
+    # From the kernel command line or the command line, not the file:
+    enabled: bool = True
+    dry_run: bool = False
+    debug: bool = False
+    source: str = field(default=DEFAULT_PATH, compare=False)
+
+
+# --- durations ---------------------------------------------------------------
+
+# systemd.time(7) units, in seconds.
+_UNITS = {
+    "us": 1e-6, "usec": 1e-6, "µs": 1e-6,
+    "ms": 1e-3, "msec": 1e-3,
+    "s": 1.0, "sec": 1.0, "second": 1.0, "seconds": 1.0,
+    "m": 60.0, "min": 60.0, "minute": 60.0, "minutes": 60.0,
+    "h": 3600.0, "hr": 3600.0, "hour": 3600.0, "hours": 3600.0,
+    "d": 86400.0, "day": 86400.0, "days": 86400.0,
+}  # fmt: skip
+_DURATION_PART = re.compile(r"\s*(\d+(?:\.\d+)?)\s*([a-zµ]*)", re.IGNORECASE)
+
+
+def parse_duration(value: object, key: str) -> float:
+    """A systemd time span ("10s", "5min", "1min 30s", "0") or a number of seconds."""
+    if isinstance(value, bool):
+        raise ConfigError(f'{key} = {value!r}: expected a duration such as "10s" or a number')
+    if isinstance(value, int | float):
+        if not math.isfinite(value) or value < 0:
+            raise ConfigError(f"{key} = {value!r}: a duration must be a number of seconds >= 0")
+        return float(value)
+    if not isinstance(value, str):
+        raise ConfigError(f'{key} = {value!r}: expected a duration such as "10s" or a number')
+    text = value.strip()
+    if text in ("infinity", "0"):
+        return 0.0
+    total, pos = 0.0, 0
+    while pos < len(text):
+        match = _DURATION_PART.match(text, pos)
+        if not match or match.end() == pos:
+            break
+        number, unit = match.groups()
+        if unit.lower() not in _UNITS and unit != "":
+            break
+        total += float(number) * _UNITS.get(unit.lower(), 1.0)
+        pos = match.end()
+    if not text or pos != len(text):
+        raise ConfigError(
+            f'{key} = "{value}": not a duration; use systemd\'s syntax like "10s", "5min" or "0"'
+        )
+    return total
+
+
+def format_duration(seconds: float) -> str:
+    if seconds == 0:
+        return "no limit"
+    if seconds >= 60 and seconds % 60 == 0:
+        return f"{seconds / 60:g}min"
+    return f"{seconds:g}s"
+
+
+# --- names -------------------------------------------------------------------
+
+# zfs(8)/zpool(8): names begin with a letter; these characters only.
+_POOL_NAME = re.compile(r"[A-Za-z][A-Za-z0-9_.:-]*")
+_RESERVED_POOLS = ("mirror", "raidz", "draid", "spare", "log", "cache", "special", "dedup")
+_DATASET_COMPONENT = re.compile(r"[A-Za-z0-9_.: -]+")
+# dm names: no '/', and libdevmapper mangles anything outside this set.
+_DM_NAME = re.compile(r"[A-Za-z0-9#+\-.:=@_]{1,127}")
+_UNIT_NAME = re.compile(
+    r"[A-Za-z0-9:_.\\@-]+\.(service|mount|socket|target|device|path|timer|swap|automount|slice|scope)"
+)
+
+
+def _check_pool_name(value: str, key: str) -> None:
+    if not _POOL_NAME.fullmatch(value) or value.startswith(_RESERVED_POOLS) or len(value) > 255:
+        raise ConfigError(
+            f'{key} = "{value}": not a valid pool name (a letter followed by letters, digits, '
+            '"_", "-", ".", ":")'
+        )
+
+
+def _check_dataset_in_pool(value: str, key: str, pool: str) -> None:
+    parts = value.split("/")
+    if parts[0] != pool or len(value) > 255:
+        raise ConfigError(
+            f'{key} = "{value}": the dataset is not in pool "{pool}"; it must be "{pool}" '
+            f'or start with "{pool}/"'
+        )
+    if any(not _DATASET_COMPONENT.fullmatch(p) for p in parts[1:]):
+        raise ConfigError(f'{key} = "{value}": not a valid dataset name')
+
+
+def _check_absolute(value: str, key: str, *, allow_root: bool = True) -> None:
+    if not value.startswith("/") or "\0" in value:
+        raise ConfigError(f'{key} = "{value}": must be an absolute path')
+    if (
+        ".." in value.split("/")
+        or os.path.normpath(value) != value.rstrip("/")
+        or (value != "/" and value.endswith("/"))
+    ):
+        raise ConfigError(f'{key} = "{value}": use a normalized absolute path (no "..", "//")')
+    if not allow_root and value == "/":
+        raise ConfigError(f'{key} = "/": the keystore cannot be mounted on /')
+
+
+# --- typed getters -----------------------------------------------------------
+
+
+class _Table:
+    """A TOML table whose reads are type-checked and whose leftovers are errors."""
+
+    def __init__(self, data: Mapping[str, Any], prefix: str) -> None:
+        self.data = dict(data)
+        self.prefix = prefix
+
+    def key(self, name: str) -> str:
+        return f"{self.prefix}{name}"
+
+    def _take(self, name: str) -> Any:
+        return self.data.pop(name)
+
+    def has(self, name: str) -> bool:
+        return name in self.data
+
+    def string(self, name: str, default: str | None = None, *, required: bool = False) -> str:
+        if name not in self.data:
+            if required or default is None:
+                raise ConfigError(f"{self.key(name)} is missing: it is required")
+            return default
+        value = self._take(name)
+        if not isinstance(value, str) or not value:
+            raise ConfigError(f"{self.key(name)} = {value!r}: expected a non-empty string")
+        return value
+
+    def optional_string(self, name: str) -> str | None:
+        return self.string(name) if name in self.data else None
+
+    def integer(self, name: str, default: int, lo: int, hi: int) -> int:
+        if name not in self.data:
+            return default
+        value = self._take(name)
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"{self.key(name)} = {value!r}: expected an integer")
+        if not lo <= value <= hi:
+            raise ConfigError(f"{self.key(name)} = {value}: must be between {lo} and {hi}")
+        return value
+
+    def boolean(self, name: str, default: bool) -> bool:
+        if name not in self.data:
+            return default
+        value = self._take(name)
+        if not isinstance(value, bool):
+            raise ConfigError(f"{self.key(name)} = {value!r}: expected true or false")
+        return value
+
+    def duration(self, name: str, default: float) -> float:
+        if name not in self.data:
+            return default
+        return parse_duration(self._take(name), self.key(name))
+
+    def string_list(self, name: str) -> tuple[str, ...]:
+        if name not in self.data:
+            return ()
+        value = self._take(name)
+        if not isinstance(value, list) or not all(isinstance(v, str) and v for v in value):
+            raise ConfigError(f"{self.key(name)} = {value!r}: expected a list of strings")
+        return tuple(value)
+
+    def table(self, name: str) -> _Table:
+        if name not in self.data:
+            raise ConfigError(f"[{self.key(name)}] is missing: it is required")
+        value = self._take(name)
+        if not isinstance(value, dict):
+            raise ConfigError(f"{self.key(name)} = {value!r}: expected a table [{name}]")
+        return _Table(value, f"{self.key(name)}.")
+
+    def finish(self) -> None:
+        if self.data:
+            name = sorted(self.data)[0]
+            raise ConfigError(
+                f"{self.key(name)}: unknown key; see the configuration reference in the README"
+            )
+
+
+def _parse_unlock(value: object, key: str) -> tuple[UnlockMethod, ...]:
+    known = ", ".join(m.value for m in UnlockMethod)
+    if not isinstance(value, list) or not value:
+        raise ConfigError(f"{key} = {value!r}: expected a non-empty list of {known}")
+    methods: list[UnlockMethod] = []
+    for item in value:
+        try:
+            method = UnlockMethod(item)
+        except ValueError:
+            raise ConfigError(f"{key}: unknown unlock method {item!r}; use {known}") from None
+        if method in methods:
+            raise ConfigError(f"{key}: {item!r} is listed twice")
+        methods.append(method)
+    return tuple(methods)
+
+
+def _parse_keystore(table: _Table, pool: str) -> KeystoreConfig:
+    volume = table.string("volume", required=True)
+    _check_dataset_in_pool(volume, table.key("volume"), pool)
+    if volume == pool:
+        raise ConfigError(f'{table.key("volume")} = "{volume}": name the zvol, not the pool')
+    name = table.string("name", KeystoreConfig.name)
+    if not _DM_NAME.fullmatch(name):
+        raise ConfigError(
+            f'{table.key("name")} = "{name}": not a usable device-mapper name '
+            "(letters, digits and #+-.:=@_, at most 127)"
+        )
+    mountpoint = table.string("mountpoint", KeystoreConfig.mountpoint)
+    _check_absolute(mountpoint, table.key("mountpoint"), allow_root=False)
+    unlock = KeystoreConfig.unlock
+    if table.has("unlock"):
+        unlock = _parse_unlock(table._take("unlock"), table.key("unlock"))
+    keyfile = table.optional_string("keyfile")
+    if keyfile is not None:
+        _check_absolute(keyfile, table.key("keyfile"))
+        if UnlockMethod.KEYFILE not in unlock:
+            raise ConfigError(
+                f'{table.key("keyfile")} is set but "keyfile" is not in {table.key("unlock")}: '
+                "add it or remove the key file"
+            )
+        if keyfile == mountpoint or keyfile.startswith(mountpoint + "/"):
+            raise ConfigError(
+                f'{table.key("keyfile")} = "{keyfile}": the keystore\'s own key cannot live '
+                "inside the keystore"
+            )
+    config = KeystoreConfig(
+        volume=volume,
+        partition=table.integer("partition", KeystoreConfig.partition, 0, 128),
+        name=name,
+        mountpoint=mountpoint,
+        unlock=unlock,
+        keyfile=keyfile,
+        tries=table.integer("tries", KeystoreConfig.tries, 0, 1000),
+        prompt_timeout=table.duration("prompt_timeout", KeystoreConfig.prompt_timeout),
+        token_timeout=table.duration("token_timeout", KeystoreConfig.token_timeout),
+    )
+    table.finish()
+    return config
+
+
+def parse(data: Mapping[str, Any], source: str = DEFAULT_PATH) -> Config:
+    """Build a validated Config from parsed TOML."""
+    top = _Table(data, "")
+    pool = top.string("pool", required=True)
+    _check_pool_name(pool, "pool")
+    devices = top.string_list("devices")
+    for i, device in enumerate(devices):
+        _check_absolute(device, f"devices[{i}]")
+    dev_nodes = top.string("dev_nodes", Config.dev_nodes)
+    _check_absolute(dev_nodes, "dev_nodes")
+    datasets: tuple[str, ...] | None = None
+    if top.has("datasets"):
+        raw = top._take("datasets")
+        if raw != "auto":
+            if not isinstance(raw, list) or not raw or not all(isinstance(d, str) for d in raw):
+                raise ConfigError(
+                    f'datasets = {raw!r}: expected "auto" or a non-empty list of dataset names'
+                )
+            for i, name in enumerate(raw):
+                _check_dataset_in_pool(name, f"datasets[{i}]", pool)
+            if len(set(raw)) != len(raw):
+                raise ConfigError(f"datasets = {raw!r}: a dataset is listed twice")
+            datasets = tuple(raw)
+    mask = top.string_list("mask")
+    for i, unit in enumerate(mask):
+        if not _UNIT_NAME.fullmatch(unit):
+            raise ConfigError(
+                f'mask[{i}] = "{unit}": not a unit name (e.g. "bootsecrets.mount", '
+                '"systemd-cryptsetup@secretsroot.service")'
+            )
+    online_grace = top.duration("online_grace", Config.online_grace)
+    timeout = top.duration("timeout", Config.timeout)
+    force_import = top.boolean("force_import", Config.force_import)
+    keystore = _parse_keystore(top.table("keystore"), pool)
+    if datasets is not None and keystore.volume in datasets:
+        raise ConfigError(f'datasets: "{keystore.volume}" is the keystore volume, not a dataset')
+    top.finish()
+    if timeout and online_grace > timeout:
+        raise ConfigError(
+            f"online_grace = {format_duration(online_grace)} is longer than timeout = "
+            f"{format_duration(timeout)}: a degraded pool would never be accepted"
+        )
+    return Config(
+        pool=pool,
+        keystore=keystore,
+        devices=devices,
+        dev_nodes=dev_nodes,
+        force_import=force_import,
+        online_grace=online_grace,
+        timeout=timeout,
+        datasets=datasets,
+        mask=mask,
+        source=source,
+    )
+
+
+def load(path: str = DEFAULT_PATH) -> Config:
+    try:
+        with open(path, "rb") as f:
+            data = tomllib.load(f)
+    except FileNotFoundError:
+        raise ConfigError(
+            f"{path} does not exist: write the configuration there or pass --config"
+        ) from None
+    except OSError as exc:
+        raise ConfigError(f"{path}: cannot read: {exc.strerror}") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"{path}: not valid TOML: {exc}") from None
+    except UnicodeDecodeError:
+        raise ConfigError(f"{path}: not valid TOML: the file is not UTF-8") from None
+    try:
+        return parse(data, source=path)
+    except ConfigError as exc:
+        raise ConfigError(f"{path}: {exc.message}") from None
+
+
+# --- kernel command line -----------------------------------------------------
+
+_TRUE = ("1", "yes", "true", "on", "")
+_FALSE = ("0", "no", "false", "off")
+_CMDLINE_DURATIONS = ("timeout", "online_grace")
+_CMDLINE_KEYSTORE_DURATIONS = ("prompt_timeout", "token_timeout")
+
+
+def split_cmdline(text: str) -> list[str]:
+    """Split /proc/cmdline the way the kernel does (double quotes group words)."""
+    words: list[str] = []
+    current: list[str] = []
+    quoted = started = False
+    for ch in text:
+        if ch == '"':
+            quoted, started = not quoted, True
+        elif ch.isspace() and not quoted:
+            if started:
+                words.append("".join(current))
+            current, started = [], False
+        else:
+            current.append(ch)
+            started = True
+    if started:
+        words.append("".join(current))
+    return words
+
+
+def apply_cmdline(config: Config, cmdline: str) -> tuple[Config, list[str]]:
+    """Apply ``rd.lczfs*`` parameters; return the new config and warnings.
+
+    A bad value on the command line is a warning, not a failure: a typo at the
+    boot loader must not keep the machine from booting with its file's values.
+    """
+    warnings: list[str] = []
+    changes: dict[str, Any] = {}
+    keystore_changes: dict[str, Any] = {}
+    for word in split_cmdline(cmdline):
+        name, _, value = word.partition("=")
+        if name == "rd.lczfs":
+            if value.lower() in _FALSE:
+                changes["enabled"] = False
+            elif value.lower() in _TRUE:
+                changes["enabled"] = True
+            else:
+                warnings.append(f'{word}: ignored; use "rd.lczfs=0" to disable lczfs-unlockd')
+            continue
+        if not name.startswith("rd.lczfs."):
+            continue
+        knob = name[len("rd.lczfs.") :]
+        if knob in ("dry_run", "debug"):
+            if value.lower() in _TRUE:
+                changes[knob] = True
+            elif value.lower() in _FALSE:
+                changes[knob] = False
+            else:
+                warnings.append(f"{word}: ignored; use {name}=1 or {name}=0")
+        elif knob in _CMDLINE_DURATIONS or knob in _CMDLINE_KEYSTORE_DURATIONS:
+            try:
+                seconds = parse_duration(value, name)
+            except ConfigError as exc:
+                warnings.append(f"{exc.message}; ignored, keeping the configured value")
+                continue
+            target = changes if knob in _CMDLINE_DURATIONS else keystore_changes
+            target[knob] = seconds
+        else:
+            allowed = ", ".join(
+                ["rd.lczfs=0", "rd.lczfs.dry_run", "rd.lczfs.debug"]
+                + [f"rd.lczfs.{k}=" for k in _CMDLINE_DURATIONS + _CMDLINE_KEYSTORE_DURATIONS]
+            )
+            warnings.append(
+                f"{name}: unknown or not allowed on the kernel command line ({allowed})"
+            )
+    if keystore_changes:
+        changes["keystore"] = replace(config.keystore, **keystore_changes)
+    new = replace(config, **changes)
+    if new.timeout and new.online_grace > new.timeout:
+        warnings.append(
+            f"online_grace ({format_duration(new.online_grace)}) is longer than timeout "
+            f"({format_duration(new.timeout)}): a degraded pool will not be accepted"
+        )
+    return new, warnings
+
+
+def read_cmdline(path: str = "/proc/cmdline") -> str:
+    try:
+        with open(path, encoding="utf-8", errors="replace") as f:
+            return f.read()
+    except OSError:
+        return ""
+
+
+def summary(config: Config) -> Sequence[str]:
+    """Human-readable lines describing what the configuration asks for (for --debug/check)."""
+    ks = config.keystore
+    targets = "auto (encryption roots with keylocation under the mount point)"
+    if config.datasets is not None:
+        targets = ", ".join(config.datasets)
+    return [
+        f"pool {config.pool}: scan {config.dev_nodes}"
+        + (f", wait for {', '.join(config.devices)}" if config.devices else "")
+        + f", degraded accepted after {format_duration(config.online_grace)}"
+        + f", deadline {format_duration(config.timeout)}"
+        + (", force import" if config.force_import else ""),
+        f"keystore {ks.device} -> {ks.mapper_path} (read-only) on {ks.mountpoint}; "
+        f"unlock by {', '.join(m.value for m in ks.unlock)}"
+        + (f" (key file {ks.keyfile})" if ks.keyfile else "")
+        + f", {ks.tries or 'unlimited'} tries",
+        f"keys for: {targets}",
+    ]

@@ -1,0 +1,116 @@
+"""mount(2)/umount2(2) through libc, and /proc/self/mountinfo.
+
+No mount(8) is needed in the initrd.  The keystore is always mounted
+read-only, nodev, nosuid, noexec.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import errno
+import os
+from functools import cache
+
+from . import paths
+from .errors import KeystoreError, TeardownError
+
+# <linux/mount.h>
+MS_RDONLY = 1
+MS_NOSUID = 2
+MS_NODEV = 4
+MS_NOEXEC = 8
+# <sys/mount.h>
+UMOUNT_NOFOLLOW = 8
+
+# mount(8) without blkid tries the kernel's file systems; the keystore is
+# ext4 in every documented layout, so that comes first.
+FSTYPES = ("ext4", "ext2", "vfat", "xfs", "btrfs")
+
+
+@cache
+def _libc() -> ctypes.CDLL:
+    for name in paths.LIBC:
+        try:
+            libc = ctypes.CDLL(name, use_errno=True)
+        except OSError:
+            continue
+        libc.mount.argtypes = (
+            ctypes.c_char_p, ctypes.c_char_p, ctypes.c_char_p, ctypes.c_ulong, ctypes.c_char_p,
+        )  # fmt: skip
+        libc.mount.restype = ctypes.c_int
+        libc.umount2.argtypes = (ctypes.c_char_p, ctypes.c_int)
+        libc.umount2.restype = ctypes.c_int
+        return libc
+    raise KeystoreError(f"cannot load the C library ({', '.join(paths.LIBC)})")
+
+
+def _unescape(field: str) -> str:
+    """mountinfo escapes space, tab, newline and backslash as octal."""
+    return (
+        field.replace("\\040", " ")
+        .replace("\\011", "\t")
+        .replace("\\012", "\n")
+        .replace("\\134", "\\")
+    )
+
+
+def mount_points(mountinfo: str = "/proc/self/mountinfo") -> list[str]:
+    with open(mountinfo, encoding="utf-8", errors="surrogateescape") as f:
+        return [_unescape(line.split()[4]) for line in f if len(line.split()) > 4]
+
+
+def _kernel_fstypes() -> list[str]:
+    try:
+        with open("/proc/filesystems", encoding="ascii") as f:
+            return [line.split()[0] for line in f if not line.startswith("nodev")]
+    except OSError:
+        return []
+
+
+class LibcMounts:
+    def __init__(self, mountinfo: str = "/proc/self/mountinfo") -> None:
+        self.mountinfo = mountinfo
+
+    def mount(self, source: str, target: str, fstype: str = "") -> None:
+        libc = _libc()
+        flags = MS_RDONLY | MS_NODEV | MS_NOSUID | MS_NOEXEC
+        candidates = [fstype] if fstype else list(FSTYPES)
+        candidates += [t for t in _kernel_fstypes() if t not in candidates and not fstype]
+        last = errno.EINVAL
+        for candidate in candidates:
+            if libc.mount(source.encode(), target.encode(), candidate.encode(), flags, None) == 0:
+                return
+            last = ctypes.get_errno()
+            if last not in (errno.EINVAL, errno.ENODEV):
+                break
+        if last in (errno.EINVAL, errno.ENODEV):
+            raise KeystoreError(
+                f"cannot mount {source} on {target}: no file system this kernel supports "
+                f"({', '.join(candidates)}) found on it; the keystore should hold an ext4 "
+                "file system",
+                errno=last,
+            )
+        raise KeystoreError(f"cannot mount {source} on {target}: {os.strerror(last)}", errno=last)
+
+    def unmount(self, target: str) -> None:
+        if _libc().umount2(target.encode(), UMOUNT_NOFOLLOW) != 0:
+            code = ctypes.get_errno()
+            raise TeardownError(f"cannot unmount {target}: {os.strerror(code)}", errno=code)
+
+    def is_mounted(self, target: str) -> bool:
+        return target in mount_points(self.mountinfo)
+
+
+class HostFilesystem:
+    def exists(self, path: str) -> bool:
+        return os.path.exists(path)
+
+    def make_dir(self, path: str, mode: int) -> None:
+        """Create the mount point with ``mode`` (0700), or tighten an existing one."""
+        try:
+            os.makedirs(path, mode=mode, exist_ok=True)
+            if not os.path.isdir(path) or os.path.islink(path):
+                raise KeystoreError(f"{path} exists and is not a directory: remove it")
+            os.chmod(path, mode)
+        except OSError as exc:
+            raise KeystoreError(f"cannot create mount point {path}: {exc.strerror}") from None

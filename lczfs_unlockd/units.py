@@ -1,0 +1,93 @@
+"""Stop and mask units through PID 1's private bus.
+
+The initrd has no dbus-daemon; systemd listens on ``/run/systemd/private``
+for root (peer-to-peer, no bus name routing).  Methods are called directly
+with their signatures from org.freedesktop.systemd1(5): pystemd's
+introspection-driven objects would parse XML for nothing.
+"""
+
+from __future__ import annotations
+
+import logging
+import string
+from collections.abc import Sequence
+from typing import Any
+
+from . import paths
+from .errors import TeardownError
+
+log = logging.getLogger("lczfs_unlockd.units")
+
+_DEST = b"org.freedesktop.systemd1"
+_PATH = b"/org/freedesktop/systemd1"
+_MANAGER = b"org.freedesktop.systemd1.Manager"
+
+# systemd-escape(1): these pass through; "/" becomes "-", the rest \xNN.
+_VALID = set(string.ascii_letters + string.digits + ":_.")
+
+
+def escape(text: str) -> str:
+    """``systemd-escape TEXT``."""
+    out = []
+    for i, ch in enumerate(text):
+        if ch == "/":
+            out.append("-")
+        elif ch in _VALID and not (i == 0 and ch == "."):
+            out.append(ch)
+        else:
+            out.extend(f"\\x{b:02x}" for b in ch.encode())
+    return "".join(out)
+
+
+def escape_path(path: str) -> str:
+    """``systemd-escape --path PATH``."""
+    trimmed = "/".join(p for p in path.split("/") if p)
+    return escape(trimmed) if trimmed else "-"
+
+
+def mount_unit(path: str) -> str:
+    return f"{escape_path(path)}.mount"
+
+
+def cryptsetup_unit(name: str) -> str:
+    return f"systemd-cryptsetup@{escape(name)}.service"
+
+
+class SystemdUnits:
+    """Units port over pystemd's low-level bus on /run/systemd/private."""
+
+    def __init__(self, address: str = paths.SYSTEMD_PRIVATE_BUS) -> None:
+        self.address = address
+
+    def _call(self, method: bytes, signature: bytes, args: list[Any]) -> Any:
+        try:
+            from pystemd.dbuslib import DBusAddress, apply_signature
+        except ImportError as exc:
+            raise TeardownError(f"pystemd is missing from the initrd: {exc}") from None
+        try:
+            with DBusAddress(self.address.encode(), peer_to_peer=True) as bus:
+                call_args = apply_signature(signature, args) if signature else []
+                return bus.call_method(_DEST, _PATH, _MANAGER, method, call_args).body
+        except Exception as exc:  # pystemd raises DBusBaseError subclasses
+            raise TeardownError(
+                f"systemd's private bus {self.address}: {method.decode()} failed: {exc}"
+            ) from None
+
+    def stop_and_mask(self, units: Sequence[str]) -> None:
+        for unit in units:
+            try:
+                self._call(b"StopUnit", b"ss", [unit.encode(), b"replace"])
+            except TeardownError as exc:
+                # StopUnit on a unit that was never loaded fails with NoSuchUnit: nothing to stop.
+                log.debug("stop %s: %s", unit, exc)
+        encoded = [u.encode() for u in units]
+        # MaskUnitFiles(in as files, in b runtime, in b force)
+        self._call(b"MaskUnitFiles", b"asbb", [encoded, True, True])
+        # Like `systemctl mask`: reload so the loaded units see the mask.
+        self._call(b"Reload", b"", [])
+
+    def unit_file_state(self, unit: str) -> str:
+        state = self._call(b"GetUnitFileState", b"s", [unit.encode()])
+        if isinstance(state, tuple | list):
+            state = state[0]
+        return state.decode() if isinstance(state, bytes) else str(state)

@@ -1,0 +1,677 @@
+"""The unlock sequence: pool, keystore, mount, keys, teardown, report.
+
+Every resource gets its teardown registered in one ``ExitStack`` *before*
+it is created (the callbacks check what is really there), so a failure or a
+SIGTERM at any point — even between a C call returning and the next line —
+leaves nothing mounted, mapped or imported that was not there before.  The
+teardown itself cannot be interrupted, and is verified afterwards.
+
+This module only talks to the protocols in ``ports.py``.
+"""
+
+from __future__ import annotations
+
+import errno
+import logging
+import signal
+import threading
+from collections.abc import Callable, Iterator
+from contextlib import AbstractContextManager, ExitStack, contextmanager
+from dataclasses import dataclass, field
+from types import FrameType
+
+from . import log as logsetup
+from .config import Config, UnlockMethod, format_duration
+from .errors import (
+    Interrupted,
+    KeyLoadError,
+    KeystoreError,
+    NoTokenError,
+    PinRequiredError,
+    PoolError,
+    PromptError,
+    TeardownError,
+    UnlockError,
+    WrongKeyError,
+)
+from .ports import (
+    AskPassword,
+    Clock,
+    Cryptsetup,
+    DatasetInfo,
+    Filesystem,
+    KeyLoader,
+    LuksDevice,
+    MappingState,
+    Mounts,
+    Notifier,
+    PoolScan,
+    Units,
+    Zpool,
+)
+from .units import cryptsetup_unit, mount_unit
+from .zfskeys import KeyAlreadyLoadedError, derive_wrapping_key, key_file_path, wipe
+
+log = logging.getLogger("lczfs_unlockd")
+
+POLL_INTERVAL = 0.2  # seconds between pool scans: sub-second, cheap
+ZVOL_WAIT = 30.0  # udev creates /dev/zvol/... shortly after import
+PARTITION_WAIT = 5.0  # after the zvol node, its partitions follow
+TOKEN_RETRY = 0.5
+EXTEND_USEC = 30_000_000  # EXTEND_TIMEOUT_USEC while waiting: 30 s more each time
+HEARTBEAT = 10.0
+
+ReadKeyFile = Callable[[str, str, str], bytearray]  # (mountpoint, path, dataset)
+
+
+@dataclass
+class Ports:
+    zpool: Zpool
+    keys: KeyLoader
+    crypt: Cryptsetup
+    mounts: Mounts
+    units: Units
+    askpass: AskPassword
+    notifier: Notifier
+    fs: Filesystem
+    clock: Clock
+    read_key_file: ReadKeyFile
+
+
+@dataclass
+class Report:
+    ok: bool = False
+    dry_run: bool = False
+    pool_imported_before: bool = False
+    keystore_method: str = ""
+    loaded: list[tuple[str, str]] = field(default_factory=list)  # (dataset, keyformat)
+    already_loaded: list[str] = field(default_factory=list)
+    masked: list[str] = field(default_factory=list)
+    failures: list[str] = field(default_factory=list)
+    teardown_problems: list[str] = field(default_factory=list)
+    error: UnlockError | None = None
+    elapsed: float = 0.0
+
+    @property
+    def errno(self) -> int:
+        return self.error.errno if self.error is not None else 0
+
+    @property
+    def summary(self) -> str:
+        keys = ", ".join(f"{name} ({fmt})" for name, fmt in self.loaded)
+        if self.dry_run:
+            if self.ok:
+                verb = f"would unlock {keys}" if keys else "would load no key"
+                if self.already_loaded:
+                    verb += f" ({', '.join(self.already_loaded)} already loaded)"
+                return (
+                    f"dry run: {verb} using the keystore ({self.keystore_method}); "
+                    f"checked in {self.elapsed:.1f} s; nothing changed"
+                )
+            return f"dry run: a real run would fail: {self.error}"
+        if not self.ok:
+            return f"failed: {self.error}"
+        parts = []
+        if keys:
+            parts.append(f"unlocked {keys}")
+        if self.already_loaded:
+            parts.append(f"{', '.join(self.already_loaded)} already unlocked")
+        return f"{'; '.join(parts)} in {self.elapsed:.1f} s; keystore closed"
+
+
+class _Signals:
+    """SIGTERM/SIGINT become ``Interrupted`` — except during teardown."""
+
+    def __init__(self) -> None:
+        self.interruptible = True
+        self.pending: int | None = None
+
+    def handler(self, signum: int, _frame: FrameType | None) -> None:
+        if self.interruptible:
+            self.interruptible = False  # one exception is enough
+            raise Interrupted(
+                f"received {signal.Signals(signum).name}: stopped; nothing is left open"
+            )
+        self.pending = signum
+
+    @contextmanager
+    def installed(self) -> Iterator[None]:
+        if threading.current_thread() is not threading.main_thread():
+            yield
+            return
+        old = {s: signal.signal(s, self.handler) for s in (signal.SIGTERM, signal.SIGINT)}
+        try:
+            yield
+        finally:
+            for s, h in old.items():
+                signal.signal(s, h)
+
+
+class Unlocker:
+    def __init__(self, config: Config, ports: Ports) -> None:
+        self.config = config
+        self.ports = ports
+        self.report = Report(dry_run=config.dry_run)
+        self.signals = _Signals()
+        self._start = ports.clock.monotonic()
+        self._last_extend = -1e9
+
+    # --- reporting -----------------------------------------------------------
+
+    def _status(self, text: str) -> None:
+        self.ports.notifier.notify(f"STATUS={text}")
+
+    def _extend(self) -> None:
+        now = self.ports.clock.monotonic()
+        if now - self._last_extend >= 5.0:
+            self.ports.notifier.notify(f"EXTEND_TIMEOUT_USEC={EXTEND_USEC}")
+            self._last_extend = now
+
+    def _step(self, what: str) -> AbstractContextManager[None]:
+        return logsetup.step(what, self._status, self.ports.clock.monotonic)
+
+    @contextmanager
+    def _heartbeat(self) -> Iterator[None]:
+        """Keep systemd's start timeout away while a person is typing."""
+        stop = threading.Event()
+
+        def beat() -> None:
+            while not stop.wait(HEARTBEAT):
+                self.ports.notifier.notify(f"EXTEND_TIMEOUT_USEC={EXTEND_USEC}")
+
+        self.ports.notifier.notify(f"EXTEND_TIMEOUT_USEC={EXTEND_USEC}")
+        thread = threading.Thread(target=beat, name="heartbeat", daemon=True)
+        thread.start()
+        try:
+            yield
+        finally:
+            stop.set()
+            thread.join()
+
+    # --- the sequence ----------------------------------------------------------
+
+    def run(self) -> Report:
+        """Run the whole sequence; never raises UnlockError (it is in the report)."""
+        c = self.config
+        mode = "dry run: " if c.dry_run else ""
+        log.info(
+            "%sunlocking %s with keystore %s (config %s)",
+            mode, c.pool, c.keystore.device, c.source,
+        )  # fmt: skip
+        try:
+            with self.signals.installed():
+                try:
+                    with ExitStack() as stack:
+                        try:
+                            self._sequence(stack)
+                        finally:
+                            self.signals.interruptible = False
+                            self._status("tearing down: closing the keystore")
+                finally:
+                    self._verify()
+        except UnlockError as exc:
+            self.report.error = exc
+        self.report.elapsed = self.ports.clock.monotonic() - self._start
+        if self.report.error is None and self.report.teardown_problems:
+            self.report.error = TeardownError("; ".join(self.report.teardown_problems))
+        if self.report.error is None and self.signals.pending is not None:
+            self.report.error = Interrupted(
+                f"received {signal.Signals(self.signals.pending).name} during teardown"
+            )
+        self.report.ok = self.report.error is None
+        return self.report
+
+    def _sequence(self, stack: ExitStack) -> None:
+        c = self.config
+        if not c.dry_run:
+            # Registered first, so it runs last: after unmount and close.
+            stack.callback(self._guarded, "mask units", self._mask)
+        self._import_pool(stack)
+        device = self._wait_for_keystore_device()
+        self._open_keystore(stack, device)
+        self._mount_keystore(stack)
+        self._load_keys()
+
+    def _guarded(self, what: str, action: Callable[[], None]) -> None:
+        """Run one teardown action; a failure is recorded, the others still run."""
+        try:
+            action()
+        except UnlockError as exc:
+            log.error("teardown: %s failed: %s", what, exc)
+            self.report.teardown_problems.append(f"{what}: {exc}")
+        except Exception as exc:  # a bug must not stop the rest of the teardown
+            log.exception("teardown: %s failed unexpectedly", what)
+            self.report.teardown_problems.append(f"{what}: {exc!r}")
+
+    # --- pool ------------------------------------------------------------------
+
+    def _import_pool(self, stack: ExitStack) -> None:
+        c, p = self.config, self.ports
+        with self._step(f"importing pool {c.pool}"):
+            health = p.zpool.health(c.pool)
+            if health is not None:
+                log.info("pool %s is already imported (%s)", c.pool, health)
+                self.report.pool_imported_before = True
+                return
+            scan = self._wait_for_pool()
+            if scan.state == "DEGRADED":
+                log.warning(
+                    "importing %s DEGRADED after waiting %s: missing %s",
+                    c.pool, format_duration(c.online_grace), ", ".join(scan.missing) or "?",
+                )  # fmt: skip
+            if c.dry_run:
+                # Registered before the import: exports only if it got imported.
+                stack.callback(self._guarded, f"export {c.pool}", self._export_if_imported)
+            p.zpool.import_pool(c.pool, c.dev_nodes, force=c.force_import, readonly=c.dry_run)
+            if c.dry_run:
+                log.info("imported %s read-only (dry run; exported again at the end)", c.pool)
+
+    def _wait_for_pool(self) -> PoolScan:
+        c, p = self.config, self.ports
+        start = p.clock.monotonic()
+        last_text = ""
+        while True:
+            now = p.clock.monotonic()
+            waited = now - start
+            missing_devices = [d for d in c.devices if not p.fs.exists(d)]
+            past_grace = waited >= c.online_grace
+            scan = PoolScan(state=None)
+            if not missing_devices or past_grace:
+                scan = p.zpool.scan(c.pool, c.dev_nodes)
+                if scan.state == "ONLINE" or (scan.state == "DEGRADED" and past_grace):
+                    return scan
+                if scan.state is None and p.zpool.health(c.pool) is not None:
+                    # Imported meanwhile by someone else (zfs-import-scan, an admin).
+                    return PoolScan(state="ONLINE")
+            if missing_devices:
+                present = len(c.devices) - len(missing_devices)
+                text = f"waiting for {c.pool}: {present} of {len(c.devices)} devices"
+            elif scan.state is None:
+                text = f"waiting for {c.pool} to appear in {c.dev_nodes}"
+            else:
+                text = f"waiting for {c.pool}: pool is {scan.state}" + (
+                    f", missing {', '.join(scan.missing)}" if scan.missing else ""
+                )
+                if scan.state == "DEGRADED":
+                    text += f"; accepted after {format_duration(c.online_grace)}"
+            if c.timeout and waited >= c.timeout:
+                raise PoolError(self._pool_missing_message(missing_devices, scan))
+            if text != last_text:
+                log.info("%s", text)
+                self._status(text)
+                last_text = text
+            self._extend()
+            p.clock.sleep(POLL_INTERVAL)
+
+    def _pool_missing_message(self, missing_devices: list[str], scan: PoolScan) -> str:
+        c = self.config
+        head = f"pool {c.pool} did not become importable within {format_duration(c.timeout)}"
+        if missing_devices:
+            return (
+                f"{head}: missing device(s) {', '.join(missing_devices)}; check the disks "
+                "and the devices list"
+            )
+        if scan.state is None:
+            return (
+                f"{head}: no pool named {c.pool} was found in {c.dev_nodes}; check the pool "
+                "name, dev_nodes, and that the disk drivers are in the initrd"
+            )
+        missing = f", missing {', '.join(scan.missing)}" if scan.missing else ""
+        detail = f" ({scan.detail})" if scan.detail else ""
+        return f"{head}: it is {scan.state}{missing}{detail}"
+
+    def _export_if_imported(self) -> None:
+        if self.ports.zpool.health(self.config.pool) is not None:
+            self.ports.zpool.export_pool(self.config.pool)
+            log.info("exported %s again: left as it was found", self.config.pool)
+
+    # --- keystore -------------------------------------------------------------
+
+    def _wait_for_keystore_device(self) -> str:
+        c, p = self.config, self.ports
+        ks = c.keystore
+        with self._step(f"waiting for keystore {ks.device}"):
+            base = f"/dev/zvol/{ks.volume}"
+            if not p.fs.exists(base):
+                # A wrong volume name fails at once instead of after ZVOL_WAIT.
+                try:
+                    p.zpool.datasets([ks.volume], recursive=False)
+                except KeyLoadError:
+                    raise KeystoreError(
+                        f"keystore.volume = {ks.volume}: no such zvol in pool {c.pool} "
+                        "(zfs list -t volume shows the ones there are)",
+                        errno=errno.ENOENT,
+                    ) from None
+            start = p.clock.monotonic()
+            base_seen: float | None = None
+            while not p.fs.exists(ks.device):
+                now = p.clock.monotonic()
+                if base_seen is None and ks.partition and p.fs.exists(base):
+                    base_seen = now
+                if base_seen is not None and now - base_seen >= PARTITION_WAIT:
+                    raise KeystoreError(
+                        f"{base} has no partition {ks.partition}: check keystore.partition "
+                        "(0 = the whole zvol) against the zvol's partition table",
+                        errno=errno.ENOENT,
+                    )
+                if now - start >= ZVOL_WAIT:
+                    raise KeystoreError(
+                        f"{ks.device} did not appear within {format_duration(ZVOL_WAIT)} after "
+                        f"importing {c.pool}: check keystore.volume and keystore.partition, and "
+                        "that udev's ZFS rules (60-zvol.rules, zvol_id) are in the initrd",
+                        errno=errno.ENOENT,
+                    )
+                self._extend()
+                p.clock.sleep(POLL_INTERVAL / 2)
+            return ks.device
+
+    def _open_keystore(self, stack: ExitStack, device: str) -> None:
+        p, ks = self.ports, self.config.keystore
+        # Registered before activation: closes whatever is there when we leave.
+        stack.callback(self._guarded, f"close {ks.mapper_path}", self._close_mapping)
+        with self._step(f"opening keystore {device} read-only as {ks.mapper_path}"):
+            if p.crypt.status(ks.name) in (MappingState.ACTIVE, MappingState.BUSY):
+                log.warning(
+                    "%s is already open (a crypttab entry?); using it, and closing it at the end",
+                    ks.mapper_path,
+                )
+                self.report.keystore_method = "already open"
+                return
+            luks = p.crypt.open(device)
+            try:
+                self.report.keystore_method = self._unlock(luks, device)
+            finally:
+                luks.close()
+            log.info("keystore opened with %s", self.report.keystore_method)
+
+    def _unlock(self, luks: LuksDevice, device: str) -> str:
+        ks = self.config.keystore
+        reasons: list[str] = []
+        for method in ks.unlock:
+            if method is UnlockMethod.TOKEN:
+                if self._try_token(luks, device, reasons):
+                    return "token"
+            elif method is UnlockMethod.KEYFILE:
+                if ks.keyfile is None:
+                    continue
+                try:
+                    luks.activate_by_keyfile(ks.name, ks.keyfile, read_only=True)
+                    return "key file"
+                except KeystoreError as exc:
+                    log.warning("key file %s did not open the keystore: %s", ks.keyfile, exc)
+                    reasons.append(f"key file {ks.keyfile}: {exc}")
+            elif method is UnlockMethod.PASSPHRASE and self._try_passphrase(luks, device, reasons):
+                return "passphrase"
+        raise KeystoreError(
+            f"cannot open keystore {device}: " + "; ".join(reasons or ["no unlock method left"]),
+            errno=errno.EPERM,
+        )
+
+    def _try_token(self, luks: LuksDevice, device: str, reasons: list[str]) -> bool:
+        p, ks = self.ports, self.config.keystore
+        if luks.token_count() == 0:
+            reasons.append("token: none enrolled")
+            log.info("no LUKS2 token enrolled on %s", device)
+            return False
+        start = p.clock.monotonic()
+        announced = False
+        while True:
+            try:
+                luks.activate_by_token(ks.name, None, read_only=True)
+                return True
+            except PinRequiredError:
+                return self._try_token_pin(luks, device, reasons)
+            except WrongKeyError as exc:
+                reasons.append(f"token: {exc}")
+                log.warning("token did not open %s: %s", device, exc)
+                return False
+            except NoTokenError as exc:
+                waited = p.clock.monotonic() - start
+                if waited >= ks.token_timeout:
+                    reasons.append(f"token: {exc}")
+                    log.warning(
+                        "no token could open %s within %s: %s",
+                        device, format_duration(ks.token_timeout), exc,
+                    )  # fmt: skip
+                    return False
+                if not announced:
+                    log.info(
+                        "waiting up to %s for a security token for %s (keystore.token_timeout)",
+                        format_duration(ks.token_timeout), device,
+                    )  # fmt: skip
+                    self._status(f"waiting for a security token for {device}")
+                    announced = True
+                self._extend()
+                p.clock.sleep(TOKEN_RETRY)
+
+    def _ask(self, prompt: str, device: str, *, kind: str, first: bool) -> bytearray:
+        ks = self.config.keystore
+        self._status(f"asking for the {kind} of keystore {device}")
+        with self._heartbeat():
+            return self.ports.askpass.ask(
+                prompt,
+                ident=f"lczfs-unlockd:{device}",
+                timeout=ks.prompt_timeout,
+                accept_cached=first and kind == "passphrase",
+            )
+
+    def _tries(self) -> Iterator[int]:
+        tries = self.config.keystore.tries
+        attempt = 0
+        while tries == 0 or attempt < tries:
+            attempt += 1
+            yield attempt
+
+    def _try_token_pin(self, luks: LuksDevice, device: str, reasons: list[str]) -> bool:
+        ks = self.config.keystore
+        for attempt in self._tries():
+            try:
+                pin = self._ask(
+                    f"Please enter the security token PIN for keystore {ks.volume}:",
+                    device, kind="token PIN", first=attempt == 1,
+                )  # fmt: skip
+            except PromptError as exc:
+                reasons.append(f"token PIN: {exc}")
+                return False
+            try:
+                luks.activate_by_token(ks.name, pin, read_only=True)
+                return True
+            except (PinRequiredError, WrongKeyError):
+                log.warning("wrong token PIN for %s (try %d%s)", device, attempt, self._of())
+            except NoTokenError as exc:
+                reasons.append(f"token: {exc}")
+                return False
+            finally:
+                wipe(pin)
+        reasons.append(f"token PIN: wrong {ks.tries} times")
+        return False
+
+    def _of(self) -> str:
+        tries = self.config.keystore.tries
+        return f" of {tries}" if tries else ""
+
+    def _try_passphrase(self, luks: LuksDevice, device: str, reasons: list[str]) -> bool:
+        ks = self.config.keystore
+        for attempt in self._tries():
+            try:
+                passphrase = self._ask(
+                    f"Please enter the passphrase for keystore {ks.volume}:",
+                    device, kind="passphrase", first=attempt == 1,
+                )  # fmt: skip
+            except PromptError as exc:
+                reasons.append(f"passphrase: {exc}")
+                return False
+            try:
+                luks.activate_by_passphrase(ks.name, passphrase, read_only=True)
+                return True
+            except WrongKeyError:
+                log.warning(
+                    "wrong passphrase for keystore %s (try %d%s)", device, attempt, self._of()
+                )
+                self._status(f"wrong passphrase for keystore {device} (try {attempt}{self._of()})")
+            finally:
+                wipe(passphrase)
+        reasons.append(f"passphrase: wrong {ks.tries} times")
+        return False
+
+    def _close_mapping(self) -> None:
+        p, ks = self.ports, self.config.keystore
+        if p.crypt.status(ks.name) in (MappingState.ACTIVE, MappingState.BUSY):
+            p.crypt.deactivate(ks.name)
+            log.info("closed %s", ks.mapper_path)
+
+    # --- mount -----------------------------------------------------------------
+
+    def _mount_keystore(self, stack: ExitStack) -> None:
+        p, ks = self.ports, self.config.keystore
+        with self._step(f"mounting {ks.mapper_path} read-only on {ks.mountpoint}"):
+            p.fs.make_dir(ks.mountpoint, 0o700)
+            if p.mounts.is_mounted(ks.mountpoint):
+                raise KeystoreError(
+                    f"something is already mounted on {ks.mountpoint}: remove the old "
+                    f"{mount_unit(ks.mountpoint)} / fstab entry, or choose another "
+                    "keystore.mountpoint",
+                    errno=errno.EBUSY,
+                )
+            stack.callback(self._guarded, f"unmount {ks.mountpoint}", self._unmount)
+            p.mounts.mount(ks.mapper_path, ks.mountpoint, "")
+
+    def _unmount(self) -> None:
+        p, mp = self.ports, self.config.keystore.mountpoint
+        if p.mounts.is_mounted(mp):
+            p.mounts.unmount(mp)
+            log.info("unmounted %s", mp)
+
+    # --- keys --------------------------------------------------------------------
+
+    def _targets(self) -> list[DatasetInfo]:
+        c, p = self.config, self.ports
+        mp = c.keystore.mountpoint
+        if c.datasets is None:
+            infos = p.zpool.datasets([c.pool], recursive=True)
+            roots = [
+                d for d in infos if d.encryption not in ("off", "-") and d.encryption_root == d.name
+            ]
+            targets = [d for d in roots if key_file_path(d.keylocation, mp)]
+            for d in roots:
+                if d not in targets:
+                    log.info(
+                        "not mine: %s (keylocation=%s is not under %s)", d.name, d.keylocation, mp
+                    )
+            if not targets:
+                raise KeyLoadError(
+                    f"no encryption root of {c.pool} has its keylocation under {mp}: set "
+                    f"keylocation=file://{mp}/<key> on the encrypted datasets, or list them in "
+                    "datasets",
+                    errno=errno.ENOENT,
+                )
+            return targets
+        targets = p.zpool.datasets(list(c.datasets), recursive=False)
+        for d in targets:
+            if d.encryption in ("off", "-"):
+                raise KeyLoadError(f"datasets: {d.name} is not encrypted; remove it from datasets")
+            if d.encryption_root != d.name:
+                raise KeyLoadError(
+                    f"datasets: {d.name} is not an encryption root; its key is the one of "
+                    f"{d.encryption_root}: list {d.encryption_root} instead"
+                )
+            if key_file_path(d.keylocation, mp) is None:
+                raise KeyLoadError(
+                    f"{d.name} has keylocation={d.keylocation}, which is not a file under the "
+                    f"keystore mount point {mp}: zfs set keylocation=file://{mp}/<key> {d.name}"
+                )
+        return targets
+
+    def _load_keys(self) -> None:
+        c, p = self.config, self.ports
+        verb = "verifying" if c.dry_run else "loading"
+        with self._step(f"{verb} keys"):
+            mp = c.keystore.mountpoint
+            errors: list[KeyLoadError] = []
+            for d in self._targets():
+                if d.keystatus == "available":
+                    log.info("key of %s is already loaded", d.name)
+                    self.report.already_loaded.append(d.name)
+                    continue
+                path = key_file_path(d.keylocation, mp)
+                assert path is not None
+                material: bytearray | None = None
+                wrapping_key: bytearray | None = None
+                try:
+                    material = p.read_key_file(mp, path, d.name)
+                    wrapping_key = derive_wrapping_key(
+                        d.keyformat, material,
+                        salt=d.pbkdf2salt, iters=d.pbkdf2iters, dataset=d.name, path=path,
+                    )  # fmt: skip
+                    p.keys.load_key(d.name, wrapping_key, noop=c.dry_run)
+                except KeyAlreadyLoadedError:
+                    self.report.already_loaded.append(d.name)
+                    continue
+                except KeyLoadError as exc:
+                    if exc.errno == errno.EACCES:
+                        exc = KeyLoadError(
+                            f"{exc} (key file {path}, keyformat={d.keyformat})", errno=exc.errno
+                        )
+                    log.error("%s", exc)
+                    errors.append(exc)
+                    continue
+                finally:
+                    wipe(material)
+                    wipe(wrapping_key)
+                self.report.loaded.append((d.name, d.keyformat))
+                log.info(
+                    "%s key of %s (%s)", "verified" if c.dry_run else "loaded", d.name, d.keyformat
+                )
+            if errors:
+                raise KeyLoadError("; ".join(str(e) for e in errors), errno=errors[0].errno)
+
+    # --- teardown ----------------------------------------------------------------
+
+    def _units_to_mask(self) -> list[str]:
+        ks = self.config.keystore
+        units = [cryptsetup_unit(ks.name), mount_unit(ks.mountpoint), *self.config.mask]
+        return list(dict.fromkeys(units))
+
+    def _mask(self) -> None:
+        units = self._units_to_mask()
+        self.ports.units.stop_and_mask(units)
+        self.report.masked = units
+        log.info("masked %s", ", ".join(units))
+
+    def _verify(self) -> None:
+        """Check that nothing outlives the run; record what is left."""
+        c, p = self.config, self.ports
+        ks = c.keystore
+        problems: list[str] = []
+        checked: list[str] = []
+        try:
+            if p.mounts.is_mounted(ks.mountpoint):
+                problems.append(f"{ks.mountpoint} is still mounted")
+            else:
+                checked.append(f"nothing mounted on {ks.mountpoint}")
+            state = p.crypt.status(ks.name)
+            if state in (MappingState.ACTIVE, MappingState.BUSY):
+                problems.append(f"{ks.mapper_path} is still open")
+            elif state is MappingState.INACTIVE:
+                checked.append(f"{ks.mapper_path} closed")
+            else:
+                checked.append(f"{ks.mapper_path} not present (device-mapper unavailable)")
+            if not c.dry_run:
+                for unit in self._units_to_mask():
+                    unit_state = p.units.unit_file_state(unit)
+                    if unit_state.startswith("masked"):
+                        checked.append(f"{unit} {unit_state}")
+                    else:
+                        problems.append(f"{unit} is {unit_state}, not masked")
+            if c.dry_run and not self.report.pool_imported_before:
+                if p.zpool.health(c.pool) is not None:
+                    problems.append(f"pool {c.pool} is still imported")
+                else:
+                    checked.append(f"pool {c.pool} not imported, as before")
+        except UnlockError as exc:
+            problems.append(f"verification: {exc}")
+        if checked:
+            log.info("verified: %s", "; ".join(checked))
+        for problem in problems:
+            log.error("left behind: %s", problem)
+        self.report.teardown_problems += problems
