@@ -59,8 +59,9 @@ let
       # character JSON escapes (\" \\ \n \t \r \b \f \uXXXX).
       json = toJSON s;
     in
-    # JSON may leave DEL unescaped; TOML forbids it in basic strings.
-    replaceStrings [ "\x7f" ] [ "\\u007F" ] json;
+    # JSON leaves DEL unescaped; TOML forbids it in basic strings.  Nix has
+    # no escape for it, so take it from a JSON string literal.
+    replaceStrings [ (builtins.fromJSON "\"\\u007f\"") ] [ "\\u007F" ] json;
 
   tomlKey = k: if bareKey k then k else tomlString k;
 

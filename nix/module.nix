@@ -200,9 +200,9 @@ in
       };
 
       tries = lib.mkOption {
-        type = lib.types.ints.positive;
+        type = lib.types.ints.unsigned;
         default = 3;
-        description = "Passphrase attempts before giving up.";
+        description = "Passphrase attempts before giving up; 0 asks until the passphrase is right.";
       };
 
       promptTimeout = lib.mkOption {
