@@ -319,24 +319,37 @@ in
           ++ lib.optional (builtins.elem "pkcs11" cfg.keystore.tokenPlugins) "${lib.getLib pkgs.p11-kit}/lib/libp11-kit.so.0"
         );
 
+      # The same unit as units/lczfs-unlockd.service, plus the NixOS import
+      # service of the pool (zfs-import-<pool>.service) in the ordering.
       services.lczfs-unlockd = {
         description = "Unlock ZFS encryption roots of ${cfg.pool} from the LUKS keystore ${cfg.keystore.volume}";
-        unitConfig.DefaultDependencies = false;
+        unitConfig = {
+          DefaultDependencies = false;
+          ConditionPathExists = "/etc/initrd-release";
+        };
 
+        wants = [ "systemd-udev-trigger.service" ];
         after = [
           "systemd-udevd.service"
-          "systemd-modules-load.service"
           "systemd-udev-trigger.service"
+          "systemd-modules-load.service"
+          "systemd-ask-password-console.path"
+          "systemd-journald.socket"
         ];
         before = [
           "zfs-import-scan.service"
           "zfs-import-cache.service"
           "zfs-import-${cfg.pool}.service"
           "zfs-import.target"
+          "zfs-load-key.service"
+          "zfs-mount.service"
           "sysroot.mount"
+          "initrd-root-fs.target"
           "initrd-fs.target"
           "initrd.target"
           "initrd-switch-root.target"
+          "cryptsetup-pre.target"
+          "cryptsetup.target"
           "shutdown.target"
         ];
         conflicts = [ "shutdown.target" ];
@@ -350,14 +363,15 @@ in
 
         serviceConfig = {
           Type = "notify";
+          NotifyAccess = "main";
           RemainAfterExit = true;
           ExecStart = "${initrdEnv}/bin/lczfs-unlockd";
           # The daemon extends this with EXTEND_TIMEOUT_USEC while it waits
-          # for devices or a passphrase.
-          TimeoutStartSec = "2min";
+          # for devices or a passphrase; this only catches a silent hang.
+          TimeoutStartSec = "90s";
           StandardOutput = "journal+console";
           StandardError = "journal+console";
-          KillMode = "mixed";
+          KeyringMode = "shared";
         };
       };
     };
