@@ -11,6 +11,7 @@ Every error names the key and the value and says what is expected.
 from __future__ import annotations
 
 import enum
+import json
 import math
 import os
 import re
@@ -75,6 +76,11 @@ class Config:
     source: str = field(default=DEFAULT_PATH, compare=False)
 
 
+def _q(value: str) -> str:
+    """Quote a string for a message the way TOML would write it (control characters escaped)."""
+    return json.dumps(value, ensure_ascii=False)
+
+
 # --- durations ---------------------------------------------------------------
 
 # systemd.time(7) units, in seconds.
@@ -114,7 +120,7 @@ def parse_duration(value: object, key: str) -> float:
         pos = match.end()
     if not text or pos != len(text):
         raise ConfigError(
-            f'{key} = "{value}": not a duration; use systemd\'s syntax like "10s", "5min" or "0"'
+            f'{key} = {_q(value)}: not a duration; use systemd\'s syntax like "10s", "5min" or "0"'
         )
     return total
 
@@ -143,7 +149,7 @@ _UNIT_NAME = re.compile(
 def _check_pool_name(value: str, key: str) -> None:
     if not _POOL_NAME.fullmatch(value) or value.startswith(_RESERVED_POOLS) or len(value) > 255:
         raise ConfigError(
-            f'{key} = "{value}": not a valid pool name (a letter followed by letters, digits, '
+            f"{key} = {_q(value)}: not a valid pool name (a letter followed by letters, digits, "
             '"_", "-", ".", ":")'
         )
 
@@ -152,24 +158,20 @@ def _check_dataset_in_pool(value: str, key: str, pool: str) -> None:
     parts = value.split("/")
     if parts[0] != pool or len(value) > 255:
         raise ConfigError(
-            f'{key} = "{value}": the dataset is not in pool "{pool}"; it must be "{pool}" '
+            f"{key} = {_q(value)}: the dataset is not in pool {_q(pool)}; it must be {_q(pool)} "
             f'or start with "{pool}/"'
         )
     if any(not _DATASET_COMPONENT.fullmatch(p) for p in parts[1:]):
-        raise ConfigError(f'{key} = "{value}": not a valid dataset name')
+        raise ConfigError(f"{key} = {_q(value)}: not a valid dataset name")
 
 
 def _check_absolute(value: str, key: str, *, allow_root: bool = True) -> None:
     if not value.startswith("/") or "\0" in value:
-        raise ConfigError(f'{key} = "{value}": must be an absolute path')
-    if (
-        ".." in value.split("/")
-        or os.path.normpath(value) != value.rstrip("/")
-        or (value != "/" and value.endswith("/"))
-    ):
-        raise ConfigError(f'{key} = "{value}": use a normalized absolute path (no "..", "//")')
+        raise ConfigError(f"{key} = {_q(value)}: must be an absolute path")
     if not allow_root and value == "/":
         raise ConfigError(f'{key} = "/": the keystore cannot be mounted on /')
+    if value != "/" and (".." in value.split("/") or os.path.normpath(value) != value):
+        raise ConfigError(f'{key} = {_q(value)}: use a normalized absolute path (no "..", "//")')
 
 
 # --- typed getters -----------------------------------------------------------
@@ -271,11 +273,11 @@ def _parse_keystore(table: _Table, pool: str) -> KeystoreConfig:
     volume = table.string("volume", required=True)
     _check_dataset_in_pool(volume, table.key("volume"), pool)
     if volume == pool:
-        raise ConfigError(f'{table.key("volume")} = "{volume}": name the zvol, not the pool')
+        raise ConfigError(f"{table.key('volume')} = {_q(volume)}: name the zvol, not the pool")
     name = table.string("name", KeystoreConfig.name)
     if not _DM_NAME.fullmatch(name):
         raise ConfigError(
-            f'{table.key("name")} = "{name}": not a usable device-mapper name '
+            f"{table.key('name')} = {_q(name)}: not a usable device-mapper name "
             "(letters, digits and #+-.:=@_, at most 127)"
         )
     mountpoint = table.string("mountpoint", KeystoreConfig.mountpoint)
@@ -293,7 +295,7 @@ def _parse_keystore(table: _Table, pool: str) -> KeystoreConfig:
             )
         if keyfile == mountpoint or keyfile.startswith(mountpoint + "/"):
             raise ConfigError(
-                f'{table.key("keyfile")} = "{keyfile}": the keystore\'s own key cannot live '
+                f"{table.key('keyfile')} = {_q(keyfile)}: the keystore's own key cannot live "
                 "inside the keystore"
             )
     config = KeystoreConfig(
@@ -338,7 +340,7 @@ def parse(data: Mapping[str, Any], source: str = DEFAULT_PATH) -> Config:
     for i, unit in enumerate(mask):
         if not _UNIT_NAME.fullmatch(unit):
             raise ConfigError(
-                f'mask[{i}] = "{unit}": not a unit name (e.g. "bootsecrets.mount", '
+                f'mask[{i}] = {_q(unit)}: not a unit name (e.g. "bootsecrets.mount", '
                 '"systemd-cryptsetup@secretsroot.service")'
             )
     online_grace = top.duration("online_grace", Config.online_grace)

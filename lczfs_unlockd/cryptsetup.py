@@ -169,6 +169,7 @@ def _library() -> ctypes.CDLL:
             # The default callback (cd=NULL) also receives the messages of
             # crypt_init(), before a device handle exists.
             lib.crypt_set_log_callback(None, _log_callback, None)
+            _set_token_path(lib)
             _lib = lib
             return lib
         raise KeystoreError(
@@ -177,6 +178,28 @@ def _library() -> ctypes.CDLL:
             + "): include libcryptsetup in the initrd or fix paths.LIBCRYPTSETUP",
             errno=errno.ELIBACC,
         )
+
+
+def _set_token_path(lib: ctypes.CDLL) -> None:
+    """Point libcryptsetup at the token plugins (TPM2, FIDO2, PKCS#11).
+
+    Where the plugins do not live in libcryptsetup's compiled-in directory
+    (NixOS: they ship with systemd), packagers set paths.CRYPTSETUP_TOKEN_PATH.
+    crypt_token_set_external_path() exists since cryptsetup 2.7.
+    """
+    path = paths.CRYPTSETUP_TOKEN_PATH
+    if path is None:
+        return
+    try:
+        setter = lib.crypt_token_set_external_path
+    except AttributeError:
+        log.warning("libcryptsetup is older than 2.7: cannot use token plugins from %s", path)
+        return
+    setter.argtypes = [ctypes.c_char_p]
+    setter.restype = ctypes.c_int
+    code = setter(path.encode())
+    if code < 0:
+        log.warning("cannot use token plugins from %s: %s", path, os.strerror(-code))
 
 
 def set_debug(enabled: bool) -> None:

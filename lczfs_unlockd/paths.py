@@ -20,6 +20,8 @@ LIBCRYPTSETUP: tuple[str, ...] = ("libcryptsetup.so.12",)
 LIBZFS_CORE: tuple[str, ...] = ("libzfs_core.so.3",)
 LIBNVPAIR: tuple[str, ...] = ("libnvpair.so.3",)
 LIBC: tuple[str, ...] = ("libc.so.6",)
+# Directory of libcryptsetup's token plugins, when not its built-in one.
+CRYPTSETUP_TOKEN_PATH: str | None = None
 SYSTEMD_PRIVATE_BUS = "unix:path=/run/systemd/private"
 
 with contextlib.suppress(ImportError):  # only present in packaged builds

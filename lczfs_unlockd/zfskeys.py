@@ -122,9 +122,9 @@ def read_key_file(
                         part, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=fd
                     )
                     opened.append(fd)
-                kfd = os.open(
-                    name, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NOCTTY, dir_fd=fd
-                )
+                # O_NONBLOCK: a FIFO planted in the keystore must not hang the boot.
+                flags = os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NOCTTY | os.O_NONBLOCK
+                kfd = os.open(name, flags, dir_fd=fd)
             finally:
                 for d in opened:
                     os.close(d)
@@ -296,6 +296,13 @@ class PyzfsKeyLoader:
         action = "verify the key of" if noop else "load the key of"
         try:
             lzc.lzc_load_key(dataset.encode(), noop, key)
+        except lzc.exceptions.ZFSInitializationFailed as exc:
+            code = getattr(exc, "errno", None) or errno.EIO
+            raise KeyLoadError(
+                f"cannot {action} {dataset}: libzfs_core cannot open /dev/zfs "
+                f"({os.strerror(code)}): is the zfs kernel module loaded?",
+                errno=code,
+            ) from None
         except lzc.exceptions.ZFSError as exc:
             code = getattr(exc, "errno", None) or errno.EIO
             if code == errno.EACCES:

@@ -1,0 +1,518 @@
+"""Stateful fakes of everything the unlock sequence touches.
+
+One ``World`` holds the machine's state: which disks are present, whether
+the pool is imported (and read-only), its datasets with their real wrapping
+keys and key status, the LUKS keystore with its key slots and tokens, the
+device-mapper table, the mount table and systemd's masked units.  The fake
+adapters change that state the way the real programs would, so tests assert
+on the world, not on recorded calls.
+
+The keystore's files are real files: mounting copies them into the (real,
+temporary) mount point and unmounting removes them, so the real key-file
+reader runs against them.
+"""
+
+from __future__ import annotations
+
+import errno
+import hashlib
+import os
+import shutil
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+
+from lczfs_unlockd.errors import (
+    KeyLoadError,
+    KeystoreError,
+    NoTokenError,
+    PinRequiredError,
+    PromptError,
+    TeardownError,
+    UnlockError,
+    WrongKeyError,
+)
+from lczfs_unlockd.ports import DatasetInfo, MappingState, PoolScan
+from lczfs_unlockd.unlock import Ports
+from lczfs_unlockd.zfskeys import KeyAlreadyLoadedError, KeyRejectedError, read_key_file
+
+HEX_KEY = "0123456789abcdef" * 4
+RAW_KEY = bytes(range(32))
+PASSPHRASE_KEY = "correct horse battery"
+
+
+def wrapping_key_for(keyformat: str, material: bytes, salt: int = 0, iters: int = 0) -> bytes:
+    """Independent of lczfs_unlockd.zfskeys: what libzfs would derive."""
+    if keyformat == "raw":
+        return material
+    line = material.split(b"\n", 1)[0]
+    if keyformat == "hex":
+        return bytes.fromhex(line.decode())
+    return hashlib.pbkdf2_hmac(
+        "sha1", line.split(b"\0", 1)[0], salt.to_bytes(8, "little"), iters, 32
+    )
+
+
+@dataclass
+class Dataset:
+    name: str
+    keyformat: str = "none"
+    keylocation: str = "none"
+    encryption_root: str = ""
+    salt: int = 0
+    iters: int = 0
+    wrapping_key: bytes | None = None
+    loaded: bool = False
+
+    @property
+    def encrypted(self) -> bool:
+        return self.keyformat != "none"
+
+
+@dataclass
+class Token:
+    pin: str | None = None  # None: no PIN needed
+    slot_key: str = "token-secret"
+    available_after: float = 0.0  # world time at which its hardware shows up
+
+
+@dataclass
+class World:
+    mountpoint: str
+    pool: str = "rpool"
+    disks: dict[str, bool] = field(default_factory=dict)  # path -> present
+    mirror: bool = False
+    imported: bool = False
+    imported_readonly: bool = False
+    other_pools_imported: set[str] = field(default_factory=set)
+    datasets: dict[str, Dataset] = field(default_factory=dict)
+    volume: str = "rpool/volumes/bootsecrets"
+    partition: int = 1
+    luks_present: bool = True
+    luks_valid: bool = True
+    luks_passphrases: set[str] = field(default_factory=lambda: {"luks pass"})
+    luks_keyfiles: dict[str, bytes] = field(default_factory=dict)  # path -> content (slot key)
+    luks_key_slots_for_files: set[bytes] = field(default_factory=set)
+    tokens: list[Token] = field(default_factory=list)
+    keystore_files: dict[str, bytes] = field(default_factory=dict)  # relative path -> content
+    keystore_symlinks: dict[str, str] = field(default_factory=dict)  # relative path -> target
+    mappings: dict[str, bool] = field(default_factory=dict)  # name -> read_only
+    mounts: dict[str, str] = field(default_factory=dict)  # target -> source
+    masked: dict[str, str] = field(default_factory=dict)  # unit -> state
+    stopped: list[str] = field(default_factory=list)
+    unit_files: dict[str, str] = field(default_factory=dict)
+    answers: list[str] = field(default_factory=list)  # what the person types, in order
+    prompts: list[tuple[str, bool]] = field(default_factory=list)  # (prompt, accept_cached)
+    notifications: list[str] = field(default_factory=list)
+    events: list[str] = field(default_factory=list)
+    time: float = 0.0
+    # Hooks: name -> callable run when the adapter reaches that point; it may
+    # raise (to inject failures or SIGTERM) or change the world.
+    hooks: dict[str, Callable[[World], None]] = field(default_factory=dict)
+    # disk path -> world time at which it appears (hot-plug)
+    appear_at: dict[str, float] = field(default_factory=dict)
+    zvol_delay: float = 0.2
+    imported_at: float | None = None
+    scans: int = 0
+
+    def hook(self, name: str) -> None:
+        if name in self.hooks:
+            self.hooks[name](self)
+
+    # -- derived state ------------------------------------------------------
+
+    def advance(self, seconds: float) -> None:
+        self.time += seconds
+        for disk, at in self.appear_at.items():
+            if self.time >= at:
+                self.disks[disk] = True
+
+    def pool_state(self) -> str | None:
+        present = [d for d, ok in self.disks.items() if ok]
+        if not present:
+            return None
+        if len(present) == len(self.disks):
+            return "ONLINE"
+        return "DEGRADED" if self.mirror else "UNAVAIL"
+
+    def device_nodes(self) -> set[str]:
+        nodes = {d for d, ok in self.disks.items() if ok}
+        zvols_ready = (
+            self.imported
+            and self.imported_at is not None
+            and self.time - self.imported_at >= self.zvol_delay
+            and self.volume in self.datasets
+        )
+        if zvols_ready:
+            nodes.add(f"/dev/zvol/{self.volume}")
+            if self.partition:
+                nodes.add(f"/dev/zvol/{self.volume}-part{self.partition}")
+        for name in self.mappings:
+            nodes.add(f"/dev/mapper/{name}")
+        return nodes
+
+    @property
+    def keystore_device(self) -> str:
+        base = f"/dev/zvol/{self.volume}"
+        return f"{base}-part{self.partition}" if self.partition else base
+
+    def loaded_keys(self) -> dict[str, bool]:
+        return {
+            n: d.loaded for n, d in self.datasets.items() if d.encrypted and d.encryption_root == n
+        }
+
+    def clean(self) -> bool:
+        """Nothing mapped, nothing mounted, no key file left in the mount point."""
+        leftovers = os.listdir(self.mountpoint) if os.path.isdir(self.mountpoint) else []
+        return not self.mappings and not self.mounts and not leftovers
+
+    # -- construction helpers ----------------------------------------------
+
+    def add_encryption_root(
+        self,
+        name: str,
+        keyformat: str,
+        material: bytes,
+        *,
+        file: str | None = None,
+        salt: int = 0x1122334455667788,
+        iters: int = 1000,
+        keylocation: str | None = None,
+    ) -> Dataset:
+        file = file or f"{name.replace('/', '_')}.key"
+        if keyformat != "passphrase":
+            salt, iters = 0, 0
+        ds = Dataset(
+            name=name,
+            keyformat=keyformat,
+            keylocation=keylocation or f"file://{self.mountpoint}/{file}",
+            encryption_root=name,
+            salt=salt,
+            iters=iters,
+            wrapping_key=wrapping_key_for(keyformat, material, salt, iters),
+        )
+        self.datasets[name] = ds
+        self.keystore_files[file] = material
+        return ds
+
+    def add_child(self, name: str, root: str) -> None:
+        parent = self.datasets[root]
+        self.datasets[name] = Dataset(
+            name=name, keyformat=parent.keyformat, keylocation="none", encryption_root=root
+        )
+
+
+def seed_world(mountpoint: str) -> World:
+    """The seed's layout: rpool, bootsecrets zvol, rpool/crypt (hex) and children."""
+    w = World(mountpoint=mountpoint, disks={"/dev/disk/by-id/nvme-disk-part2": True})
+    w.datasets["rpool"] = Dataset(name="rpool")
+    w.datasets["rpool/volumes"] = Dataset(name="rpool/volumes")
+    w.datasets["rpool/volumes/bootsecrets"] = Dataset(name="rpool/volumes/bootsecrets")
+    w.add_encryption_root("rpool/crypt", "hex", (HEX_KEY + "\n").encode(), file="rpoolcrypt.key")
+    for child in ("local", "local/root", "local/nix", "safe", "safe/persist"):
+        w.add_child(f"rpool/crypt/{child}", "rpool/crypt")
+    return w
+
+
+# ---------------------------------------------------------------------------
+
+
+class FakeZpool:
+    def __init__(self, world: World) -> None:
+        self.w = world
+
+    def health(self, pool: str) -> str | None:
+        self.w.hook("health")
+        if pool == self.w.pool and self.w.imported:
+            return self.w.pool_state() or "SUSPENDED"
+        return "ONLINE" if pool in self.w.other_pools_imported else None
+
+    def scan(self, pool: str, dev_nodes: str) -> PoolScan:
+        self.w.scans += 1
+        self.w.hook("scan")
+        if pool != self.w.pool or self.w.imported:
+            return PoolScan(state=None)
+        state = self.w.pool_state()
+        missing = tuple(d.rsplit("/", 1)[-1] for d, ok in self.w.disks.items() if not ok)
+        return PoolScan(state=state, missing=missing if state else ())
+
+    def import_pool(self, pool: str, dev_nodes: str, *, force: bool, readonly: bool) -> None:
+        self.w.hook("import")
+        state = self.w.pool_state()
+        if pool != self.w.pool or state not in ("ONLINE", "DEGRADED"):
+            raise UnlockError(
+                f'"zpool import -N -d {dev_nodes} {pool}" returned non-zero exit code 1: cannot import'
+            )
+        self.w.imported = True
+        self.w.imported_readonly = readonly
+        self.w.imported_at = self.w.time
+        self.w.events.append(f"import {pool}{' readonly' if readonly else ''}")
+
+    def export_pool(self, pool: str) -> None:
+        self.w.hook("export")
+        if self.w.mappings:
+            raise UnlockError(f"cannot export '{pool}': pool is busy")
+        self.w.imported = False
+        for d in self.w.datasets.values():
+            d.loaded = False
+        self.w.events.append(f"export {pool}")
+
+    def datasets(self, names: Sequence[str], *, recursive: bool) -> list[DatasetInfo]:
+        self.w.hook("datasets")
+        if not self.w.imported:
+            raise KeyLoadError(f"dataset {names[0]} does not exist")
+        out = []
+        for name in names:
+            if name not in self.w.datasets:
+                raise KeyLoadError(
+                    f"dataset {name} does not exist: fix datasets in the configuration"
+                )
+            for ds in self.w.datasets.values():
+                if ds.name == name or (recursive and ds.name.startswith(name + "/")):
+                    root = self.w.datasets.get(ds.encryption_root)
+                    out.append(
+                        DatasetInfo(
+                            name=ds.name,
+                            encryption="aes-256-gcm" if ds.encrypted else "off",
+                            encryption_root=ds.encryption_root or "-",
+                            keyformat=ds.keyformat,
+                            keylocation=ds.keylocation,
+                            keystatus=("available" if root and root.loaded else "unavailable")
+                            if ds.encrypted
+                            else "-",
+                            pbkdf2salt=ds.salt,
+                            pbkdf2iters=ds.iters,
+                        )
+                    )
+        return out
+
+
+class FakeKeys:
+    def __init__(self, world: World) -> None:
+        self.w = world
+        self.seen: list[bytes] = []
+
+    def load_key(self, dataset: str, wrapping_key: bytearray, *, noop: bool) -> None:
+        self.w.hook("load_key")
+        ds = self.w.datasets.get(dataset)
+        if ds is None or not self.w.imported:
+            raise KeyLoadError(
+                f"cannot load the key of {dataset}: no such dataset", errno=errno.ENOENT
+            )
+        if ds.encryption_root != dataset:
+            raise KeyLoadError(
+                f"cannot load the key of {dataset}: not an encryption root", errno=errno.EINVAL
+            )
+        if ds.loaded:
+            raise KeyAlreadyLoadedError(f"the key of {dataset} is already loaded")
+        self.seen.append(bytes(wrapping_key))
+        if bytes(wrapping_key) != ds.wrapping_key:
+            raise KeyRejectedError(f"zfs rejected the key for {dataset}: wrong key")
+        if not noop:
+            ds.loaded = True
+            self.w.events.append(f"load-key {dataset}")
+
+
+class FakeLuks:
+    def __init__(self, world: World, device: str) -> None:
+        self.w = world
+        self.device = device
+        self.closed = False
+
+    @property
+    def luks_type(self) -> str:
+        return "LUKS2"
+
+    def token_count(self) -> int:
+        return len(self.w.tokens)
+
+    def _activate(self, name: str | None, read_only: bool) -> None:
+        self.w.hook("activate")
+        if name is None:
+            return
+        if name in self.w.mappings:
+            raise KeystoreError(f"{name} exists already", errno=errno.EEXIST)
+        self.w.mappings[name] = read_only
+        self.w.events.append(f"activate {name}{' ro' if read_only else ' rw'}")
+
+    def activate_by_token(
+        self, name: str | None, pin: bytearray | None, *, read_only: bool
+    ) -> None:
+        self.w.hook("token")
+        usable = [t for t in self.w.tokens if self.w.time >= t.available_after]
+        if not usable:
+            raise NoTokenError(f"no token of {self.device} can be used now")
+        for token in usable:
+            if token.pin is None:
+                self._activate(name, read_only)
+                return
+            if pin is None:
+                raise PinRequiredError(f"a token of {self.device} needs a PIN")
+            if bytes(pin) == token.pin.encode():
+                self._activate(name, read_only)
+                return
+        raise PinRequiredError(f"wrong PIN for {self.device}")
+
+    def activate_by_passphrase(
+        self, name: str | None, passphrase: bytearray, *, read_only: bool
+    ) -> None:
+        self.w.hook("passphrase")
+        if bytes(passphrase).decode(errors="replace") not in self.w.luks_passphrases:
+            raise WrongKeyError(f"no key slot of {self.device} accepts this passphrase")
+        self._activate(name, read_only)
+
+    def activate_by_keyfile(self, name: str | None, path: str, *, read_only: bool) -> None:
+        self.w.hook("keyfile")
+        if path not in self.w.luks_keyfiles:
+            raise KeystoreError(f"cannot read key file {path}", errno=errno.ENOENT)
+        if self.w.luks_keyfiles[path] not in self.w.luks_key_slots_for_files:
+            raise WrongKeyError(f"no key slot of {self.device} accepts key file {path}")
+        self._activate(name, read_only)
+
+    def close(self) -> None:
+        self.closed = True
+
+
+class FakeCryptsetup:
+    def __init__(self, world: World) -> None:
+        self.w = world
+        self.opened: list[FakeLuks] = []
+
+    def open(self, device: str) -> FakeLuks:
+        self.w.hook("luks_open")
+        if device not in self.w.device_nodes():
+            raise KeystoreError(f"{device} does not exist", errno=errno.ENOENT)
+        if not self.w.luks_present:
+            raise KeystoreError(
+                f"{device} is not a LUKS device: check keystore.volume and keystore.partition"
+            )
+        if not self.w.luks_valid:
+            raise KeystoreError(
+                f"the LUKS header of {device} is damaged: restore it from a header backup"
+            )
+        luks = FakeLuks(self.w, device)
+        self.opened.append(luks)
+        return luks
+
+    def status(self, name: str) -> MappingState:
+        return MappingState.ACTIVE if name in self.w.mappings else MappingState.INACTIVE
+
+    def deactivate(self, name: str) -> None:
+        self.w.hook("deactivate")
+        if f"/dev/mapper/{name}" in self.w.mounts.values():
+            raise KeystoreError(f"cannot close {name}: device busy", errno=errno.EBUSY)
+        if self.w.mappings.pop(name, None) is not None:
+            self.w.events.append(f"deactivate {name}")
+
+
+class FakeMounts:
+    def __init__(self, world: World) -> None:
+        self.w = world
+
+    def mount(self, source: str, target: str, fstype: str) -> None:
+        self.w.hook("mount")
+        name = source.removeprefix("/dev/mapper/")
+        if name not in self.w.mappings:
+            raise KeystoreError(
+                f"cannot mount {source} on {target}: No such device", errno=errno.ENODEV
+            )
+        for rel, content in self.w.keystore_files.items():
+            path = os.path.join(target, rel)
+            os.makedirs(os.path.dirname(path), exist_ok=True)
+            with open(path, "wb") as f:
+                f.write(content)
+        for rel, dest in self.w.keystore_symlinks.items():
+            os.symlink(dest, os.path.join(target, rel))
+        self.w.mounts[target] = source
+        self.w.events.append(f"mount {target}")
+
+    def unmount(self, target: str) -> None:
+        self.w.hook("unmount")
+        if target not in self.w.mounts:
+            raise TeardownError(f"cannot unmount {target}: Invalid argument")
+        for entry in os.listdir(target):
+            path = os.path.join(target, entry)
+            if os.path.isdir(path) and not os.path.islink(path):
+                shutil.rmtree(path)
+            else:
+                os.unlink(path)
+        del self.w.mounts[target]
+        self.w.events.append(f"unmount {target}")
+
+    def is_mounted(self, target: str) -> bool:
+        return target in self.w.mounts
+
+
+class FakeUnits:
+    def __init__(self, world: World) -> None:
+        self.w = world
+
+    def stop_and_mask(self, units: Sequence[str]) -> None:
+        self.w.hook("mask")
+        for unit in units:
+            self.w.stopped.append(unit)
+            self.w.masked[unit] = "masked-runtime"
+        self.w.events.append("mask " + " ".join(units))
+
+    def unit_file_state(self, unit: str) -> str:
+        return self.w.masked.get(unit) or self.w.unit_files.get(unit, "static")
+
+
+class FakeAskPassword:
+    def __init__(self, world: World) -> None:
+        self.w = world
+
+    def ask(self, prompt: str, *, ident: str, timeout: float, accept_cached: bool) -> bytearray:
+        self.w.prompts.append((prompt, accept_cached))
+        self.w.hook("ask")
+        if not self.w.answers:
+            raise PromptError("no passphrase was entered (Timer expired)")
+        return bytearray(self.w.answers.pop(0).encode())
+
+
+class FakeNotifier:
+    def __init__(self, world: World) -> None:
+        self.w = world
+
+    def notify(self, message: str) -> None:
+        self.w.notifications.append(message)
+
+
+class FakeFilesystem:
+    def __init__(self, world: World) -> None:
+        self.w = world
+
+    def exists(self, path: str) -> bool:
+        if path.startswith("/dev/"):
+            return path in self.w.device_nodes()
+        return os.path.exists(path)
+
+    def make_dir(self, path: str, mode: int) -> None:
+        os.makedirs(path, mode=mode, exist_ok=True)
+        os.chmod(path, mode)
+
+
+class FakeClock:
+    def __init__(self, world: World) -> None:
+        self.w = world
+
+    def monotonic(self) -> float:
+        return self.w.time
+
+    def sleep(self, seconds: float) -> None:
+        self.w.hook("sleep")
+        self.w.advance(seconds)
+
+
+def fake_ports(world: World) -> Ports:
+    return Ports(
+        zpool=FakeZpool(world),
+        keys=FakeKeys(world),
+        crypt=FakeCryptsetup(world),
+        mounts=FakeMounts(world),
+        units=FakeUnits(world),
+        askpass=FakeAskPassword(world),
+        notifier=FakeNotifier(world),
+        fs=FakeFilesystem(world),
+        clock=FakeClock(world),
+        read_key_file=lambda mp, path, ds: read_key_file(mp, path, dataset=ds),
+    )

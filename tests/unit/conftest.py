@@ -1,0 +1,57 @@
+from __future__ import annotations
+
+import dataclasses
+import logging
+from collections.abc import Callable
+from typing import Any
+
+import pytest
+
+from lczfs_unlockd import config as configmod
+from lczfs_unlockd.config import Config
+from lczfs_unlockd.unlock import Report, Unlocker
+from tests.fakes import World, fake_ports, seed_world
+
+
+@pytest.fixture
+def mountpoint(tmp_path) -> str:
+    return str(tmp_path / "bootsecrets")
+
+
+@pytest.fixture
+def world(mountpoint) -> World:
+    return seed_world(mountpoint)
+
+
+@pytest.fixture
+def make_config(mountpoint) -> Callable[..., Config]:
+    def make(keystore: dict[str, Any] | None = None, **top: Any) -> Config:
+        data: dict[str, Any] = {
+            "pool": "rpool",
+            "devices": ["/dev/disk/by-id/nvme-disk-part2"],
+            "online_grace": "3s",
+            "timeout": "20s",
+            "keystore": {
+                "volume": "rpool/volumes/bootsecrets",
+                "partition": 1,
+                "mountpoint": mountpoint,
+                "token_timeout": "2s",
+                **(keystore or {}),
+            },
+        }
+        data.update(top)
+        dry_run = data.pop("dry_run", False)
+        cfg = configmod.parse(data, source="test.toml")
+        return dataclasses.replace(cfg, dry_run=dry_run) if dry_run else cfg
+
+    return make
+
+
+@pytest.fixture
+def run(world, caplog) -> Callable[[Config], Report]:
+    caplog.set_level(logging.DEBUG, logger="lczfs_unlockd")
+
+    def go(cfg: Config) -> Report:
+        return Unlocker(cfg, fake_ports(world)).run()
+
+    return go

@@ -1,0 +1,611 @@
+"""The unlock sequence against a stateful fake machine (tests/fakes.py)."""
+
+from __future__ import annotations
+
+import errno
+import os
+import signal
+
+import pytest
+
+from lczfs_unlockd.errors import Interrupted, KeyLoadError, PoolError, TeardownError, UnlockError
+from lczfs_unlockd.unlock import Unlocker
+from tests.fakes import HEX_KEY, PASSPHRASE_KEY, RAW_KEY, Dataset, Token, fake_ports
+
+CRYPT_UNIT = r"systemd-cryptsetup@lczfs\x2dkeystore.service"
+
+
+def mount_unit_of(path: str) -> str:
+    from lczfs_unlockd.units import mount_unit
+
+    return mount_unit(path)
+
+
+def assert_clean(world, *, masked: bool = True) -> None:
+    assert world.clean(), (world.mappings, world.mounts)
+    if masked:
+        assert world.masked.get(CRYPT_UNIT) == "masked-runtime"
+        assert world.masked.get(mount_unit_of(world.mountpoint)) == "masked-runtime"
+    else:
+        assert world.masked == {}
+
+
+# --- success paths ------------------------------------------------------------
+
+
+def test_passphrase_unlocks_and_tears_down_in_order(world, make_config, run):
+    world.answers = ["luks pass"]
+    report = run(make_config())
+    assert report.ok, report.error
+    assert world.loaded_keys() == {"rpool/crypt": True}
+    assert_clean(world)
+    assert world.events == [
+        "import rpool",
+        "activate lczfs-keystore ro",
+        f"mount {world.mountpoint}",
+        "load-key rpool/crypt",
+        f"unmount {world.mountpoint}",
+        "deactivate lczfs-keystore",
+        f"mask {CRYPT_UNIT} {mount_unit_of(world.mountpoint)}",
+    ]
+    assert report.summary.startswith("unlocked rpool/crypt (hex) in ")
+    assert report.summary.endswith("; keystore closed")
+    assert world.prompts == [
+        ("Please enter the passphrase for keystore rpool/volumes/bootsecrets:", True)
+    ]
+    assert report.keystore_method == "passphrase"
+
+
+def test_mount_point_is_created_0700(world, make_config, run, mountpoint):
+    world.answers = ["luks pass"]
+    assert run(make_config()).ok
+    assert os.stat(mountpoint).st_mode & 0o777 == 0o700
+
+
+def test_status_is_reported_at_every_step(world, make_config, run):
+    world.answers = ["luks pass"]
+    run(make_config())
+    statuses = [n for n in world.notifications if n.startswith("STATUS=")]
+    assert any("importing pool rpool" in s for s in statuses)
+    assert any("opening keystore /dev/zvol/rpool/volumes/bootsecrets-part1" in s for s in statuses)
+    assert any("mounting /dev/mapper/lczfs-keystore read-only" in s for s in statuses)
+    assert any("loading keys" in s for s in statuses)
+    assert any("asking for the passphrase" in s for s in statuses)
+
+
+def test_key_file_unlocks_without_prompt(world, make_config, run):
+    world.luks_keyfiles["/etc/lczfs-unlockd/keystore.key"] = b"k" * 64
+    world.luks_key_slots_for_files.add(b"k" * 64)
+    report = run(make_config({"keyfile": "/etc/lczfs-unlockd/keystore.key"}))
+    assert report.ok, report.error
+    assert report.keystore_method == "key file"
+    assert world.prompts == []
+    assert_clean(world)
+
+
+def test_wrong_key_file_falls_back_to_passphrase(world, make_config, run, caplog):
+    world.luks_keyfiles["/etc/k"] = b"wrong"
+    world.answers = ["luks pass"]
+    report = run(make_config({"keyfile": "/etc/k"}))
+    assert report.ok
+    assert report.keystore_method == "passphrase"
+    assert "key file /etc/k did not open the keystore" in caplog.text
+
+
+def test_token_without_pin(world, make_config, run):
+    world.tokens = [Token()]
+    report = run(make_config())
+    assert report.ok and report.keystore_method == "token"
+    assert world.prompts == []
+
+
+def test_token_with_pin_asks_for_pin(world, make_config, run):
+    world.tokens = [Token(pin="1234")]
+    world.answers = ["0000", "1234"]
+    report = run(make_config())
+    assert report.ok, report.error
+    assert report.keystore_method == "token"
+    assert [p for p, _ in world.prompts] == [
+        "Please enter the security token PIN for keystore rpool/volumes/bootsecrets:"
+    ] * 2
+    # a PIN is never taken from the passphrase cache
+    assert [cached for _, cached in world.prompts] == [False, False]
+
+
+def test_token_that_shows_up_late_is_waited_for(world, make_config, run):
+    world.tokens = [Token(available_after=1.5)]
+    report = run(make_config({"token_timeout": "5s"}))
+    assert report.ok and report.keystore_method == "token"
+
+
+def test_absent_token_falls_back_to_passphrase_after_token_timeout(world, make_config, run):
+    world.tokens = [Token(available_after=1e9)]
+    world.answers = ["luks pass"]
+    report = run(make_config({"token_timeout": "2s"}))
+    assert report.ok and report.keystore_method == "passphrase"
+    assert world.time >= 2.0
+
+
+def test_unlock_order_is_respected(world, make_config, run):
+    world.tokens = [Token()]
+    world.answers = ["luks pass"]
+    report = run(make_config({"unlock": ["passphrase", "token"]}))
+    assert report.keystore_method == "passphrase"
+
+
+def test_wrong_then_right_passphrase(world, make_config, run, caplog):
+    world.answers = ["nope", "luks pass"]
+    report = run(make_config())
+    assert report.ok
+    assert [cached for _, cached in world.prompts] == [True, False]
+    assert (
+        "wrong passphrase for keystore /dev/zvol/rpool/volumes/bootsecrets-part1 (try 1 of 3)"
+        in caplog.text
+    )
+
+
+def test_wrong_passphrase_tries_times_fails_clean(world, make_config, run):
+    world.answers = ["a", "b", "c", "luks pass"]
+    report = run(make_config({"tries": 3}))
+    assert not report.ok
+    assert len(world.prompts) == 3
+    assert "passphrase: wrong 3 times" in str(report.error)
+    assert report.errno == errno.EPERM
+    assert world.loaded_keys() == {"rpool/crypt": False}
+    assert_clean(world)
+
+
+def test_unlimited_tries(world, make_config, run):
+    world.answers = ["x"] * 7 + ["luks pass"]
+    assert run(make_config({"tries": 0})).ok
+    assert len(world.prompts) == 8
+
+
+def test_prompt_timeout_fails_clean(world, make_config, run):
+    world.answers = []
+    report = run(make_config())
+    assert not report.ok
+    assert "no passphrase was entered" in str(report.error)
+    assert_clean(world)
+
+
+def test_all_three_key_formats_are_derived_and_loaded(world, make_config, run):
+    world.add_encryption_root("rpool/rawset", "raw", RAW_KEY)
+    world.add_encryption_root("rpool/pass", "passphrase", (PASSPHRASE_KEY + "\n").encode())
+    world.answers = ["luks pass"]
+    report = run(make_config())
+    assert report.ok, report.error
+    assert world.loaded_keys() == {"rpool/crypt": True, "rpool/rawset": True, "rpool/pass": True}
+    assert sorted(report.loaded) == [
+        ("rpool/crypt", "hex"),
+        ("rpool/pass", "passphrase"),
+        ("rpool/rawset", "raw"),
+    ]
+
+
+def test_explicit_dataset_list_only_loads_those(world, make_config, run):
+    world.add_encryption_root("rpool/other", "raw", RAW_KEY)
+    world.answers = ["luks pass"]
+    report = run(make_config(datasets=["rpool/other"]))
+    assert report.ok
+    assert world.loaded_keys() == {"rpool/crypt": False, "rpool/other": True}
+
+
+def test_auto_skips_roots_with_other_keylocations(world, make_config, run, caplog):
+    world.add_encryption_root("rpool/home", "passphrase", b"x" * 10, keylocation="prompt")
+    world.answers = ["luks pass"]
+    assert run(make_config()).ok
+    assert world.loaded_keys()["rpool/home"] is False
+    assert "not mine: rpool/home (keylocation=prompt" in caplog.text
+
+
+def test_already_loaded_key_is_skipped(world, make_config, run):
+    world.datasets["rpool/crypt"].loaded = True
+    world.answers = ["luks pass"]
+    report = run(make_config())
+    assert report.ok
+    assert report.already_loaded == ["rpool/crypt"]
+    assert "rpool/crypt already unlocked" in report.summary
+
+
+def test_already_imported_pool_is_fine(world, make_config, run):
+    world.imported, world.imported_at = True, -10.0
+    world.answers = ["luks pass"]
+    report = run(make_config())
+    assert report.ok and report.pool_imported_before
+    assert "import rpool" not in world.events
+
+
+def test_existing_mapping_is_used_and_closed(world, make_config, run, caplog):
+    world.mappings["lczfs-keystore"] = True
+    report = run(make_config())
+    assert report.ok, report.error
+    assert report.keystore_method == "already open"
+    assert world.prompts == []
+    assert_clean(world)
+
+
+# --- the pool -------------------------------------------------------------------
+
+
+def test_missing_disk_fails_at_deadline_naming_it(world, make_config, run):
+    world.disks = {"/dev/disk/by-id/nvme-disk-part2": False}
+    report = run(make_config(timeout="8s"))
+    assert not report.ok
+    assert isinstance(report.error, PoolError)
+    assert "/dev/disk/by-id/nvme-disk-part2" in str(report.error)
+    assert "within 8s" in str(report.error)
+    assert 8.0 <= world.time < 8.5
+    assert any(n == "STATUS=waiting for rpool: 0 of 1 devices" for n in world.notifications)
+    assert any(n.startswith("EXTEND_TIMEOUT_USEC=") for n in world.notifications)
+    assert_clean(world)
+
+
+def test_pool_without_device_list_names_scan_dir(world, make_config, run):
+    world.disks = {"/dev/disk/by-id/nvme-disk-part2": False}
+    report = run(make_config(devices=[], timeout="4s"))
+    assert "no pool named rpool was found in /dev/disk/by-id" in str(report.error)
+
+
+def test_hot_plugged_disk_is_imported_within_a_poll(world, make_config, run):
+    world.disks = {"/dev/disk/by-id/nvme-disk-part2": False}
+    world.appear_at = {"/dev/disk/by-id/nvme-disk-part2": 5.0}
+    world.answers = ["luks pass"]
+    seen = {}
+    world.hooks["import"] = lambda w: seen.setdefault("t", w.time)
+    report = run(make_config())
+    assert report.ok
+    assert 5.0 <= seen["t"] < 5.3
+
+
+def test_degraded_mirror_is_accepted_after_grace(world, make_config, run, caplog):
+    world.mirror = True
+    world.disks = {"/dev/disk/by-id/a": True, "/dev/disk/by-id/b": False}
+    world.answers = ["luks pass"]
+    seen = {}
+    world.hooks["import"] = lambda w: seen.setdefault("t", w.time)
+    report = run(make_config(devices=[], online_grace="3s"))
+    assert report.ok, report.error
+    assert 3.0 <= seen["t"] < 3.3
+    assert "importing rpool DEGRADED after waiting 3s: missing b" in caplog.text
+    assert any("pool is DEGRADED, missing b; accepted after 3s" in n for n in world.notifications)
+
+
+def test_online_mirror_does_not_wait_for_grace(world, make_config, run):
+    world.mirror = True
+    world.disks = {"/dev/disk/by-id/a": True, "/dev/disk/by-id/b": True}
+    world.answers = ["luks pass"]
+    assert run(make_config(devices=[], online_grace="30s", timeout="1min")).ok
+    assert world.time < 1.0
+
+
+def test_unavailable_pool_fails_with_zpool_detail(world, make_config, run):
+    world.disks = {"/dev/disk/by-id/a": True, "/dev/disk/by-id/b": False}  # not a mirror
+    report = run(make_config(devices=[], timeout="5s"))
+    assert "it is UNAVAIL, missing b" in str(report.error)
+
+
+# --- keystore problems ---------------------------------------------------------------
+
+
+def test_wrong_volume_fails_at_once(world, make_config, run):
+    report = run(make_config({"volume": "rpool/volumes/nothere"}))
+    assert "keystore.volume = rpool/volumes/nothere: no such zvol in pool rpool" in str(
+        report.error
+    )
+    assert world.time < 1.0
+    assert_clean(world)
+
+
+def test_wrong_partition_fails_soon(world, make_config, run):
+    report = run(make_config({"partition": 2}))
+    assert "/dev/zvol/rpool/volumes/bootsecrets has no partition 2" in str(report.error)
+    assert world.time < 7.0
+
+
+def test_not_luks_fails_clean(world, make_config, run):
+    world.luks_present = False
+    report = run(make_config())
+    assert "is not a LUKS device" in str(report.error)
+    assert_clean(world)
+
+
+def test_corrupt_header_fails_clean(world, make_config, run):
+    world.luks_valid = False
+    report = run(make_config())
+    assert "damaged" in str(report.error)
+    assert_clean(world)
+
+
+def test_something_already_mounted_is_refused(world, make_config, run, mountpoint):
+    os.makedirs(mountpoint)
+    world.mounts[mountpoint] = "/dev/sdz1"
+    world.answers = ["luks pass"]
+    report = run(make_config())
+    assert "something is already mounted on" in str(report.error)
+    assert world.mounts == {mountpoint: "/dev/sdz1"}  # not ours: left alone
+    assert world.mappings == {}
+
+
+# --- keys --------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("content", "expect"),
+    [
+        (None, "does not exist in the keystore"),
+        (b"0123", "holds 4 characters; a hex key is exactly 64 hex digits"),
+        (b"zz" * 32, "not a hex digit"),
+        (("ab" * 32).encode(), "zfs rejected the key for rpool/crypt: wrong key"),
+    ],
+    ids=["missing", "truncated", "garbage", "wrong"],
+)
+def test_bad_key_file_fails_naming_dataset_and_path(world, make_config, run, content, expect):
+    if content is None:
+        del world.keystore_files["rpoolcrypt.key"]
+    else:
+        world.keystore_files["rpoolcrypt.key"] = content
+    world.answers = ["luks pass"]
+    report = run(make_config())
+    assert not report.ok
+    message = str(report.error)
+    assert expect in message
+    assert "rpool/crypt" in message
+    assert f"{world.mountpoint}/rpoolcrypt.key" in message
+    assert world.loaded_keys() == {"rpool/crypt": False}
+    assert_clean(world)
+
+
+def test_symlinked_key_file_is_refused(world, make_config, run, tmp_path):
+    outside = tmp_path / "elsewhere.key"
+    outside.write_text(HEX_KEY)
+    del world.keystore_files["rpoolcrypt.key"]
+    world.keystore_symlinks["rpoolcrypt.key"] = str(outside)
+    world.answers = ["luks pass"]
+    report = run(make_config())
+    assert "symlink" in str(report.error)
+    assert world.loaded_keys() == {"rpool/crypt": False}
+
+
+def test_one_bad_dataset_does_not_stop_the_others(world, make_config, run):
+    world.add_encryption_root("rpool/broken", "raw", b"short")
+    world.answers = ["luks pass"]
+    report = run(make_config())
+    assert not report.ok
+    assert "rpool/broken" in str(report.error)
+    assert world.loaded_keys()["rpool/crypt"] is True
+
+
+def test_no_matching_encryption_root(world, make_config, run):
+    world.datasets["rpool/crypt"].keylocation = "prompt"
+    world.answers = ["luks pass"]
+    report = run(make_config())
+    assert "no encryption root of rpool has its keylocation under" in str(report.error)
+
+
+def test_listed_child_dataset_names_its_root(world, make_config, run):
+    world.answers = ["luks pass"]
+    report = run(make_config(datasets=["rpool/crypt/local/root"]))
+    assert "rpool/crypt/local/root is not an encryption root" in str(report.error)
+    assert "list rpool/crypt instead" in str(report.error)
+
+
+def test_listed_unencrypted_dataset(world, make_config, run):
+    world.answers = ["luks pass"]
+    report = run(make_config(datasets=["rpool/volumes"]))
+    assert "rpool/volumes is not encrypted" in str(report.error)
+
+
+def test_listed_missing_dataset(world, make_config, run):
+    world.answers = ["luks pass"]
+    report = run(make_config(datasets=["rpool/nope"]))
+    assert isinstance(report.error, KeyLoadError)
+    assert "rpool/nope does not exist" in str(report.error)
+    assert_clean(world)
+
+
+# --- teardown on failure and on SIGTERM at every step ---------------------------------
+
+STEPS = [
+    "scan",
+    "import",
+    "datasets",
+    "luks_open",
+    "ask",
+    "passphrase",
+    "activate",
+    "mount",
+    "load_key",
+]
+
+
+@pytest.mark.parametrize("step", STEPS)
+def test_failure_at_every_step_leaves_nothing(world, make_config, run, step):
+    world.answers = ["luks pass"]
+
+    def fail(_w):
+        raise UnlockError(f"injected failure at {step}")
+
+    world.hooks[step] = fail
+    report = run(make_config())
+    assert not report.ok
+    assert f"injected failure at {step}" in str(report.error)
+    assert_clean(world)
+    assert world.loaded_keys() == {"rpool/crypt": False}
+
+
+@pytest.mark.parametrize("step", [*STEPS, "sleep"])
+def test_sigterm_at_every_step_leaves_nothing(world, make_config, run, step):
+    world.answers = ["luks pass"]
+    if step == "sleep":
+        world.disks = {"/dev/disk/by-id/nvme-disk-part2": False}
+        world.appear_at = {"/dev/disk/by-id/nvme-disk-part2": 2.0}
+    fired = []
+
+    def sigterm(_w):
+        if not fired:
+            fired.append(True)
+            os.kill(os.getpid(), signal.SIGTERM)
+
+    world.hooks[step] = sigterm
+    report = run(make_config())
+    assert fired
+    assert isinstance(report.error, Interrupted)
+    assert "received SIGTERM" in str(report.error)
+    assert report.errno == errno.EINTR
+    assert_clean(world)
+    # the handler is removed again afterwards
+    assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL
+
+
+def test_sigterm_during_teardown_does_not_interrupt_it(world, make_config, run):
+    world.answers = ["luks pass"]
+    world.hooks["unmount"] = lambda w: os.kill(os.getpid(), signal.SIGTERM)
+    report = run(make_config())
+    assert_clean(world)
+    assert isinstance(report.error, Interrupted)
+    assert "during teardown" in str(report.error)
+
+
+def test_teardown_failure_is_reported_and_the_rest_still_runs(world, make_config, run, caplog):
+    world.answers = ["luks pass"]
+
+    def refuse(_w):
+        raise TeardownError("cannot unmount: Device or resource busy", errno=errno.EBUSY)
+
+    world.hooks["unmount"] = refuse
+    report = run(make_config())
+    assert not report.ok
+    assert isinstance(report.error, TeardownError)
+    assert f"{world.mountpoint} is still mounted" in str(report.error)
+    # mask ran although unmount and close failed
+    assert world.masked.get(CRYPT_UNIT) == "masked-runtime"
+    assert f"left behind: {world.mountpoint} is still mounted" in caplog.text
+
+
+def test_mask_failure_fails_the_run(world, make_config, run):
+    world.answers = ["luks pass"]
+
+    def no_bus(_w):
+        raise TeardownError(
+            "systemd's private bus unix:path=/run/systemd/private: connection refused"
+        )
+
+    world.hooks["mask"] = no_bus
+    report = run(make_config())
+    assert not report.ok
+    assert "private bus" in str(report.error)
+    assert f"{CRYPT_UNIT} is static, not masked" in str(report.error)
+    assert world.clean()
+
+
+def test_extra_units_are_masked(world, make_config, run):
+    world.answers = ["luks pass"]
+    assert run(make_config(mask=["bootsecrets.mount", "mask-secretsroot.service"])).ok
+    assert world.masked["mask-secretsroot.service"] == "masked-runtime"
+
+
+# --- dry run ---------------------------------------------------------------------------
+
+
+def snapshot(world):
+    return (
+        {n: d.loaded for n, d in world.datasets.items()},
+        world.imported,
+        dict(world.mappings),
+        dict(world.mounts),
+        dict(world.masked),
+    )
+
+
+def test_dry_run_changes_nothing(world, make_config, run):
+    world.answers = ["luks pass"]
+    before = snapshot(world)
+    report = run(make_config(dry_run=True))
+    assert report.ok, report.error
+    assert snapshot(world) == before
+    assert "import rpool readonly" in world.events
+    assert "export rpool" in world.events
+    assert "activate lczfs-keystore ro" in world.events
+    assert report.summary.startswith(
+        "dry run: would unlock rpool/crypt (hex) using the keystore (passphrase)"
+    )
+    assert report.summary.endswith("nothing changed")
+
+
+def test_dry_run_keeps_an_imported_pool_imported(world, make_config, run):
+    world.imported, world.imported_at = True, -10.0
+    world.answers = ["luks pass"]
+    report = run(make_config(dry_run=True))
+    assert report.ok
+    assert world.imported
+    assert "export rpool" not in world.events
+
+
+def test_dry_run_reports_what_would_fail(world, make_config, run):
+    world.keystore_files["rpoolcrypt.key"] = ("ab" * 32).encode()
+    world.answers = ["luks pass"]
+    before = snapshot(world)
+    report = run(make_config(dry_run=True))
+    assert not report.ok
+    assert report.summary.startswith(
+        "dry run: a real run would fail: zfs rejected the key for rpool/crypt"
+    )
+    assert snapshot(world) == before
+
+
+@pytest.mark.parametrize("step", ["import", "activate", "mount", "load_key"])
+def test_dry_run_failure_at_any_step_changes_nothing(world, make_config, run, step):
+    world.answers = ["luks pass"]
+    before = snapshot(world)
+
+    def fail(_w):
+        raise UnlockError("injected")
+
+    world.hooks[step] = fail
+    report = run(make_config(dry_run=True))
+    assert not report.ok
+    assert snapshot(world) == before
+
+
+# --- secrets -------------------------------------------------------------------------
+
+
+def test_no_secret_reaches_logs_or_notifications(world, make_config, run, caplog):
+    world.add_encryption_root("rpool/pass", "passphrase", (PASSPHRASE_KEY + "\n").encode())
+    world.answers = ["wrong secret", "luks pass"]
+    report = run(make_config())
+    assert report.ok
+    text = caplog.text + "\n".join(world.notifications) + report.summary
+    for secret in ("luks pass", "wrong secret", HEX_KEY, PASSPHRASE_KEY, HEX_KEY.upper()):
+        assert secret not in text
+
+
+def test_key_buffers_are_wiped(world, make_config):
+    world.answers = ["luks pass"]
+    ports = fake_ports(world)
+    handed_out: list[bytearray] = []
+    real_ask, real_read = ports.askpass.ask, ports.read_key_file
+
+    def ask(*a, **kw):
+        buf = real_ask(*a, **kw)
+        handed_out.append(buf)
+        return buf
+
+    def read(*a):
+        buf = real_read(*a)
+        handed_out.append(buf)
+        return buf
+
+    ports.askpass.ask = ask
+    ports.read_key_file = read
+    assert Unlocker(make_config(), ports).run().ok
+    assert len(handed_out) == 2
+    assert all(not any(buf) for buf in handed_out)
+    assert ports.keys.seen  # the fake saw the real key while it was live
+
+
+def test_unknown_dataset_kind_in_world_is_not_touched(world, make_config, run):
+    world.datasets["rpool/plain"] = Dataset(name="rpool/plain")
+    world.answers = ["luks pass"]
+    assert run(make_config()).ok
