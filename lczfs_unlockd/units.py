@@ -8,8 +8,11 @@ introspection-driven objects would parse XML for nothing.
 
 from __future__ import annotations
 
+import importlib
+import importlib.util
 import logging
 import string
+import sys
 from collections.abc import Sequence
 from typing import Any
 
@@ -53,6 +56,22 @@ def cryptsetup_unit(name: str) -> str:
     return f"systemd-cryptsetup@{escape(name)}.service"
 
 
+def _dbuslib() -> Any:
+    """Import ``pystemd.dbuslib`` without running ``pystemd/__init__.py``.
+
+    The package's __init__ imports its introspection layer and with it lxml
+    (~65 ms on a fast host, many MiB in an initrd); the low-level bus module
+    needs none of that.  When pystemd was already imported normally, use it.
+    """
+    if "pystemd" not in sys.modules:
+        spec = importlib.util.find_spec("pystemd")
+        if spec is None or spec.submodule_search_locations is None:
+            raise ImportError("no module named pystemd")
+        package = importlib.util.module_from_spec(spec)  # not executed
+        sys.modules["pystemd"] = package
+    return importlib.import_module("pystemd.dbuslib")
+
+
 class SystemdUnits:
     """Units port over pystemd's low-level bus on /run/systemd/private."""
 
@@ -61,12 +80,12 @@ class SystemdUnits:
 
     def _call(self, method: bytes, signature: bytes, args: list[Any]) -> Any:
         try:
-            from pystemd.dbuslib import DBusAddress, apply_signature
+            dbuslib = _dbuslib()
         except ImportError as exc:
             raise TeardownError(f"pystemd is missing from the initrd: {exc}") from None
         try:
-            with DBusAddress(self.address.encode(), peer_to_peer=True) as bus:
-                call_args = apply_signature(signature, args) if signature else []
+            with dbuslib.DBusAddress(self.address.encode(), peer_to_peer=True) as bus:
+                call_args = dbuslib.apply_signature(signature, args) if signature else []
                 return bus.call_method(_DEST, _PATH, _MANAGER, method, call_args).body
         except Exception as exc:  # pystemd raises DBusBaseError subclasses
             raise TeardownError(

@@ -247,13 +247,23 @@ def _pin_pyzfs_libraries() -> Any:
     pyzfs dlopen()s "zfs_core" and "nvpair" lazily; cffi resolves such short
     names with ctypes.util.find_library, which runs ldconfig and gcc — an
     initrd has neither.  A name with a dot is passed to dlopen() as is.
+    With declarations generated at build time (pyzfs_ffi) no C is parsed.
     """
-    from libzfs_core.bindings import libnvpair, libzfs_core
+    from . import pyzfs_ffi
 
-    for module, candidates in ((libzfs_core, paths.LIBZFS_CORE), (libnvpair, paths.LIBNVPAIR)):
-        lazy = module.lib
-        if getattr(lazy, "_lib", None) is None and hasattr(lazy, "_libname"):
-            lazy._libname = _first_loadable(candidates)
+    libraries = {
+        "libzfs_core": _first_loadable(paths.LIBZFS_CORE),
+        "libnvpair": _first_loadable(paths.LIBNVPAIR),
+    }
+    if pyzfs_ffi.preload(libraries):
+        log.debug("pyzfs: using declarations parsed at build time")
+    else:
+        from libzfs_core import bindings
+
+        for name, library in libraries.items():
+            lazy = getattr(bindings, name).lib
+            if getattr(lazy, "_lib", None) is None and hasattr(lazy, "_libname"):
+                lazy._libname = library
     import libzfs_core
 
     return libzfs_core

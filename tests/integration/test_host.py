@@ -331,3 +331,53 @@ def test_terminal_gets_plain_lines(tmp_path, monkeypatch):
         logsetup.setup(debug=False, stream=stream)
         logsetup.log.debug("detail")
     assert path.read_text() == "detail\n"
+
+
+# --- start-up cost: nothing imported that the run does not need -----------------
+
+
+def python(code: str) -> list[str]:
+    result = subprocess.run(
+        [sys.executable, "-c", textwrap.dedent(code)],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    return result.stdout.splitlines()
+
+
+@pytest.mark.skipif(os.path.exists("/dev/zfs"), reason="this host has ZFS")
+def test_pyzfs_with_declarations_generated_ahead_of_time(tmp_path):
+    pytest.importorskip("libzfs_core")
+    subprocess.run(
+        [sys.executable, "-m", "lczfs_unlockd.pyzfs_ffi", str(tmp_path / "_pyzfs_ffi.py")],
+        cwd=ROOT, check=True, capture_output=True,
+    )  # fmt: skip
+    out = python(f"""
+        import sys, lczfs_unlockd
+        lczfs_unlockd.__path__.append({str(tmp_path)!r})
+        from lczfs_unlockd.zfskeys import PyzfsKeyLoader
+        try:
+            PyzfsKeyLoader().load_key("rpool/crypt", bytearray(32), noop=True)
+        except Exception as exc:
+            print(type(exc).__name__, exc)
+        print(sys.modules["libzfs_core.bindings.libzfs_core"].LIBRARY)
+        print(sorted(m for m in ("pycparser", "cffi") if m in sys.modules))
+        """)  # fmt: skip
+    assert out[0].startswith(
+        "KeyLoadError cannot verify the key of rpool/crypt: libzfs_core cannot open /dev/zfs"
+    )
+    assert out[1] == "libzfs_core.so.3"
+    assert out[2] == "[]"  # no C parsing at run time
+
+
+def test_units_adapter_does_not_import_lxml():
+    pytest.importorskip("pystemd")
+    out = python("""
+        import sys
+        from lczfs_unlockd.units import _dbuslib
+        _dbuslib()
+        print(sorted(m for m in sys.modules if m.startswith(("pystemd", "lxml"))))
+        """)  # fmt: skip
+    assert out == ["['pystemd', 'pystemd.dbusexc', 'pystemd.dbuslib', 'pystemd.utils']"]
