@@ -60,6 +60,8 @@ PARTITION_WAIT = 5.0  # after the zvol node, its partitions follow
 TOKEN_RETRY = 0.5
 EXTEND_USEC = 30_000_000  # EXTEND_TIMEOUT_USEC while waiting: 30 s more each time
 HEARTBEAT = 10.0
+BUSY_RETRIES = 10  # teardown actions failing with EBUSY: 10 tries, 0.2 s apart
+BUSY_RETRY_INTERVAL = 0.2
 
 ReadKeyFile = Callable[[str, str, str], bytearray]  # (mountpoint, path, dataset)
 
@@ -233,15 +235,27 @@ class Unlocker:
         self._load_keys()
 
     def _guarded(self, what: str, action: Callable[[], None]) -> None:
-        """Run one teardown action; a failure is recorded, the others still run."""
-        try:
-            action()
-        except UnlockError as exc:
-            log.error("teardown: %s failed: %s", what, exc)
-            self.report.teardown_problems.append(f"{what}: {exc}")
-        except Exception as exc:  # a bug must not stop the rest of the teardown
-            log.exception("teardown: %s failed unexpectedly", what)
-            self.report.teardown_problems.append(f"{what}: {exc!r}")
+        """Run one teardown action; a failure is recorded, the others still run.
+
+        EBUSY is retried for a moment: right after a mount or a mapping
+        appears, udev's probes (blkid) briefly hold the device open.
+        """
+        for attempt in range(1, BUSY_RETRIES + 1):
+            try:
+                action()
+                return
+            except UnlockError as exc:
+                if exc.errno == errno.EBUSY and attempt < BUSY_RETRIES:
+                    log.debug("teardown: %s: busy, retrying (%d)", what, attempt)
+                    self.ports.clock.sleep(BUSY_RETRY_INTERVAL)
+                    continue
+                log.error("teardown: %s failed: %s", what, exc)
+                self.report.teardown_problems.append(f"{what}: {exc}")
+                return
+            except Exception as exc:  # a bug must not stop the rest of the teardown
+                log.exception("teardown: %s failed unexpectedly", what)
+                self.report.teardown_problems.append(f"{what}: {exc!r}")
+                return
 
     # --- pool ------------------------------------------------------------------
 

@@ -7,6 +7,7 @@ right tool here (DESIGN.md).  Output is parsed in the C locale with ``-H``
 
 from __future__ import annotations
 
+import errno
 import re
 from collections.abc import Sequence
 
@@ -156,7 +157,8 @@ class ZpoolCli:
         try:
             run([paths.ZPOOL, "export", pool])
         except CommandError as exc:
-            raise PoolError(f"cannot export pool {pool}: {exc}") from None
+            busy = errno.EBUSY if "busy" in exc.result.stderr else errno.EIO
+            raise PoolError(f"cannot export pool {pool}: {exc}", errno=busy) from None
 
     def datasets(self, names: Sequence[str], *, recursive: bool) -> list[DatasetInfo]:
         argv = [paths.ZFS, "get", "-H", "-p", "-o", "name,property,value"]

@@ -609,3 +609,38 @@ def test_unknown_dataset_kind_in_world_is_not_touched(world, make_config, run):
     world.datasets["rpool/plain"] = Dataset(name="rpool/plain")
     world.answers = ["luks pass"]
     assert run(make_config()).ok
+
+
+def test_transiently_busy_teardown_is_retried(world, make_config, run):
+    world.answers = ["luks pass"]
+    busy = {"unmount": 3, "deactivate": 2}
+
+    def flaky(name):
+        def hook(_w):
+            if busy[name] > 0:
+                busy[name] -= 1
+                raise TeardownError(f"{name}: Device or resource busy", errno=errno.EBUSY)
+
+        return hook
+
+    world.hooks["unmount"] = flaky("unmount")
+    world.hooks["deactivate"] = flaky("deactivate")
+    report = run(make_config())
+    assert report.ok, report.error
+    assert busy == {"unmount": 0, "deactivate": 0}
+    assert_clean(world)
+
+
+def test_dry_run_export_retried_while_busy(world, make_config, run):
+    world.answers = ["luks pass"]
+    left = [2]
+
+    def busy_export(_w):
+        if left[0]:
+            left[0] -= 1
+            raise UnlockError("cannot export 'rpool': pool is busy", errno=errno.EBUSY)
+
+    world.hooks["export"] = busy_export
+    report = run(make_config(dry_run=True))
+    assert report.ok, report.error
+    assert not world.imported
