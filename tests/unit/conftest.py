@@ -55,3 +55,13 @@ def run(world, caplog) -> Callable[[Config], Report]:
         return Unlocker(cfg, fake_ports(world)).run()
 
     return go
+
+
+@pytest.fixture(autouse=True)
+def _reset_logging():
+    """cli.main() configures the package logger for the journal; undo it for caplog."""
+    logger = logging.getLogger("lczfs_unlockd")
+    yield
+    logger.handlers.clear()
+    logger.propagate = True
+    logger.setLevel(logging.NOTSET)

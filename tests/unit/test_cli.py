@@ -1,0 +1,84 @@
+"""cli.main end to end with the fake machine behind it."""
+
+from __future__ import annotations
+
+import pytest
+
+from lczfs_unlockd import cli
+from tests.fakes import FakeNotifier, fake_ports
+
+
+@pytest.fixture
+def wired(world, monkeypatch, tmp_path, mountpoint):
+    """cli.main with fake adapters; returns (config path, cmdline path)."""
+    notifier = FakeNotifier(world)
+
+    def ports(_notifier):
+        p = fake_ports(world)
+        p.notifier = notifier
+        return p
+
+    monkeypatch.setattr(cli, "real_ports", ports)
+    monkeypatch.setattr(cli, "SystemdNotifier", lambda: notifier)
+    cfg = tmp_path / "lczfs-unlockd.toml"
+    cfg.write_text(
+        'pool = "rpool"\ntimeout = "10s"\n'
+        f'[keystore]\nvolume = "rpool/volumes/bootsecrets"\nmountpoint = "{mountpoint}"\n'
+    )
+    cmdline = tmp_path / "cmdline"
+    cmdline.write_text("root=zfs:rpool/crypt/local/root quiet\n")
+    return cfg, cmdline
+
+
+def test_main_unlocks_and_reports_ready(world, wired):
+    cfg, cmdline = wired
+    world.answers = ["luks pass"]
+    assert cli.main(["--config", str(cfg), "--kernel-cmdline", str(cmdline)]) == 0
+    assert world.loaded_keys() == {"rpool/crypt": True}
+    assert world.notifications[-1].startswith("READY=1\nSTATUS=unlocked rpool/crypt (hex) in ")
+
+
+def test_main_failure_sets_errno_and_exit_1(world, wired):
+    cfg, cmdline = wired
+    world.answers = ["bad", "bad", "bad"]
+    assert cli.main(["run", "--config", str(cfg), "--kernel-cmdline", str(cmdline)]) == 1
+    last = world.notifications[-1]
+    assert last.startswith("STATUS=failed: cannot open keystore")
+    assert last.endswith("\nERRNO=1")  # EPERM
+    assert world.clean()
+
+
+def test_main_dry_run_from_kernel_command_line(world, wired, capsys):
+    cfg, cmdline = wired
+    cmdline.write_text("rd.lczfs.dry_run=1 rd.lczfs.debug rd.lczfs.bogus=1\n")
+    world.answers = ["luks pass"]
+    assert cli.main(["--config", str(cfg), "--kernel-cmdline", str(cmdline)]) == 0
+    err = capsys.readouterr().err
+    assert world.loaded_keys() == {"rpool/crypt": False}
+    assert world.masked == {}
+    assert "kernel command line: rd.lczfs.bogus: unknown or not allowed" in err
+    assert "keys for: auto" in err  # the debug summary of the configuration
+    assert "READY=1\nSTATUS=dry run: would unlock rpool/crypt (hex)" in world.notifications[-1]
+
+
+def test_main_dry_run_flag(world, wired):
+    cfg, cmdline = wired
+    world.answers = ["luks pass"]
+    assert cli.main(["--dry-run", "--config", str(cfg), "--kernel-cmdline", str(cmdline)]) == 0
+    assert not world.imported
+
+
+def test_main_missing_config_is_not_configured(world, wired, tmp_path):
+    _, cmdline = wired
+    code = cli.main(["--config", str(tmp_path / "none.toml"), "--kernel-cmdline", str(cmdline)])
+    assert code == cli.EXIT_NOTCONFIGURED
+    assert world.notifications == [
+        f"STATUS=failed: {tmp_path / 'none.toml'} does not exist: write the configuration there or pass --config\nERRNO=22"
+    ]
+
+
+def test_version(capsys):
+    with pytest.raises(SystemExit) as info:
+        cli.main(["--version"])
+    assert info.value.code == 0
+    assert capsys.readouterr().out.startswith("lczfs-unlockd 0.1.0")
