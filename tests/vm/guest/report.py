@@ -1,0 +1,216 @@
+#!/usr/bin/python3 -I
+"""Test only, runs in the guest's initrd: write what a user would see as JSON
+to the report disk (virtio serial "lczfsreport"), then power off.
+
+With --sigterm-at-prompt: wait until lczfs-unlockd asks for a password, then
+send it SIGTERM (the report unit writes the report afterwards).
+"""
+
+from __future__ import annotations
+
+import glob
+import json
+import os
+import subprocess
+import sys
+import time
+
+UNIT = "lczfs-unlockd.service"
+MAGIC = b"LCZFSREPORT1"
+
+
+def run(*cmd: str, timeout: float = 60) -> dict[str, object]:
+    try:
+        r = subprocess.run(
+            cmd, capture_output=True, text=True, timeout=timeout, check=False, errors="replace"
+        )
+    except (OSError, subprocess.TimeoutExpired) as e:
+        return {"rc": -1, "out": "", "err": str(e)}
+    return {"rc": r.returncode, "out": r.stdout, "err": r.stderr}
+
+
+def uptime() -> float:
+    with open("/proc/uptime") as f:
+        return float(f.read().split()[0])
+
+
+def unit_props(unit: str, props: list[str]) -> dict[str, str]:
+    r = run("systemctl", "show", unit, "-p", ",".join(props))
+    out: dict[str, str] = {}
+    for line in str(r["out"]).splitlines():
+        k, _, v = line.partition("=")
+        out[k] = v
+    return out
+
+
+def wait_daemon_done(limit: float = 120) -> None:
+    """After= orders us after the start job; make sure the process is gone too."""
+    deadline = time.monotonic() + limit
+    while time.monotonic() < deadline:
+        p = unit_props(UNIT, ["ActiveState", "SubState", "MainPID"])
+        if p.get("MainPID", "0") == "0" and p.get("ActiveState") not in (
+            "activating",
+            "deactivating",
+        ):
+            return
+        time.sleep(0.2)
+
+
+def scan_for_needles(needles: list[bytes], top: str = "/run") -> list[dict[str, str]]:
+    hits = []
+    for dirpath, _dirs, files in os.walk(top):
+        for name in files:
+            path = os.path.join(dirpath, name)
+            try:
+                if not os.path.isfile(path) or os.path.islink(path):
+                    continue
+                if os.path.getsize(path) > 256 * 1024 * 1024:
+                    continue
+                with open(path, "rb") as f:
+                    data = f.read()
+            except OSError:
+                continue
+            for n in needles:
+                if n and n in data:
+                    hits.append({"path": path, "needle": n.hex()})
+    return hits
+
+
+def keystatus() -> list[dict[str, str]]:
+    r = run(
+        "zfs",
+        "list",
+        "-H",
+        "-p",
+        "-t",
+        "filesystem,volume",
+        "-o",
+        "name,encryption,encryptionroot,keyformat,keylocation,keystatus,mounted",
+    )
+    cols = [
+        "name",
+        "encryption",
+        "encryptionroot",
+        "keyformat",
+        "keylocation",
+        "keystatus",
+        "mounted",
+    ]
+    return [dict(zip(cols, line.split("\t"), strict=False)) for line in str(r["out"]).splitlines()]
+
+
+def find_report_disk() -> str | None:
+    for serial in glob.glob("/sys/block/*/serial"):
+        try:
+            with open(serial) as f:
+                if f.read().strip() == "lczfsreport":
+                    return "/dev/" + serial.split("/")[3]
+        except OSError:
+            pass
+    return None
+
+
+def write_report(data: bytes) -> None:
+    for _ in range(100):
+        dev = find_report_disk()
+        if dev and os.path.exists(dev):
+            break
+        time.sleep(0.1)
+    else:
+        print("lczfs-test: no report disk; report on the console only", flush=True)
+        sys.stdout.write("LCZFSREPORT-BEGIN\n" + data.decode() + "\nLCZFSREPORT-END\n")
+        return
+    fd = os.open(dev, os.O_WRONLY | os.O_SYNC)
+    try:
+        os.write(fd, MAGIC + b" %d\n" % len(data) + data)
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def sigterm_at_prompt() -> int:
+    deadline = time.monotonic() + 300
+    while time.monotonic() < deadline:
+        if glob.glob("/run/systemd/ask-password/ask.*"):
+            time.sleep(1)  # let the console agent print the prompt
+            print(
+                f"lczfs-test: password prompt seen at {uptime():.2f} s, sending SIGTERM", flush=True
+            )
+            r = run("systemctl", "kill", "--signal=SIGTERM", UNIT)
+            return int(r["rc"])  # type: ignore[call-overload]
+        time.sleep(0.1)
+    return 1
+
+
+def main() -> int:
+    if "--sigterm-at-prompt" in sys.argv:
+        return sigterm_at_prompt()
+    t_start = uptime()
+    wait_daemon_done()
+    props = unit_props(
+        UNIT,
+        [
+            "ActiveState",
+            "SubState",
+            "Result",
+            "StatusText",
+            "StatusErrno",
+            "ExecMainStatus",
+            "ExecMainCode",
+            "NRestarts",
+            "InactiveExitTimestampMonotonic",
+            "ActiveEnterTimestampMonotonic",
+            "ExecMainStartTimestampMonotonic",
+            "ExecMainExitTimestampMonotonic",
+            "InactiveEnterTimestampMonotonic",
+            "LoadState",
+        ],
+    )
+    masked: dict[str, object] = {}
+    for unit in ("systemd-cryptsetup@secretsroot.service", "bootsecrets.mount"):
+        masked[unit] = {
+            "is_enabled": str(run("systemctl", "is-enabled", unit)["out"]).strip(),
+            "show": unit_props(unit, ["LoadState", "ActiveState", "UnitFileState", "FragmentPath"]),
+        }
+    with open("/etc/lczfs-test/needles.json") as f:
+        needles = [bytes.fromhex(n) for n in json.load(f)]
+    with open("/proc/self/mountinfo") as f:
+        mountinfo = f.read()
+    with open("/proc/cmdline") as f:
+        cmdline = f.read().strip()
+    report = {
+        "uptime_at_report": t_start,
+        "cmdline": cmdline,
+        "unit": props,
+        "datasets": keystatus(),
+        "zpool_list": run("zpool", "list", "-H", "-o", "name,health"),
+        "zpool_status": run("zpool", "status", "-P"),
+        "dmsetup_ls": run("dmsetup", "ls"),
+        "dev_mapper": sorted(os.listdir("/dev/mapper")) if os.path.isdir("/dev/mapper") else [],
+        "mountinfo": mountinfo,
+        "units": masked,
+        "transient_units": sorted(
+            os.path.relpath(p, "/run/systemd")
+            for d in ("transient", "system", "generator")
+            for p in glob.glob(f"/run/systemd/{d}/*")
+        ),
+        "journal_unit": run("journalctl", "-b", "-u", UNIT, "-o", "cat", "--no-pager"),
+        "journal_unit_short": run(
+            "journalctl", "-b", "-u", UNIT, "-o", "short-monotonic", "--no-pager"
+        ),
+        "journal": run("journalctl", "-b", "-o", "short-monotonic", "--no-pager"),
+        "failed_units": run("systemctl", "list-units", "--failed", "--no-legend", "--plain"),
+        "needle_hits": scan_for_needles(needles),
+        "needle_hits_journal_text": [],
+        "uptime_at_end": uptime(),
+    }
+    journal_text = (str(report["journal"]["out"]) + str(report["journal_unit"]["out"])).encode()  # type: ignore[index]
+    report["needle_hits_journal_text"] = [n.hex() for n in needles if n and n in journal_text]
+    write_report(json.dumps(report).encode())
+    print(f"lczfs-test: report written at {uptime():.2f} s; powering off", flush=True)
+    run("systemctl", "poweroff", "--force", "--force")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,233 @@
+"""Build the guest: Debian tree, kernel, base initrds, test overlays.
+
+All of it runs on the host as root, in a private mount namespace
+(``unshare -m``) so that the bind mounts into the chroot vanish with the
+process whatever happens.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shlex
+import shutil
+import subprocess
+from dataclasses import dataclass
+from pathlib import Path
+
+from . import cache, cpio
+from .cache import DRACUT_MODULE, GUEST_DIR, PACKAGE, REPO, log
+
+MIRROR = os.environ.get("LCZFS_VM_MIRROR", "http://deb.debian.org/debian")
+# Pinned: dracut picks whatever compressor it finds otherwise.
+COMPRESS = "zstd"
+COMMON_DRACUT_ARGS = [
+    "--force", "--no-hostonly", "--no-hostonly-cmdline", "--no-early-microcode",
+    "--compress", COMPRESS,
+    # Nothing a test boot uses; each costs boot time.
+    "--omit", "plymouth network network-legacy network-manager ifcfg nfs iscsi nbd "
+    "fcoe fcoe-uefi multipath lvm mdraid biosdevname nvmf resume btrfs shutdown",
+]  # fmt: skip
+
+
+def rootfs() -> Path:
+    """The Debian trixie tree with kernel, zfs.ko (DKMS) and userland (~8 min cold)."""
+    recipe = GUEST_DIR / "rootfs.sh"
+    name = f"rootfs-{cache.recipe_hash([recipe, MIRROR])}"
+
+    def build(tmp: Path) -> None:
+        log(f"building the guest tree {name} (debootstrap + apt + DKMS, ~8 min)")
+        logfile = cache.cache_root() / f"{name}.log"
+        with logfile.open("w") as out:
+            r = subprocess.run(
+                ["unshare", "--mount", "--propagation", "private",
+                 "bash", str(recipe), str(tmp), MIRROR],
+                stdout=out, stderr=subprocess.STDOUT, check=False,
+            )  # fmt: skip
+        if r.returncode != 0:
+            tail = logfile.read_text(errors="replace").splitlines()[-30:]
+            raise RuntimeError(
+                f"{recipe} failed ({r.returncode}); log {logfile}:\n" + "\n".join(tail)
+            )
+
+    return cache.cached_dir(name, build)
+
+
+def kernel_version(root: Path) -> str:
+    versions = sorted(p.name for p in (root / "lib/modules").iterdir())
+    if len(versions) != 1:
+        raise RuntimeError(f"expected one kernel in {root}/lib/modules, found {versions}")
+    return versions[0]
+
+
+def kernel(root: Path) -> Path:
+    return root / "boot" / f"vmlinuz-{kernel_version(root)}"
+
+
+def chroot_script(root: Path, script: str, binds: dict[str, Path], *, log_to: Path) -> None:
+    """Run a bash script in the chroot, with host paths bound in (read-only)."""
+    mounts = [
+        f"mount -t proc proc {root}/proc",
+        f"mount -t sysfs sysfs {root}/sys",
+        f"mount --rbind /dev {root}/dev",
+        f"mount -t tmpfs tmpfs {root}/tmp",
+        f"mount -t tmpfs tmpfs {root}/var/tmp",
+        f"mount -t tmpfs tmpfs {root}/mnt",
+    ]
+    for dst, src in binds.items():
+        target = shlex.quote(f"{root}{dst}")
+        if src.is_dir():
+            mounts.append(f"mkdir -p {target}")
+        else:
+            mounts.append(f"mkdir -p $(dirname {target}) && touch {target}")
+        mounts.append(f"mount --bind {shlex.quote(str(src))} {target}")
+    outer = (
+        "set -euo pipefail\n"
+        + "\n".join(mounts)
+        + "\n"
+        + (
+            f"exec chroot {root} /usr/bin/env -i PATH=/usr/sbin:/usr/bin:/sbin:/bin "
+            f"LANG=C.UTF-8 /bin/bash -euo pipefail -c {shlex.quote(script)}\n"
+        )
+    )
+    with log_to.open("w") as out:
+        r = subprocess.run(
+            ["unshare", "--mount", "--propagation", "private", "bash", "-c", outer],
+            stdout=out, stderr=subprocess.STDOUT, check=False,
+        )  # fmt: skip
+    if r.returncode != 0:
+        tail = log_to.read_text(errors="replace").splitlines()[-40:]
+        raise RuntimeError(
+            f"chroot script failed ({r.returncode}); log {log_to}:\n" + "\n".join(tail)
+        )
+
+
+def _unit_file() -> Path:
+    # The daemon's unit is written by another part of the project; until it
+    # exists the harness uses its own copy of the agreed unit.
+    return cache.UNIT if cache.UNIT.is_file() else cache.FALLBACK_UNIT
+
+
+def base_initrd(root: Path) -> Path:
+    """dracut (systemd, zfs, crypt) + the project's dracut module.
+
+    Rebuilt (~40 s) whenever the dracut module, the daemon package or its
+    unit changes: the module computes the Python closure from the package,
+    so the initrd under test is exactly what `dracut --add lczfs-unlockd`
+    gives a user.  Test boots only append config and test units.
+    """
+    name = f"initrd-{root.name.removeprefix('rootfs-')}-" + cache.recipe_hash(
+        [DRACUT_MODULE, PACKAGE, _unit_file(), " ".join(COMMON_DRACUT_ARGS)]
+    )
+
+    def build(tmp: Path) -> None:
+        kver = kernel_version(root)
+        conf = tmp / "conf"
+        conf.mkdir()
+        (conf / "lczfs.conf").write_text(
+            "lczfs_unlockd_package_dir=/mnt/src/lczfs_unlockd\n"
+            "lczfs_unlockd_unit=/mnt/src/lczfs-unlockd.service\n"
+        )
+        out = tmp / "out"
+        out.mkdir()
+        args = [*COMMON_DRACUT_ARGS, "--confdir", "/mnt/conf", "--kver", kver,
+                "--add", "lczfs-unlockd tpm2-tss", "/mnt/out/initrd.img"]  # fmt: skip
+        log(f"dracut: base initrd with the lczfs-unlockd module for {kver}")
+        chroot_script(
+            root,
+            "dracut " + shlex.join(args) + "\nlsinitrd /mnt/out/initrd.img > /mnt/out/lsinitrd.txt",
+            {
+                "/usr/lib/dracut/modules.d/90lczfs-unlockd": DRACUT_MODULE,
+                "/mnt/src/lczfs_unlockd": PACKAGE,
+                "/mnt/src/lczfs-unlockd.service": _unit_file(),
+                "/mnt/conf": conf,
+                "/mnt/out": out,
+            },
+            log_to=tmp / "dracut.log",
+        )
+        shutil.move(out / "initrd.img", tmp / "initrd.img")
+        shutil.move(out / "lsinitrd.txt", tmp / "lsinitrd.txt")
+
+    return cache.cached_dir(name, build) / "initrd.img"
+
+
+PROVISION_TOOLS = (
+    "bash sfdisk blkid wipefs mkfs.ext4 cryptsetup systemd-cryptenroll dmsetup dd sync "
+    "head od tr sha256sum truncate sleep cmp install mkdir chmod rm mv ls readlink"
+)
+
+
+def poweroff_links(a: cpio.Archive) -> None:
+    """poweroff/reboot/halt as systemctl links (Debian's systemd-sysv package).
+
+    dracut's emergency path (rd.emergency=poweroff) runs `poweroff`; without
+    it a failed boot would hang until the host-side deadline.
+    """
+    for name in ("poweroff", "reboot", "halt"):
+        a.symlink(f"usr/sbin/{name}", "../bin/systemctl")
+
+
+def provision_initrd(root: Path) -> Path:
+    """dracut (systemd, zfs, crypt, tpm2) + the tools that make the golden disks."""
+    name = f"initrd-provision-{root.name.removeprefix('rootfs-')}-" + cache.recipe_hash(
+        [PROVISION_TOOLS, " ".join(COMMON_DRACUT_ARGS)]
+    )
+
+    def build(tmp: Path) -> None:
+        kver = kernel_version(root)
+        out = tmp / "out"
+        out.mkdir()
+        args = [*COMMON_DRACUT_ARGS, "--kver", kver,
+                "--add", "systemd zfs crypt dm tpm2-tss systemd-ask-password",
+                "--install", PROVISION_TOOLS, "/mnt/out/initrd.img"]  # fmt: skip
+        log(f"dracut: provisioning initrd for {kver}")
+        chroot_script(
+            root, "dracut " + shlex.join(args), {"/mnt/out": out}, log_to=tmp / "dracut.log"
+        )
+        shutil.move(out / "initrd.img", tmp / "initrd.img")
+
+    return cache.cached_dir(name, build) / "initrd.img"
+
+
+@dataclass(frozen=True)
+class Overlay:
+    """What a test boot adds on top of the base initrd."""
+
+    config: str | None  # /etc/lczfs-unlockd.toml (None: leave out)
+    files: tuple[tuple[str, bytes, int], ...] = ()  # (path, content, mode)
+    needles: tuple[bytes, ...] = ()  # secrets the report greps /run for
+    report: bool = True  # the report unit that powers off
+
+
+def overlay(spec: Overlay) -> bytes:
+    """The test cpio: config, key file, test units (the daemon is in the base)."""
+    a = cpio.Archive()
+    poweroff_links(a)
+    if spec.config is not None:
+        a.file("etc/lczfs-unlockd.toml", spec.config, 0o644)
+    for path, data, mode in spec.files:
+        a.file(path, data, mode)
+    if spec.report:
+        a.copy(GUEST_DIR / "report.py", "usr/lib/lczfs-test/report.py", 0o755)
+        for unit in (
+            "lczfs-test-report.service",
+            "lczfs-test-report-late.service",
+            "lczfs-test-sigterm.service",
+        ):
+            a.copy(GUEST_DIR / unit, f"usr/lib/systemd/system/{unit}", 0o644)
+            a.symlink(
+                f"etc/systemd/system/initrd.target.wants/{unit}", f"/usr/lib/systemd/system/{unit}"
+            )
+        a.file("etc/lczfs-test/needles.json", json.dumps([n.hex() for n in spec.needles]), 0o600)
+    return a.to_bytes()
+
+
+def test_initrd(root: Path, spec: Overlay, dest: Path) -> Path:
+    base = base_initrd(root).read_bytes()
+    dest.write_bytes(cpio.append(base, overlay(spec)))
+    return dest
+
+
+if __name__ == "__main__":  # pragma: no cover
+    r = rootfs()
+    print(r, kernel(r), base_initrd(r), provision_initrd(r), REPO)

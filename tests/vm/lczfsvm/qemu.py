@@ -1,0 +1,272 @@
+"""Drive one QEMU boot: console, passphrase typing, disk hot-plug, deadline.
+
+Under TCG only (KVM does not work on the CI machines).  The serial console
+is a unix socket QEMU waits on (no output is lost), the monitor is QMP.
+Every boot is bounded: ``-no-reboot``, the guest's ``panic=-1`` and
+``rd.emergency=poweroff``, and a host-side wall-clock limit that kills QEMU.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import re
+import signal
+import socket
+import subprocess
+import threading
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import IO
+
+BASE_CMDLINE = (
+    "console=ttyS0,115200 panic=-1 rd.shell=0 rd.emergency=poweroff "
+    "systemd.show_status=1 rd.udev.log_level=3 loglevel=4 mitigations=off"
+)
+
+
+class BootTimeout(AssertionError):
+    pass
+
+
+@dataclass(frozen=True)
+class Disk:
+    path: Path  # qcow2 overlay or raw file
+    serial: str  # /dev/disk/by-id/virtio-<serial>
+    fmt: str = "qcow2"
+
+
+@dataclass
+class Machine:
+    kernel: Path
+    initrd: Path
+    workdir: Path
+    cmdline: str = ""
+    disks: Sequence[Disk] = ()
+    tpm_state: Path | None = None  # swtpm state directory
+    memory: str = "2048M"
+    echo: IO[str] | None = None  # stream the console here (demo)
+    console: bytearray = field(default_factory=bytearray)
+    started_at: float = 0.0
+    _proc: subprocess.Popen[bytes] | None = None
+    _swtpm: subprocess.Popen[bytes] | None = None
+    _sock: socket.socket | None = None
+    _qmp: socket.socket | None = None
+    _qmp_file: IO[str] | None = None
+    _reader: threading.Thread | None = None
+    _cond: threading.Condition = field(default_factory=threading.Condition)
+    _hotplugged: int = 0
+
+    # -- lifecycle ----------------------------------------------------------------
+    def start(self) -> None:
+        self.workdir.mkdir(parents=True, exist_ok=True)
+        con = self.workdir / "console.sock"
+        qmp = self.workdir / "qmp.sock"
+        for s in (con, qmp):
+            with contextlib.suppress(FileNotFoundError):
+                s.unlink()
+        args = [
+            "qemu-system-x86_64", "-nodefaults", "-no-user-config", "-display", "none",
+            "-machine", "pc", "-accel", "tcg,thread=multi", "-smp", "2", "-cpu", "max",
+            "-m", self.memory, "-no-reboot",
+            "-kernel", str(self.kernel), "-initrd", str(self.initrd),
+            "-append", f"{BASE_CMDLINE} {self.cmdline}".strip(),
+            "-chardev", f"socket,id=con0,path={con},server=on,wait=on",
+            "-serial", "chardev:con0",
+            "-qmp", f"unix:{qmp},server=on,wait=off",
+            "-device", "virtio-rng-pci",
+        ]  # fmt: skip
+        for i, d in enumerate(self.disks):
+            args += self._disk_args(i, d)
+        if self.tpm_state is not None:
+            args += self._start_swtpm()
+        (self.workdir / "qemu-args.txt").write_text(" ".join(args) + "\n")
+        self._proc = subprocess.Popen(
+            args, stdin=subprocess.DEVNULL, stdout=(self.workdir / "qemu.log").open("wb"),
+            stderr=subprocess.STDOUT, start_new_session=True,
+        )  # fmt: skip
+        self.started_at = time.monotonic()
+        self._sock = _connect(con, self._proc)
+        self._reader = threading.Thread(target=self._read_console, daemon=True)
+        self._reader.start()
+        self._qmp = _connect(qmp, self._proc)
+        self._qmp_file = self._qmp.makefile("rw")
+        self._qmp_file.readline()  # greeting
+        self.qmp("qmp_capabilities")
+
+    def _disk_args(self, i: int, d: Disk) -> list[str]:
+        return [
+            "-blockdev",
+            f"driver=file,filename={d.path},node-name=f{i},cache.no-flush=on",
+            "-blockdev",
+            f"driver={d.fmt},file=f{i},node-name=d{i}",
+            "-device",
+            f"virtio-blk-pci,drive=d{i},serial={d.serial},id=vd{i}",
+        ]
+
+    def _start_swtpm(self) -> list[str]:
+        assert self.tpm_state is not None
+        sock = self.workdir / "swtpm.sock"
+        self._swtpm = subprocess.Popen(
+            ["swtpm", "socket", "--tpm2", "--tpmstate", f"dir={self.tpm_state}",
+             "--ctrl", f"type=unixio,path={sock}", "--flags", "startup-clear",
+             "--log", f"file={self.workdir / 'swtpm.log'},level=1"],
+            stdin=subprocess.DEVNULL, start_new_session=True,
+        )  # fmt: skip
+        for _ in range(100):
+            if sock.exists():
+                break
+            time.sleep(0.05)
+        return [
+            "-chardev",
+            f"socket,id=chrtpm,path={sock}",
+            "-tpmdev",
+            "emulator,id=tpm0,chardev=chrtpm",
+            "-device",
+            "tpm-tis,tpmdev=tpm0",
+        ]
+
+    def _read_console(self) -> None:
+        assert self._sock is not None
+        with (self.workdir / "console.log").open("wb") as log:
+            while True:
+                try:
+                    data = self._sock.recv(65536)
+                except OSError:
+                    data = b""
+                if not data:
+                    break
+                log.write(data)
+                log.flush()
+                if self.echo is not None:
+                    self.echo.write(data.decode(errors="replace"))
+                    self.echo.flush()
+                with self._cond:
+                    self.console += data
+                    self._cond.notify_all()
+        with self._cond:
+            self._cond.notify_all()
+
+    def close(self) -> None:
+        for p in (self._proc, self._swtpm):
+            if p is not None and p.poll() is None:
+                with contextlib.suppress(ProcessLookupError):
+                    os.killpg(p.pid, signal.SIGKILL)
+                p.wait()
+        for s in (self._sock, self._qmp):
+            if s is not None:
+                s.close()
+        if self._reader is not None:
+            self._reader.join(5)
+
+    def __enter__(self) -> Machine:
+        self.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # -- interaction --------------------------------------------------------------
+    def elapsed(self) -> float:
+        return time.monotonic() - self.started_at
+
+    def console_text(self) -> str:
+        with self._cond:
+            return self.console.decode(errors="replace")
+
+    def expect(
+        self, pattern: str | re.Pattern[str], deadline: float, start: int = 0
+    ) -> re.Match[str]:
+        """Wait until the console (from byte offset start) matches; deadline is elapsed()."""
+        rx = re.compile(pattern) if isinstance(pattern, str) else pattern
+        with self._cond:
+            while True:
+                m = rx.search(self.console.decode(errors="replace"), start)
+                if m:
+                    return m
+                remaining = deadline - self.elapsed()
+                if remaining <= 0 or not self.running():
+                    why = "deadline" if remaining <= 0 else "QEMU exited"
+                    raise BootTimeout(
+                        f"console never showed {rx.pattern!r} ({why} after {self.elapsed():.1f} s)"
+                    )
+                self._cond.wait(min(remaining, 0.5))
+
+    def type(self, text: str) -> None:
+        """Type on the serial console like a person (one burst, then Enter)."""
+        assert self._sock is not None
+        self._sock.sendall(text.encode() + b"\r")
+
+    def running(self) -> bool:
+        return self._proc is not None and self._proc.poll() is None
+
+    def wait(self, deadline: float) -> int:
+        """Wait for QEMU to exit (the guest powers off); kill it at the deadline."""
+        assert self._proc is not None
+        try:
+            rc = self._proc.wait(max(0.0, deadline - self.elapsed()))
+        except subprocess.TimeoutExpired:
+            self.close()
+            raise BootTimeout(f"guest still running after {deadline:.0f} s; killed") from None
+        if self._reader is not None:
+            self._reader.join(5)
+        return rc
+
+    # -- monitor ------------------------------------------------------------------
+    def qmp(self, command: str, **arguments: object) -> object:
+        assert self._qmp_file is not None
+        self._qmp_file.write(json.dumps({"execute": command, "arguments": arguments}) + "\n")
+        self._qmp_file.flush()
+        while True:
+            line = self._qmp_file.readline()
+            if not line:
+                raise RuntimeError(f"QMP closed during {command}")
+            msg = json.loads(line)
+            if "return" in msg:
+                return msg["return"]
+            if "error" in msg:
+                raise RuntimeError(f"QMP {command}: {msg['error']}")
+            # asynchronous events are ignored
+
+    def hotplug(self, disk: Disk) -> None:
+        """Plug a virtio disk into the running guest (ACPI PCI hot-plug)."""
+        i = 100 + self._hotplugged
+        self._hotplugged += 1
+        self.qmp("blockdev-add", driver="file", filename=str(disk.path), **{"node-name": f"f{i}"})
+        self.qmp("blockdev-add", driver=disk.fmt, file=f"f{i}", **{"node-name": f"d{i}"})
+        self.qmp(
+            "device_add", driver="virtio-blk-pci", drive=f"d{i}", serial=disk.serial, id=f"vd{i}"
+        )
+
+
+def _connect(path: Path, proc: subprocess.Popen[bytes]) -> socket.socket:
+    for _ in range(600):
+        if proc.poll() is not None:
+            raise RuntimeError(f"QEMU exited ({proc.returncode}) before {path} appeared")
+        if path.exists():
+            s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            try:
+                s.connect(str(path))
+                return s
+            except OSError:
+                s.close()
+        time.sleep(0.05)
+    raise RuntimeError(f"QEMU did not create {path}")
+
+
+def overlay_image(golden: Path, dest: Path) -> Path:
+    """A copy-on-write qcow2 on top of a golden image (the golden one is never written)."""
+    subprocess.run(
+        ["qemu-img", "create", "-q", "-f", "qcow2", "-F", "qcow2", "-b", str(golden), str(dest)],
+        check=True,
+    )
+    return dest
+
+
+def raw_image(dest: Path, size: int = 8 * 1024 * 1024) -> Path:
+    with dest.open("wb") as f:
+        f.truncate(size)
+    return dest

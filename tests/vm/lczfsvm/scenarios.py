@@ -1,0 +1,124 @@
+"""The scenario matrix: one Boot per promise the daemon makes.
+
+test_scenarios.py asserts on the results; the CLI can boot any of them by
+name (``python3 -m lczfsvm boot passphrase --console``).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import replace
+from typing import IO
+
+from .vm import Boot, Guest, toml_config
+
+KEYFILE = "/etc/lczfs-unlockd/keystore.key"
+SEED_PART = "/dev/disk/by-id/virtio-seed0-part1"
+MIRROR_PARTS = ("/dev/disk/by-id/virtio-mirror0-part1", "/dev/disk/by-id/virtio-mirror1-part1")
+DEBUG = "rd.lczfs.debug"
+
+
+def _keyfile_config(**kw: object) -> str:
+    return toml_config(unlock=("keyfile", "passphrase"), keyfile=KEYFILE, **kw)  # type: ignore[arg-type]
+
+
+def _bad_key(which: str) -> Callable[[Guest], Boot]:
+    return lambda g: Boot(
+        f"keyfile-{which}",
+        _keyfile_config(datasets=[f"rpool/bad/{which}"]),
+        disks=("keys0",),
+        keyfile=True,
+        cmdline=DEBUG,
+    )
+
+
+SCENARIOS: dict[str, Callable[[Guest], Boot]] = {
+    # The seed's everyday boot: a person types the keystore passphrase.  The
+    # keystore also has a TPM2 token, but this machine has no TPM: the daemon
+    # must fall through to the prompt.
+    "passphrase": lambda g: Boot(
+        "passphrase",
+        toml_config(token_timeout="5s"),
+        answers=(g.secrets.passphrase,),
+        cmdline=DEBUG,
+    ),
+    "keyfile": lambda g: Boot("keyfile", _keyfile_config(), keyfile=True),
+    "tpm2": lambda g: Boot("tpm2", toml_config(unlock=("token",)), tpm=True, cmdline=DEBUG),
+    "dry-run": lambda g: Boot(
+        "dry-run", _keyfile_config(), keyfile=True, cmdline=f"rd.lczfs.dry_run=1 {DEBUG}"
+    ),
+    "wrong-passphrase": lambda g: Boot(
+        "wrong-passphrase",
+        toml_config(unlock=("passphrase",), tries=3),
+        answers=("wrong-one", "wrong-two", "wrong-three"),
+        cmdline=DEBUG,
+    ),
+    "disk-missing": lambda g: Boot(
+        "disk-missing",
+        _keyfile_config(devices=[SEED_PART]),
+        disks=(),
+        keyfile=True,
+        cmdline=f"rd.lczfs.timeout=20s {DEBUG}",
+    ),
+    "disk-late": lambda g: Boot(
+        "disk-late",
+        _keyfile_config(devices=[SEED_PART]),
+        disks=(),
+        hotplug=("seed0",),
+        hotplug_delay=5.0,
+        keyfile=True,
+        cmdline=DEBUG,
+    ),
+    "mirror-degraded": lambda g: Boot(
+        "mirror-degraded",
+        _keyfile_config(devices=list(MIRROR_PARTS)),
+        disks=("mirror0",),
+        keyfile=True,
+        cmdline=f"rd.lczfs.online_grace=5s {DEBUG}",
+    ),
+    # The hand-off: zfs-dracut then mounts the root dataset with the keys
+    # lczfs-unlockd loaded (no prompt from zfs-load-key.sh).
+    "handoff": lambda g: Boot(
+        "handoff",
+        _keyfile_config(),
+        keyfile=True,
+        cmdline=f"root=zfs:rpool/crypt/local/root lczfs.test.report=late {DEBUG}",
+    ),
+    "mirror-online": lambda g: Boot(
+        "mirror-online",
+        _keyfile_config(devices=list(MIRROR_PARTS)),
+        disks=("mirror0", "mirror1"),
+        keyfile=True,
+        cmdline=DEBUG,
+    ),
+    "keyfile-missing": _bad_key("missing"),
+    "keyfile-trunc": _bad_key("trunc"),
+    "keyfile-garbage": _bad_key("garbage"),
+    "keyfile-wrong": _bad_key("wrong"),
+    "luks-corrupt": lambda g: Boot(
+        "luks-corrupt",
+        _keyfile_config(volume="rpool/volumes/badluks"),
+        disks=("keys0",),
+        keyfile=True,
+        cmdline=DEBUG,
+    ),
+    "sigterm-at-prompt": lambda g: Boot(
+        "sigterm-at-prompt",
+        toml_config(unlock=("passphrase",)),
+        cmdline=f"lczfs.test.sigterm_at_prompt {DEBUG}",
+    ),
+    "key-formats": lambda g: Boot(
+        "key-formats",
+        _keyfile_config(
+            datasets=["rpool/crypt", "rpool/fmt/raw", "rpool/fmt/hex", "rpool/fmt/pass"]
+        ),
+        disks=("keys0",),
+        keyfile=True,
+        cmdline=DEBUG,
+    ),
+}
+NAMES = tuple(SCENARIOS)
+
+
+def get(name: str, guest: Guest, echo: IO[str] | None = None) -> Boot:
+    return replace(SCENARIOS[name](guest), echo=echo)

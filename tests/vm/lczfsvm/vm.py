@@ -1,0 +1,345 @@
+"""Golden disk images and test boots: what the scenarios and the demo call.
+
+guest = Guest.get()             # builds/reuses the tree, initrds, golden disks
+result = guest.boot(Boot(...))  # one initrd-only boot, returns its report
+"""
+
+from __future__ import annotations
+
+import json
+import secrets
+import shutil
+import subprocess
+import tempfile
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import IO, Any
+
+from . import build, cache, cpio, qemu
+from .cache import GUEST_DIR, log
+
+GOLDEN_DISKS = ("seed0", "keys0", "mirror0", "mirror1")
+DISK_SIZE = "512M"
+PROVISION_TIMEOUT = 900.0
+
+
+@dataclass(frozen=True)
+class Secrets:
+    """What provisioning put on the golden disks (random per provisioning)."""
+
+    dir: Path
+
+    def bytes(self, name: str) -> bytes:
+        return (self.dir / name).read_bytes()
+
+    @property
+    def passphrase(self) -> str:
+        return self.bytes("passphrase").decode()
+
+    @property
+    def needles(self) -> tuple[bytes, ...]:
+        """Every secret, as it could leak: raw bytes and, for text keys, the text."""
+        out: list[bytes] = []
+        for p in sorted(self.dir.iterdir()):
+            data = p.read_bytes()
+            out.append(data)
+            stripped = data.rstrip(b"\n")
+            if stripped != data:
+                out.append(stripped)
+            if p.name in ("raw.key", "keystore.key"):
+                out.append(data.hex().encode())
+            if (
+                p.name.endswith(".key")
+                and len(stripped) == 64
+                and all(c in b"0123456789abcdef" for c in stripped)
+            ):
+                out.append(bytes.fromhex(stripped.decode()))  # the derived wrapping key
+        return tuple(out)
+
+
+def _make_secrets(d: Path) -> None:
+    d.mkdir()
+    files = {
+        "passphrase": f"lczfs-{secrets.token_hex(6)}".encode(),
+        "keystore.key": secrets.token_bytes(64),
+        "rpoolcrypt.key": (secrets.token_hex(32) + "\n").encode(),
+        "raw.key": secrets.token_bytes(32),
+        "hex.key": secrets.token_hex(32).encode(),  # no newline on purpose
+        "pass.key": (f"pass-{secrets.token_hex(6)}\n").encode(),
+        "garbage.key": bytes(range(256))[-64:],  # 64 bytes, not hex
+        "wrong.key": (secrets.token_hex(32) + "\n").encode(),
+    }
+    for name, data in files.items():
+        (d / name).write_bytes(data)
+
+
+@dataclass(frozen=True)
+class Boot:
+    """One test boot."""
+
+    name: str
+    config: str | None
+    disks: Sequence[str] = ("seed0",)  # golden disks attached at power-on
+    hotplug: Sequence[str] = ()  # plugged hotplug_delay s after the daemon starts
+    hotplug_delay: float = 5.0
+    cmdline: str = ""
+    tpm: bool = False
+    keyfile: bool = False  # put the LUKS key file at /etc/lczfs-unlockd/keystore.key
+    answers: Sequence[str] = ()  # typed at each password prompt, in order
+    prompt: str = r"Please enter the (passphrase|security token PIN) for keystore [^\n]*:"
+    timeout: float = 300.0  # wall clock for the whole boot
+    echo: IO[str] | None = None
+
+
+@dataclass
+class Result:
+    boot: Boot
+    report: dict[str, Any]
+    console: str
+    seconds: float  # wall clock, QEMU start to exit
+    workdir: Path
+    prompts: list[float] = field(default_factory=list)
+
+    # -- what a user sees -------------------------------------------------------
+    @property
+    def unit(self) -> dict[str, str]:
+        return self.report["unit"]  # type: ignore[no-any-return]
+
+    @property
+    def status(self) -> str:
+        return self.unit.get("StatusText", "")
+
+    @property
+    def journal(self) -> str:
+        return str(self.report["journal_unit"]["out"])
+
+    def keystatus(self) -> dict[str, str]:
+        return {d["name"]: d.get("keystatus", "") for d in self.report["datasets"]}
+
+    def mounts_at(self, path: str) -> list[str]:
+        return [line for line in self.report["mountinfo"].splitlines() if line.split()[4] == path]
+
+    def mappings(self) -> list[str]:
+        out = str(self.report["dmsetup_ls"]["out"]).strip()
+        return [] if not out or out.startswith("No devices found") else out.splitlines()
+
+    def daemon_seconds(self) -> float:
+        """Daemon start to finish, from systemd's monotonic timestamps."""
+        start = int(self.unit.get("ExecMainStartTimestampMonotonic") or 0)
+        end = int(self.unit.get("ExecMainExitTimestampMonotonic") or 0) or int(
+            self.unit.get("ActiveEnterTimestampMonotonic") or 0
+        )
+        return (end - start) / 1e6 if start and end > start else float("nan")
+
+    def describe(self) -> str:
+        return (
+            f"{self.boot.name}: boot {self.seconds:.1f} s, daemon {self.daemon_seconds():.1f} s, "
+            f"{self.unit.get('ActiveState')}/{self.unit.get('Result')}: {self.status}"
+        )
+
+
+class Guest:
+    """The built guest: tree, kernel, initrds, golden disks."""
+
+    _instance: Guest | None = None
+
+    def __init__(self) -> None:
+        start = time.monotonic()
+        self.root = build.rootfs()
+        self.kernel = build.kernel(self.root)
+        self.base_initrd = build.base_initrd(self.root)
+        self.golden = self._provision()
+        self.secrets = Secrets(self.golden / "secrets")
+        self.build_seconds = time.monotonic() - start
+
+    @classmethod
+    def get(cls) -> Guest:
+        if cls._instance is None:
+            cls._instance = Guest()
+        return cls._instance
+
+    # -- provisioning ---------------------------------------------------------------
+    def _provision(self) -> Path:
+        provision_initrd = build.provision_initrd(self.root)
+        name = f"golden-{self.root.name.removeprefix('rootfs-')}-" + cache.recipe_hash(
+            [GUEST_DIR / "provision.sh", GUEST_DIR / "lczfs-test-provision.service",
+             build.PROVISION_TOOLS, DISK_SIZE, ",".join(GOLDEN_DISKS)]
+        )  # fmt: skip
+
+        def make(tmp: Path) -> None:
+            log(f"provisioning golden disks {name} (one boot, ~2 min)")
+            _make_secrets(tmp / "secrets")
+            disks = []
+            for d in GOLDEN_DISKS:
+                img = tmp / f"{d}.qcow2"
+                subprocess.run(
+                    ["qemu-img", "create", "-q", "-f", "qcow2", str(img), DISK_SIZE], check=True
+                )
+                disks.append(qemu.Disk(img, d))
+            report = qemu.raw_image(tmp / "report.raw")
+            disks.append(qemu.Disk(report, "lczfsreport", "raw"))
+            (tmp / "tpm").mkdir()
+            a = cpio.Archive()
+            build.poweroff_links(a)
+            a.copy(GUEST_DIR / "provision.sh", "usr/lib/lczfs-test/provision.sh", 0o755)
+            unit = "lczfs-test-provision.service"
+            a.copy(GUEST_DIR / unit, f"usr/lib/systemd/system/{unit}", 0o644)
+            a.symlink(
+                f"etc/systemd/system/initrd.target.wants/{unit}", f"/usr/lib/systemd/system/{unit}"
+            )
+            for p in sorted((tmp / "secrets").iterdir()):
+                a.copy(p, f"etc/lczfs-provision/{p.name}", 0o400)
+            initrd = tmp / "provision.img"
+            initrd.write_bytes(cpio.append(provision_initrd.read_bytes(), a.to_bytes()))
+            m = qemu.Machine(self.kernel, initrd, tmp / "run", disks=disks, tpm_state=tmp / "tpm")
+            start = time.monotonic()
+            try:
+                m.start()
+                m.wait(PROVISION_TIMEOUT)
+            finally:
+                m.close()
+            status = report.read_bytes()[:4096].split(b"\0", 1)[0].decode(errors="replace")
+            if not status.startswith("LCZFSPROVISION OK"):
+                tail = "\n".join(m.console_text().splitlines()[-60:])
+                raise RuntimeError(
+                    f"provisioning failed ({status.splitlines()[:1]}); "
+                    f"console {tmp}/run/console.log:\n{tail}"
+                )
+            log(f"provisioned in {time.monotonic() - start:.0f} s")
+            for p in (initrd, report):
+                p.unlink()
+
+        return cache.cached_dir(name, make)
+
+    # -- test boots -----------------------------------------------------------------
+    def boot(self, spec: Boot, workdir: Path | None = None) -> Result:
+        work = workdir or Path(tempfile.mkdtemp(prefix=f"lczfs-vm-{spec.name}-"))
+        work.mkdir(parents=True, exist_ok=True)
+        files: list[tuple[str, bytes, int]] = []
+        if spec.keyfile:
+            files.append(
+                ("etc/lczfs-unlockd/keystore.key", self.secrets.bytes("keystore.key"), 0o400)
+            )
+        initrd = build.test_initrd(
+            self.root,
+            build.Overlay(config=spec.config, files=tuple(files), needles=self.secrets.needles),
+            work / "initrd.img",
+        )
+        disks = [
+            qemu.overlay_image(self.golden / f"{d}.qcow2", work / f"{d}.qcow2") for d in spec.disks
+        ]
+        late = [
+            qemu.overlay_image(self.golden / f"{d}.qcow2", work / f"{d}.qcow2")
+            for d in spec.hotplug
+        ]
+        report_disk = qemu.raw_image(work / "report.raw")
+        tpm = None
+        if spec.tpm:
+            tpm = work / "tpm"
+            shutil.copytree(self.golden / "tpm", tpm)
+        m = qemu.Machine(
+            self.kernel, initrd, work,
+            cmdline=spec.cmdline,
+            disks=[
+                *(qemu.Disk(p, p.stem) for p in disks),
+                qemu.Disk(report_disk, "lczfsreport", "raw"),
+            ],
+            tpm_state=tpm, echo=spec.echo,
+        )  # fmt: skip
+        prompts: list[float] = []
+        try:
+            m.start()
+            pos = 0
+            if late:
+                started = m.expect(r"Start(ing|ed) [^\n]*lczfs-unlockd", spec.timeout)
+                time.sleep(spec.hotplug_delay)
+                for p in late:
+                    m.hotplug(qemu.Disk(p, p.stem))
+                log(f"{spec.name}: hot-plugged {[p.stem for p in late]} at {m.elapsed():.1f} s")
+                pos = started.end()
+            for answer in spec.answers:
+                match = m.expect(_prompt_rx(spec.prompt), spec.timeout, pos)
+                prompts.append(m.elapsed())
+                time.sleep(0.3)
+                m.type(answer)
+                pos = match.end()
+            m.wait(spec.timeout)
+        finally:
+            m.close()
+        seconds = m.elapsed()
+        console = m.console_text()
+        report = _read_report(report_disk, console)
+        if report is None:
+            tail = "\n".join(console.splitlines()[-40:])
+            raise AssertionError(
+                f"{spec.name}: no report after {seconds:.1f} s; console {work}/console.log:\n{tail}"
+            )
+        return Result(spec, report, console, seconds, work, prompts)
+
+
+def _prompt_rx(pattern: str) -> str:
+    # The console agent prints the prompt without a newline; match it at the
+    # end of what has arrived so far.
+    return pattern if "(?m)" in pattern else "(?m)" + pattern
+
+
+def _read_report(path: Path, console: str) -> dict[str, Any] | None:
+    data = path.read_bytes()
+    if data.startswith(b"LCZFSREPORT1 "):
+        header, _, rest = data.partition(b"\n")
+        size = int(header.split()[1])
+        return json.loads(rest[:size])  # type: ignore[no-any-return]
+    begin = console.find("LCZFSREPORT-BEGIN\n")
+    end = console.find("\nLCZFSREPORT-END")
+    if begin >= 0 and end > begin:
+        return json.loads(console[begin + len("LCZFSREPORT-BEGIN\n") : end])  # type: ignore[no-any-return]
+    return None
+
+
+def toml_config(
+    *,
+    pool: str = "rpool",
+    devices: Sequence[str] = (),
+    datasets: str | Sequence[str] = "auto",
+    online_grace: str = "10s",
+    timeout: str = "2min",
+    volume: str = "rpool/volumes/bootsecrets",
+    unlock: Sequence[str] = ("token", "keyfile", "passphrase"),
+    keyfile: str | None = None,
+    tries: int = 3,
+    prompt_timeout: str = "0",
+    token_timeout: str = "30s",
+    mask: Sequence[str] = (),
+) -> str:
+    """The daemon's config file, in the documented format."""
+
+    def q(v: object) -> str:
+        return json.dumps(v)  # TOML basic strings/arrays are JSON-compatible here
+
+    lines = [
+        f"pool = {q(pool)}",
+        f"devices = {q(list(devices))}",
+        'dev_nodes = "/dev/disk/by-id"',
+        "force_import = false",
+        f"online_grace = {q(online_grace)}",
+        f"timeout = {q(timeout)}",
+        f"datasets = {q(datasets if isinstance(datasets, str) else list(datasets))}",
+        f"mask = {q(list(mask))}",
+        "",
+        "[keystore]",
+        f"volume = {q(volume)}",
+        "partition = 1",
+        'name = "secretsroot"',
+        'mountpoint = "/bootsecrets"',
+        f"unlock = {q(list(unlock))}",
+    ]
+    if keyfile:
+        lines.append(f"keyfile = {q(keyfile)}")
+    lines += [
+        f"tries = {tries}",
+        f"prompt_timeout = {q(prompt_timeout)}",
+        f"token_timeout = {q(token_timeout)}",
+    ]
+    return "\n".join(lines) + "\n"
