@@ -23,22 +23,28 @@ class SystemdAskPassword:
     def __init__(self, program: str | None = None) -> None:
         self.program = program or paths.SYSTEMD_ASK_PASSWORD
 
-    def argv(self, prompt: str, *, ident: str, timeout: float, accept_cached: bool) -> list[str]:
-        argv = [
-            self.program,
-            f"--id={ident}",
-            "--keyname=cryptsetup",
+    def argv(
+        self, prompt: str, *, ident: str, timeout: float, keyname: str | None, accept_cached: bool
+    ) -> list[str]:
+        argv = [self.program, f"--id={ident}"]
+        if keyname:
+            argv.append(f"--keyname={keyname}")
+        argv += [
             "--icon=drive-harddisk",
             f"--timeout={math.ceil(timeout)}s" if timeout else "--timeout=0",
         ]
-        if accept_cached:
+        if accept_cached and keyname:
             argv.append("--accept-cached")
         argv += ["--", prompt]
         return argv
 
-    def ask(self, prompt: str, *, ident: str, timeout: float, accept_cached: bool) -> bytearray:
+    def ask(
+        self, prompt: str, *, ident: str, timeout: float, keyname: str | None, accept_cached: bool
+    ) -> bytearray:
         returncode, secret, stderr = run_secret(
-            self.argv(prompt, ident=ident, timeout=timeout, accept_cached=accept_cached),
+            self.argv(
+                prompt, ident=ident, timeout=timeout, keyname=keyname, accept_cached=accept_cached
+            ),
             limit=MAX_PASSPHRASE,
         )
         if returncode != 0:

@@ -117,24 +117,25 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     logsetup.setup(debug=args.debug)
     notifier = SystemdNotifier()
+    cmdline = config.read_cmdline(args.kernel_cmdline)
+    if config.disabled_on_cmdline(cmdline):
+        text = "disabled by rd.lczfs=0 on the kernel command line; nothing done"
+        log.info("%s", text)
+        notifier.notify(f"READY=1\nSTATUS={text}")
+        return 0
     try:
         cfg = config.load(args.config)
     except ConfigError as exc:
         log.error("%s", exc)
         notifier.notify(f"STATUS=failed: {exc}\nERRNO={exc.errno}")
         return EXIT_NOTCONFIGURED
-    cfg, warnings = config.apply_cmdline(cfg, config.read_cmdline(args.kernel_cmdline))
+    cfg, warnings = config.apply_cmdline(cfg, cmdline)
     for warning in warnings:
         log.warning("kernel command line: %s", warning)
     if args.dry_run:
         cfg = dataclasses.replace(cfg, dry_run=True)
     if cfg.debug or args.debug:
         logsetup.setup(debug=True)
-    if not cfg.enabled:
-        text = "disabled by rd.lczfs=0 on the kernel command line; nothing done"
-        log.info("%s", text)
-        notifier.notify(f"READY=1\nSTATUS={text}")
-        return 0
     for line in config.summary(cfg):
         log.debug("%s", line)
     if cfg.debug or args.debug:

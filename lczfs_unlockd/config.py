@@ -118,7 +118,7 @@ def parse_duration(value: object, key: str) -> float:
             break
         total += float(number) * _UNITS.get(unit.lower(), 1.0)
         pos = match.end()
-    if not text or pos != len(text):
+    if not text or pos != len(text) or not math.isfinite(total) or total > 10 * 365 * 86400:
         raise ConfigError(
             f'{key} = {_q(value)}: not a duration; use systemd\'s syntax like "10s", "5min" or "0"'
         )
@@ -471,6 +471,17 @@ def apply_cmdline(config: Config, cmdline: str) -> tuple[Config, list[str]]:
             f"({format_duration(new.timeout)}): a degraded pool will not be accepted"
         )
     return new, warnings
+
+
+def disabled_on_cmdline(cmdline: str) -> bool:
+    """``rd.lczfs=0``: checked before the configuration is even read, so that
+    it also rescues a machine whose configuration is missing or broken."""
+    enabled = True
+    for word in split_cmdline(cmdline):
+        name, _, value = word.partition("=")
+        if name == "rd.lczfs":
+            enabled = value.lower() not in _FALSE
+    return not enabled
 
 
 def read_cmdline(path: str = "/proc/cmdline") -> str:

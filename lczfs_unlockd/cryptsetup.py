@@ -43,6 +43,7 @@ CRYPT_LUKS2 = "LUKS2"
 CRYPT_ANY_SLOT = -1
 CRYPT_ANY_TOKEN = -1
 CRYPT_ACTIVATE_READONLY = 1 << 0
+CRYPT_DEACTIVATE_DEFERRED = 1 << 0
 CRYPT_LOG_NORMAL = 0
 CRYPT_LOG_ERROR = 1
 CRYPT_LOG_VERBOSE = 2
@@ -78,13 +79,28 @@ _c_key_p = ctypes.POINTER(ctypes.c_char)
 _LOG_CALLBACK = ctypes.CFUNCTYPE(None, ctypes.c_int, ctypes.c_char_p, ctypes.c_void_p)
 
 
+_last_error = threading.local()
+
+
+def last_error() -> str:
+    """The last error libcryptsetup logged in this thread (it never holds key material)."""
+    return str(getattr(_last_error, "text", ""))
+
+
 def _log_message(level: int, message: bytes | None, _usrptr: int | None) -> None:
-    # Called from C: an exception here would only be printed to stderr.
+    # Called from C: an exception here would only be printed to stderr and
+    # lost — BaseException included, so that a SIGTERM arriving here is not
+    # swallowed half-way: the unlock sequence re-raises it at its next
+    # checkpoint from the signal it recorded.
     try:
         if message:
             text = message.decode("utf-8", "replace").rstrip("\n")
-            log.debug("libcryptsetup %s: %s", _LEVEL_NAMES.get(level, str(level)), text)
-    except Exception:  # noqa: S110 - nothing sensible to do inside a C callback
+            if level == CRYPT_LOG_ERROR:
+                _last_error.text = text
+                log.warning("libcryptsetup: %s", text)
+            else:
+                log.debug("libcryptsetup %s: %s", _LEVEL_NAMES.get(level, str(level)), text)
+    except BaseException:  # noqa: S110 - nothing sensible to do inside a C callback
         pass
 
 
@@ -371,7 +387,7 @@ class LuksVolume:
         if code == errno.EPERM:
             raise WrongKeyError(
                 f"no key slot of {self.device} accepts the key file {path}: "
-                "check keystore.key_file or add it with cryptsetup luksAddKey",
+                "check keystore.keyfile or add it with cryptsetup luksAddKey",
                 errno=code,
             )
         if code == errno.EINVAL and not os.access(path, os.R_OK):
@@ -395,7 +411,7 @@ class LuksVolume:
         elif code == errno.ENOMEM:
             hint = "not enough memory for the key derivation: free memory or lower the pbkdf cost"
         else:
-            hint = "see the libcryptsetup messages in the debug log"
+            hint = last_error() or "see the libcryptsetup messages above"
         return KeystoreError(f"{what}: {_strerror(code)}: {hint}", errno=code)
 
 
@@ -431,12 +447,17 @@ class LibCryptsetup:
         """State of ``/dev/mapper/<name>``; INVALID when device-mapper is unusable."""
         return MappingState(int(_library().crypt_status(None, os.fsencode(name))))
 
-    def deactivate(self, name: str) -> None:
-        """Remove ``/dev/mapper/<name>``; a mapping that does not exist is fine."""
+    def deactivate(self, name: str, *, deferred: bool = False) -> None:
+        """Remove ``/dev/mapper/<name>``; a mapping that does not exist is fine.
+
+        ``deferred``: if it is still open, let the kernel remove it when the
+        last user closes it (CRYPT_DEACTIVATE_DEFERRED).
+        """
         lib = _library()
         if self.status(name) is MappingState.INACTIVE:
             return
-        r = int(lib.crypt_deactivate_by_name(None, os.fsencode(name), 0))
+        flags = CRYPT_DEACTIVATE_DEFERRED if deferred else 0
+        r = int(lib.crypt_deactivate_by_name(None, os.fsencode(name), flags))
         if r >= 0:
             return
         code = -r
@@ -445,7 +466,7 @@ class LibCryptsetup:
         elif code == errno.ENODEV:
             hint = "device-mapper does not know it or is not usable"
         else:
-            hint = "see the libcryptsetup messages in the debug log"
+            hint = last_error() or "see the libcryptsetup messages above"
         raise KeystoreError(
             f"cannot deactivate /dev/mapper/{name}: {_strerror(code)}: {hint}", errno=code
         )
@@ -463,7 +484,25 @@ def _open_error(device: str, code: int) -> KeystoreError:
     return KeystoreError(f"cannot open {device}: {_strerror(code)}", errno=code)
 
 
+# LUKS1/LUKS2 primary header magic, and LUKS2's secondary header magic.
+_LUKS_MAGICS = (b"LUKS\xba\xbe", b"SKUL\xba\xbe")
+
+
+def _has_luks_magic(device: str) -> bool:
+    try:
+        with open(device, "rb") as f:
+            return f.read(6) in _LUKS_MAGICS
+    except OSError:
+        return False
+
+
 def _load_error(device: str, code: int) -> KeystoreError:
+    if code == errno.EINVAL and _has_luks_magic(device):
+        return KeystoreError(
+            f"the LUKS header of {device} is damaged ({last_error() or 'invalid header'}): "
+            "restore it from a backup with cryptsetup luksHeaderRestore",
+            errno=code,
+        )
     if code == errno.EINVAL:
         return KeystoreError(
             f"{device} is not a LUKS device: check keystore.volume and keystore.partition",

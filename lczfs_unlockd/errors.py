@@ -69,7 +69,18 @@ class TeardownError(UnlockError):
     errno = _errno.EBUSY
 
 
-class Interrupted(UnlockError):
-    """SIGTERM/SIGINT arrived; raised so that every teardown callback runs."""
+class Interrupted(BaseException):
+    """SIGTERM/SIGINT arrived; raised so that every teardown callback runs.
 
-    errno = _errno.EINTR
+    A BaseException, like KeyboardInterrupt: code that catches Exception
+    (logging's handlers, for one) must not swallow it.
+    """
+
+    errno: int = _errno.EINTR
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message)
+        self.message = message
+
+    def __str__(self) -> str:
+        return self.message

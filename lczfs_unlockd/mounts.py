@@ -8,11 +8,14 @@ from __future__ import annotations
 
 import ctypes
 import errno
+import logging
 import os
 from functools import cache
 
 from . import paths
 from .errors import KeystoreError, TeardownError
+
+log = logging.getLogger("lczfs_unlockd.mounts")
 
 # <linux/mount.h>
 MS_RDONLY = 1
@@ -20,6 +23,7 @@ MS_NOSUID = 2
 MS_NODEV = 4
 MS_NOEXEC = 8
 # <sys/mount.h>
+MNT_DETACH = 2
 UMOUNT_NOFOLLOW = 8
 
 # mount(8) without blkid tries the kernel's file systems; the keystore is
@@ -81,6 +85,20 @@ class LibcMounts:
             if libc.mount(source.encode(), target.encode(), candidate.encode(), flags, None) == 0:
                 return
             last = ctypes.get_errno()
+            if last == errno.EROFS and candidate.startswith("ext"):
+                # The journal needs recovery, which a read-only device cannot
+                # take: mount without replaying it (the key files were
+                # written and synced long ago).
+                data = b"noload"
+                if (
+                    libc.mount(source.encode(), target.encode(), candidate.encode(), flags, data)
+                    == 0
+                ):
+                    log.warning(
+                        "%s: journal not replayed (read-only keystore); mounted with noload", source
+                    )
+                    return
+                last = ctypes.get_errno()
             if last not in (errno.EINVAL, errno.ENODEV):
                 break
         if last in (errno.EINVAL, errno.ENODEV):
@@ -92,8 +110,9 @@ class LibcMounts:
             )
         raise KeystoreError(f"cannot mount {source} on {target}: {os.strerror(last)}", errno=last)
 
-    def unmount(self, target: str) -> None:
-        if _libc().umount2(target.encode(), UMOUNT_NOFOLLOW) != 0:
+    def unmount(self, target: str, *, lazy: bool = False) -> None:
+        flags = UMOUNT_NOFOLLOW | (MNT_DETACH if lazy else 0)
+        if _libc().umount2(target.encode(), flags) != 0:
             code = ctypes.get_errno()
             raise TeardownError(f"cannot unmount {target}: {os.strerror(code)}", errno=code)
 
@@ -105,12 +124,20 @@ class HostFilesystem:
     def exists(self, path: str) -> bool:
         return os.path.exists(path)
 
-    def make_dir(self, path: str, mode: int) -> None:
+    def make_dir(self, path: str, mode: int) -> bool:
         """Create the mount point with ``mode`` (0700), or tighten an existing one."""
         try:
+            created = not os.path.lexists(path)
             os.makedirs(path, mode=mode, exist_ok=True)
             if not os.path.isdir(path) or os.path.islink(path):
                 raise KeystoreError(f"{path} exists and is not a directory: remove it")
             os.chmod(path, mode)
         except OSError as exc:
             raise KeystoreError(f"cannot create mount point {path}: {exc.strerror}") from None
+        return created
+
+    def remove_dir(self, path: str) -> None:
+        try:
+            os.rmdir(path)
+        except OSError as exc:
+            raise TeardownError(f"cannot remove {path}: {exc.strerror}") from None

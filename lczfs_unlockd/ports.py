@@ -88,14 +88,14 @@ class Cryptsetup(Protocol):
 
     def status(self, name: str) -> MappingState: ...
 
-    def deactivate(self, name: str) -> None: ...
+    def deactivate(self, name: str, *, deferred: bool = False) -> None: ...
 
 
 class Mounts(Protocol):
     def mount(self, source: str, target: str, fstype: str) -> None:
         """Mount read-only, nodev, nosuid, noexec."""
 
-    def unmount(self, target: str) -> None: ...
+    def unmount(self, target: str, *, lazy: bool = False) -> None: ...
 
     def is_mounted(self, target: str) -> bool: ...
 
@@ -108,8 +108,14 @@ class Units(Protocol):
 
 
 class AskPassword(Protocol):
-    def ask(self, prompt: str, *, ident: str, timeout: float, accept_cached: bool) -> bytearray:
-        """Ask through systemd's password agents; raise PromptError on cancel/timeout."""
+    def ask(
+        self, prompt: str, *, ident: str, timeout: float, keyname: str | None, accept_cached: bool
+    ) -> bytearray:
+        """Ask through systemd's password agents; raise PromptError on cancel/timeout.
+
+        ``keyname``: the kernel keyring entry to share the answer through
+        (``cryptsetup`` for passphrases), None to keep it private (PINs).
+        """
 
 
 class Notifier(Protocol):
@@ -120,7 +126,10 @@ class Notifier(Protocol):
 class Filesystem(Protocol):
     def exists(self, path: str) -> bool: ...
 
-    def make_dir(self, path: str, mode: int) -> None: ...
+    def make_dir(self, path: str, mode: int) -> bool:
+        """Create ``path`` with ``mode`` (or tighten it); True if it was created."""
+
+    def remove_dir(self, path: str) -> None: ...
 
 
 class Clock(Protocol):

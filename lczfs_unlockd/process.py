@@ -145,6 +145,7 @@ def run_secret(argv: Sequence[str], *, limit: int = 4096) -> tuple[int, bytearra
         secret[:] = bytes(len(secret))
         raise UnlockError(f"{argv[0]} printed more than {limit} bytes: refusing it as a passphrase")
     exact = bytearray(filled)
-    exact[:] = secret[:filled]
+    with memoryview(secret) as view:
+        exact[:] = view[:filled]  # no temporary copy
     secret[:] = bytes(len(secret))
     return returncode, exact, stderr

@@ -16,7 +16,7 @@ import logging
 import signal
 import threading
 from collections.abc import Callable, Iterator
-from contextlib import AbstractContextManager, ExitStack, contextmanager
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field
 from types import FrameType
 
@@ -62,6 +62,7 @@ EXTEND_USEC = 30_000_000  # EXTEND_TIMEOUT_USEC while waiting: 30 s more each ti
 HEARTBEAT = 10.0
 BUSY_RETRIES = 10  # teardown actions failing with EBUSY: 10 tries, 0.2 s apart
 BUSY_RETRY_INTERVAL = 0.2
+IMPORT_RETRY = 1.0
 
 ReadKeyFile = Callable[[str, str, str], bytearray]  # (mountpoint, path, dataset)
 
@@ -91,7 +92,7 @@ class Report:
     masked: list[str] = field(default_factory=list)
     failures: list[str] = field(default_factory=list)
     teardown_problems: list[str] = field(default_factory=list)
-    error: UnlockError | None = None
+    error: UnlockError | Interrupted | None = None
     elapsed: float = 0.0
 
     @property
@@ -122,19 +123,32 @@ class Report:
 
 
 class _Signals:
-    """SIGTERM/SIGINT become ``Interrupted`` — except during teardown."""
+    """SIGTERM/SIGINT become ``Interrupted`` — except during teardown.
+
+    The signal is always recorded; the handler raises at once, and
+    :meth:`checkpoint` raises again at the next step, so that a raise
+    swallowed where Python cannot propagate it (a ctypes callback from C)
+    does not lose the signal.
+    """
 
     def __init__(self) -> None:
         self.interruptible = True
         self.pending: int | None = None
 
+    def _interrupted(self) -> Interrupted:
+        assert self.pending is not None
+        return Interrupted(
+            f"received {signal.Signals(self.pending).name}: stopped; nothing is left open"
+        )
+
     def handler(self, signum: int, _frame: FrameType | None) -> None:
-        if self.interruptible:
-            self.interruptible = False  # one exception is enough
-            raise Interrupted(
-                f"received {signal.Signals(signum).name}: stopped; nothing is left open"
-            )
         self.pending = signum
+        if self.interruptible:
+            raise self._interrupted()
+
+    def checkpoint(self) -> None:
+        if self.pending is not None and self.interruptible:
+            raise self._interrupted()
 
     @contextmanager
     def installed(self) -> Iterator[None]:
@@ -156,25 +170,30 @@ class Unlocker:
         self.report = Report(dry_run=config.dry_run)
         self.signals = _Signals()
         self._start = ports.clock.monotonic()
-        self._last_extend = -1e9
+        self._activated = False  # this run opened the mapping
 
     # --- reporting -----------------------------------------------------------
 
     def _status(self, text: str) -> None:
         self.ports.notifier.notify(f"STATUS={text}")
 
-    def _extend(self) -> None:
-        now = self.ports.clock.monotonic()
-        if now - self._last_extend >= 5.0:
-            self.ports.notifier.notify(f"EXTEND_TIMEOUT_USEC={EXTEND_USEC}")
-            self._last_extend = now
+    def _checkpoint(self) -> None:
+        self.signals.checkpoint()
 
-    def _step(self, what: str) -> AbstractContextManager[None]:
-        return logsetup.step(what, self._status, self.ports.clock.monotonic)
+    @contextmanager
+    def _step(self, what: str) -> Iterator[None]:
+        self._checkpoint()
+        with logsetup.step(what, self._status, self.ports.clock.monotonic):
+            yield
+        self._checkpoint()
 
     @contextmanager
     def _heartbeat(self) -> Iterator[None]:
-        """Keep systemd's start timeout away while a person is typing."""
+        """Keep systemd's start timeout away while we work or a person types.
+
+        Waits have their own deadlines; a single long call (a FIDO2 token
+        waiting for a touch, Argon2, a slow import) must not be killed.
+        """
         stop = threading.Event()
 
         def beat() -> None:
@@ -203,7 +222,7 @@ class Unlocker:
         try:
             with self.signals.installed():
                 try:
-                    with ExitStack() as stack:
+                    with self._heartbeat(), ExitStack() as stack:
                         try:
                             self._sequence(stack)
                         finally:
@@ -211,12 +230,13 @@ class Unlocker:
                             self._status("tearing down: closing the keystore")
                 finally:
                     self._verify()
-        except UnlockError as exc:
+        except (UnlockError, Interrupted) as exc:
             self.report.error = exc
         self.report.elapsed = self.ports.clock.monotonic() - self._start
         if self.report.error is None and self.report.teardown_problems:
             self.report.error = TeardownError("; ".join(self.report.teardown_problems))
         if self.report.error is None and self.signals.pending is not None:
+            # Arrived while the teardown ran (or was swallowed and never re-raised).
             self.report.error = Interrupted(
                 f"received {signal.Signals(self.signals.pending).name} during teardown"
             )
@@ -234,11 +254,15 @@ class Unlocker:
         self._mount_keystore(stack)
         self._load_keys()
 
-    def _guarded(self, what: str, action: Callable[[], None]) -> None:
+    def _guarded(
+        self, what: str, action: Callable[[], None], fallback: Callable[[], None] | None = None
+    ) -> None:
         """Run one teardown action; a failure is recorded, the others still run.
 
         EBUSY is retried for a moment: right after a mount or a mapping
-        appears, udev's probes (blkid) briefly hold the device open.
+        appears, udev's probes (blkid) briefly hold the device open.  If it
+        still fails, ``fallback`` (lazy unmount, deferred removal) makes sure
+        the thing goes away once its last user lets go — still reported.
         """
         for attempt in range(1, BUSY_RETRIES + 1):
             try:
@@ -251,6 +275,8 @@ class Unlocker:
                     continue
                 log.error("teardown: %s failed: %s", what, exc)
                 self.report.teardown_problems.append(f"{what}: {exc}")
+                if fallback is not None:
+                    self._guarded(f"{what} (fallback)", fallback)
                 return
             except Exception as exc:  # a bug must not stop the rest of the teardown
                 log.exception("teardown: %s failed unexpectedly", what)
@@ -267,24 +293,42 @@ class Unlocker:
                 log.info("pool %s is already imported (%s)", c.pool, health)
                 self.report.pool_imported_before = True
                 return
-            scan = self._wait_for_pool()
-            if scan.state == "DEGRADED":
-                log.warning(
-                    "importing %s DEGRADED after waiting %s: missing %s",
-                    c.pool, format_duration(c.online_grace), ", ".join(scan.missing) or "?",
-                )  # fmt: skip
             if c.dry_run:
                 # Registered before the import: exports only if it got imported.
                 stack.callback(self._guarded, f"export {c.pool}", self._export_if_imported)
-            p.zpool.import_pool(c.pool, c.dev_nodes, force=c.force_import, readonly=c.dry_run)
+            start = p.clock.monotonic()
+            last_error = ""
+            while True:
+                scan = self._wait_for_pool(start)
+                if scan.state == "DEGRADED":
+                    log.warning(
+                        "importing %s DEGRADED after waiting %s: missing %s",
+                        c.pool, format_duration(c.online_grace), ", ".join(scan.missing) or "?",
+                    )  # fmt: skip
+                try:
+                    p.zpool.import_pool(
+                        c.pool, c.dev_nodes, force=c.force_import, readonly=c.dry_run
+                    )
+                    break
+                except PoolError as exc:
+                    # Links can change between scan and import (a second
+                    # disk arriving): retry until the deadline, like the
+                    # import scripts this replaces — unless retrying cannot help.
+                    waited = p.clock.monotonic() - start
+                    if exc.errno == errno.EADDRINUSE or (c.timeout and waited >= c.timeout):
+                        raise
+                    if str(exc) != last_error:
+                        log.warning("import of %s failed, trying again: %s", c.pool, exc)
+                        last_error = str(exc)
+                    p.clock.sleep(IMPORT_RETRY)
             if c.dry_run:
                 log.info("imported %s read-only (dry run; exported again at the end)", c.pool)
 
-    def _wait_for_pool(self) -> PoolScan:
+    def _wait_for_pool(self, start: float) -> PoolScan:
         c, p = self.config, self.ports
-        start = p.clock.monotonic()
         last_text = ""
         while True:
+            self._checkpoint()
             now = p.clock.monotonic()
             waited = now - start
             missing_devices = [d for d in c.devices if not p.fs.exists(d)]
@@ -314,7 +358,6 @@ class Unlocker:
                 log.info("%s", text)
                 self._status(text)
                 last_text = text
-            self._extend()
             p.clock.sleep(POLL_INTERVAL)
 
     def _pool_missing_message(self, missing_devices: list[str], scan: PoolScan) -> str:
@@ -326,9 +369,10 @@ class Unlocker:
                 "and the devices list"
             )
         if scan.state is None:
+            detail = f" (zpool said {scan.detail})" if scan.detail else ""
             return (
-                f"{head}: no pool named {c.pool} was found in {c.dev_nodes}; check the pool "
-                "name, dev_nodes, and that the disk drivers are in the initrd"
+                f"{head}: no pool named {c.pool} was found in {c.dev_nodes}{detail}; check the "
+                "pool name, dev_nodes, and that the disk drivers are in the initrd"
             )
         missing = f", missing {', '.join(scan.missing)}" if scan.missing else ""
         detail = f" ({scan.detail})" if scan.detail else ""
@@ -375,24 +419,29 @@ class Unlocker:
                         "that udev's ZFS rules (60-zvol.rules, zvol_id) are in the initrd",
                         errno=errno.ENOENT,
                     )
-                self._extend()
+                self._checkpoint()
                 p.clock.sleep(POLL_INTERVAL / 2)
             return ks.device
 
     def _open_keystore(self, stack: ExitStack, device: str) -> None:
         p, ks = self.ports, self.config.keystore
-        # Registered before activation: closes whatever is there when we leave.
-        stack.callback(self._guarded, f"close {ks.mapper_path}", self._close_mapping)
+        # Registered before activation: closes the mapping when we leave,
+        # even if the signal lands between activation and the next line.
+        stack.callback(
+            self._guarded, f"close {ks.mapper_path}", self._close_mapping, self._close_deferred
+        )
         with self._step(f"opening keystore {device} read-only as {ks.mapper_path}"):
             if p.crypt.status(ks.name) in (MappingState.ACTIVE, MappingState.BUSY):
                 log.warning(
-                    "%s is already open (a crypttab entry?); using it, and closing it at the end",
+                    "%s is already open (a crypttab entry?); using it%s",
                     ks.mapper_path,
+                    "" if self.config.dry_run else ", and closing it at the end",
                 )
                 self.report.keystore_method = "already open"
                 return
             luks = p.crypt.open(device)
             try:
+                self._activated = True  # from here on, a mapping may be ours
                 self.report.keystore_method = self._unlock(luks, device)
             finally:
                 luks.close()
@@ -402,6 +451,7 @@ class Unlocker:
         ks = self.config.keystore
         reasons: list[str] = []
         for method in ks.unlock:
+            self._checkpoint()
             if method is UnlockMethod.TOKEN:
                 if self._try_token(luks, device, reasons):
                     return "token"
@@ -422,6 +472,12 @@ class Unlocker:
         )
 
     def _try_token(self, luks: LuksDevice, device: str, reasons: list[str]) -> bool:
+        """Tokens, falling back to the next method on any token failure.
+
+        Only -EAGAIN (the token's hardware is not there yet) is waited for,
+        up to keystore.token_timeout; "no usable token" (no plugin, no
+        matching token) falls through at once.
+        """
         p, ks = self.ports, self.config.keystore
         if luks.token_count() == 0:
             reasons.append("token: none enrolled")
@@ -430,23 +486,17 @@ class Unlocker:
         start = p.clock.monotonic()
         announced = False
         while True:
+            self._checkpoint()
             try:
                 luks.activate_by_token(ks.name, None, read_only=True)
                 return True
             except PinRequiredError:
                 return self._try_token_pin(luks, device, reasons)
-            except WrongKeyError as exc:
-                reasons.append(f"token: {exc}")
-                log.warning("token did not open %s: %s", device, exc)
-                return False
             except NoTokenError as exc:
                 waited = p.clock.monotonic() - start
-                if waited >= ks.token_timeout:
+                if exc.errno != errno.EAGAIN or waited >= ks.token_timeout:
                     reasons.append(f"token: {exc}")
-                    log.warning(
-                        "no token could open %s within %s: %s",
-                        device, format_duration(ks.token_timeout), exc,
-                    )  # fmt: skip
+                    log.warning("no token could open %s: %s", device, exc)
                     return False
                 if not announced:
                     log.info(
@@ -455,24 +505,33 @@ class Unlocker:
                     )  # fmt: skip
                     self._status(f"waiting for a security token for {device}")
                     announced = True
-                self._extend()
                 p.clock.sleep(TOKEN_RETRY)
+            except KeystoreError as exc:
+                # A TPM2 unseal failing after a firmware update, a plugin
+                # error...: exactly when the passphrase must still work.
+                reasons.append(f"token: {exc}")
+                log.warning("token did not open %s: %s", device, exc)
+                return False
 
     def _ask(self, prompt: str, device: str, *, kind: str, first: bool) -> bytearray:
         ks = self.config.keystore
         self._status(f"asking for the {kind} of keystore {device}")
-        with self._heartbeat():
-            return self.ports.askpass.ask(
-                prompt,
-                ident=f"lczfs-unlockd:{device}",
-                timeout=ks.prompt_timeout,
-                accept_cached=first and kind == "passphrase",
-            )
+        passphrase = kind == "passphrase"
+        return self.ports.askpass.ask(
+            prompt,
+            ident=f"lczfs-unlockd:{device}",
+            timeout=ks.prompt_timeout,
+            # A passphrase is shared with systemd-cryptsetup through the
+            # kernel keyring (typed once for several volumes); a PIN is not.
+            keyname="cryptsetup" if passphrase else None,
+            accept_cached=first and passphrase,
+        )
 
     def _tries(self) -> Iterator[int]:
         tries = self.config.keystore.tries
         attempt = 0
         while tries == 0 or attempt < tries:
+            self._checkpoint()
             attempt += 1
             yield attempt
 
@@ -492,8 +551,9 @@ class Unlocker:
                 return True
             except (PinRequiredError, WrongKeyError):
                 log.warning("wrong token PIN for %s (try %d%s)", device, attempt, self._of())
-            except NoTokenError as exc:
+            except KeystoreError as exc:
                 reasons.append(f"token: {exc}")
+                log.warning("token did not open %s: %s", device, exc)
                 return False
             finally:
                 wipe(pin)
@@ -528,18 +588,34 @@ class Unlocker:
         reasons.append(f"passphrase: wrong {ks.tries} times")
         return False
 
+    def _ours(self) -> bool:
+        """The mapping is ours to close: a real run closes any, a dry run only its own."""
+        return self._activated or not self.config.dry_run
+
     def _close_mapping(self) -> None:
         p, ks = self.ports, self.config.keystore
-        if p.crypt.status(ks.name) in (MappingState.ACTIVE, MappingState.BUSY):
+        if self._ours() and p.crypt.status(ks.name) in (MappingState.ACTIVE, MappingState.BUSY):
             p.crypt.deactivate(ks.name)
             log.info("closed %s", ks.mapper_path)
+
+    def _close_deferred(self) -> None:
+        p, ks = self.ports, self.config.keystore
+        if self._ours() and p.crypt.status(ks.name) in (MappingState.ACTIVE, MappingState.BUSY):
+            p.crypt.deactivate(ks.name, deferred=True)
+            log.warning("%s will be removed when its last user closes it", ks.mapper_path)
 
     # --- mount -----------------------------------------------------------------
 
     def _mount_keystore(self, stack: ExitStack) -> None:
         p, ks = self.ports, self.config.keystore
         with self._step(f"mounting {ks.mapper_path} read-only on {ks.mountpoint}"):
-            p.fs.make_dir(ks.mountpoint, 0o700)
+            # A dry run leaves an existing mount point exactly as it is.
+            keep = self.config.dry_run and p.fs.exists(ks.mountpoint)
+            created = False if keep else p.fs.make_dir(ks.mountpoint, 0o700)
+            if created and self.config.dry_run:
+                stack.callback(
+                    self._guarded, f"remove {ks.mountpoint}", lambda: p.fs.remove_dir(ks.mountpoint)
+                )
             if p.mounts.is_mounted(ks.mountpoint):
                 raise KeystoreError(
                     f"something is already mounted on {ks.mountpoint}: remove the old "
@@ -547,7 +623,9 @@ class Unlocker:
                     "keystore.mountpoint",
                     errno=errno.EBUSY,
                 )
-            stack.callback(self._guarded, f"unmount {ks.mountpoint}", self._unmount)
+            stack.callback(
+                self._guarded, f"unmount {ks.mountpoint}", self._unmount, self._unmount_lazy
+            )
             p.mounts.mount(ks.mapper_path, ks.mountpoint, "")
 
     def _unmount(self) -> None:
@@ -555,6 +633,12 @@ class Unlocker:
         if p.mounts.is_mounted(mp):
             p.mounts.unmount(mp)
             log.info("unmounted %s", mp)
+
+    def _unmount_lazy(self) -> None:
+        p, mp = self.ports, self.config.keystore.mountpoint
+        if p.mounts.is_mounted(mp):
+            p.mounts.unmount(mp, lazy=True)
+            log.warning("detached %s lazily: it goes away when its last user closes it", mp)
 
     # --- keys --------------------------------------------------------------------
 
@@ -603,6 +687,7 @@ class Unlocker:
             mp = c.keystore.mountpoint
             errors: list[KeyLoadError] = []
             for d in self._targets():
+                self._checkpoint()
                 if d.keystatus == "available":
                     log.info("key of %s is already loaded", d.name)
                     self.report.already_loaded.append(d.name)
@@ -664,7 +749,9 @@ class Unlocker:
             else:
                 checked.append(f"nothing mounted on {ks.mountpoint}")
             state = p.crypt.status(ks.name)
-            if state in (MappingState.ACTIVE, MappingState.BUSY):
+            if state in (MappingState.ACTIVE, MappingState.BUSY) and not self._ours():
+                checked.append(f"{ks.mapper_path} left open as it was found (dry run)")
+            elif state in (MappingState.ACTIVE, MappingState.BUSY):
                 problems.append(f"{ks.mapper_path} is still open")
             elif state is MappingState.INACTIVE:
                 checked.append(f"{ks.mapper_path} closed")

@@ -151,28 +151,25 @@ def read_key_file(
                 f"{where} is {st.st_size} bytes, more than a key can be ({limit}): wrong file?"
             )
         buf = bytearray(limit + 1)
-        view = memoryview(buf)
         filled = 0
         try:
-            while filled <= limit:
-                n = os.readv(kfd, [view[filled:]])
-                if n == 0:
-                    break
-                filled += n
+            with memoryview(buf) as view:
+                while filled <= limit:
+                    n = os.readv(kfd, [view[filled:]])
+                    if n == 0:
+                        break
+                    filled += n
+                if filled > limit:
+                    raise KeyFileError(f"{where} is more than {limit} bytes: wrong file?")
+                out = bytearray(filled)
+                out[:] = view[:filled]  # no temporary copy
+            return out
         except OSError as exc:
-            view.release()
-            wipe(buf)
             raise KeyFileError(
                 f"{where}: read error: {exc.strerror}", errno=exc.errno or errno.EIO
             ) from None
-        view.release()
-        if filled > limit:
+        finally:
             wipe(buf)
-            raise KeyFileError(f"{where} is more than {limit} bytes: wrong file?")
-        out = bytearray(filled)
-        out[:] = buf[:filled]
-        wipe(buf)
-        return out
     finally:
         os.close(kfd)
 

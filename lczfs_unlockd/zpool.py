@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import errno
 import re
+import shlex
 from collections.abc import Sequence
 
 from . import paths
@@ -127,8 +128,18 @@ class ZpoolCli:
 
     def scan(self, pool: str, dev_nodes: str) -> PoolScan:
         result = run([paths.ZPOOL, "import", "-d", dev_nodes], check=False)
-        # Exit code 1 with "no pools available" just means nothing is there yet.
-        return parse_import_listing(result.stdout, pool)
+        scan = parse_import_listing(result.stdout, pool)
+        # Exit code 1 with "no pools available" just means nothing is there
+        # yet; anything else zpool says is worth showing if we give up.
+        error = result.stderr.strip()
+        if (
+            scan.state is None
+            and result.returncode != 0
+            and error
+            and "no pools available" not in error
+        ):
+            return PoolScan(state=None, detail=f'"{shlex.join(result.argv)}": {error}')
+        return scan
 
     def import_pool(self, pool: str, dev_nodes: str, *, force: bool, readonly: bool) -> None:
         argv = [paths.ZPOOL, "import", "-N", "-d", dev_nodes]
@@ -142,16 +153,16 @@ class ZpoolCli:
             return
         if self.health(pool) is not None:
             return  # imported meanwhile (zfs-import-scan, udev): that is fine
-        hint = ""
         if (
             "was previously in use from another system" in result.stderr
             or "hostid" in result.stderr
         ):
-            hint = (
-                "; the pool was last used by another host: set force_import = true or fix "
-                "/etc/hostid in the initrd"
+            raise PoolError(
+                f"cannot import pool {pool}: {CommandError(result)}; the pool was last used by "
+                "another host: set force_import = true or fix /etc/hostid in the initrd",
+                errno=errno.EADDRINUSE,  # retrying cannot help
             )
-        raise PoolError(f"cannot import pool {pool}: {CommandError(result)}{hint}")
+        raise PoolError(f"cannot import pool {pool}: {CommandError(result)}")
 
     def export_pool(self, pool: str) -> None:
         try:

@@ -73,6 +73,8 @@ class Token:
     pin: str | None = None  # None: no PIN needed
     slot_key: str = "token-secret"
     available_after: float = 0.0  # world time at which its hardware shows up
+    plugin: bool = True  # False: libcryptsetup has no plugin for its type (-ENOENT)
+    failure: str | None = None  # the plugin fails (a TPM2 unseal after a firmware update)
 
 
 @dataclass
@@ -102,6 +104,7 @@ class World:
     unit_files: dict[str, str] = field(default_factory=dict)
     answers: list[str] = field(default_factory=list)  # what the person types, in order
     prompts: list[tuple[str, bool]] = field(default_factory=list)  # (prompt, accept_cached)
+    keynames: list[str | None] = field(default_factory=list)
     notifications: list[str] = field(default_factory=list)
     events: list[str] = field(default_factory=list)
     time: float = 0.0
@@ -338,10 +341,15 @@ class FakeLuks:
         self, name: str | None, pin: bytearray | None, *, read_only: bool
     ) -> None:
         self.w.hook("token")
-        usable = [t for t in self.w.tokens if self.w.time >= t.available_after]
+        known = [t for t in self.w.tokens if t.plugin]
+        if not known:
+            raise NoTokenError(f"no token of {self.device} can be used", errno=errno.ENOENT)
+        usable = [t for t in known if self.w.time >= t.available_after]
         if not usable:
-            raise NoTokenError(f"no token of {self.device} can be used now")
+            raise NoTokenError(f"the token of {self.device} is not present", errno=errno.EAGAIN)
         for token in usable:
+            if token.failure:
+                raise KeystoreError(token.failure, errno=errno.EIO)
             if token.pin is None:
                 self._activate(name, read_only)
                 return
@@ -396,9 +404,12 @@ class FakeCryptsetup:
     def status(self, name: str) -> MappingState:
         return MappingState.ACTIVE if name in self.w.mappings else MappingState.INACTIVE
 
-    def deactivate(self, name: str) -> None:
+    def deactivate(self, name: str, *, deferred: bool = False) -> None:
         self.w.hook("deactivate")
         if f"/dev/mapper/{name}" in self.w.mounts.values():
+            if deferred:
+                self.w.events.append(f"deferred-deactivate {name}")
+                return
             raise KeystoreError(f"cannot close {name}: device busy", errno=errno.EBUSY)
         if self.w.mappings.pop(name, None) is not None:
             self.w.events.append(f"deactivate {name}")
@@ -425,8 +436,8 @@ class FakeMounts:
         self.w.mounts[target] = source
         self.w.events.append(f"mount {target}")
 
-    def unmount(self, target: str) -> None:
-        self.w.hook("unmount")
+    def unmount(self, target: str, *, lazy: bool = False) -> None:
+        self.w.hook("unmount_lazy" if lazy else "unmount")
         if target not in self.w.mounts:
             raise TeardownError(f"cannot unmount {target}: Invalid argument")
         for entry in os.listdir(target):
@@ -436,7 +447,7 @@ class FakeMounts:
             else:
                 os.unlink(path)
         del self.w.mounts[target]
-        self.w.events.append(f"unmount {target}")
+        self.w.events.append(f"unmount {target}{' lazily' if lazy else ''}")
 
     def is_mounted(self, target: str) -> bool:
         return target in self.w.mounts
@@ -461,8 +472,11 @@ class FakeAskPassword:
     def __init__(self, world: World) -> None:
         self.w = world
 
-    def ask(self, prompt: str, *, ident: str, timeout: float, accept_cached: bool) -> bytearray:
+    def ask(
+        self, prompt: str, *, ident: str, timeout: float, keyname: str | None, accept_cached: bool
+    ) -> bytearray:
         self.w.prompts.append((prompt, accept_cached))
+        self.w.keynames.append(keyname)
         self.w.hook("ask")
         if not self.w.answers:
             raise PromptError("no passphrase was entered (Timer expired)")
@@ -486,9 +500,14 @@ class FakeFilesystem:
             return path in self.w.device_nodes()
         return os.path.exists(path)
 
-    def make_dir(self, path: str, mode: int) -> None:
+    def make_dir(self, path: str, mode: int) -> bool:
+        created = not os.path.exists(path)
         os.makedirs(path, mode=mode, exist_ok=True)
         os.chmod(path, mode)
+        return created
+
+    def remove_dir(self, path: str) -> None:
+        os.rmdir(path)
 
 
 class FakeClock:

@@ -211,6 +211,7 @@ def test_askpass_arguments_and_answer(tmp_path):
         "Please enter the passphrase for keystore rpool/v:",
         ident="lczfs-unlockd:/dev/zvol/rpool/v-part1",
         timeout=90,
+        keyname="cryptsetup",
         accept_cached=True,
     )
     assert answer == bytearray(b"pass word")
@@ -231,7 +232,7 @@ def test_askpass_cancelled(tmp_path):
         PromptError, match=r"no passphrase was entered \(Failed to query password: Timer expired\)"
     ):
         SystemdAskPassword(str(tmp_path / "bin" / "ask")).ask(
-            "p", ident="i", timeout=0, accept_cached=False
+            "p", ident="i", timeout=0, keyname=None, accept_cached=False
         )
 
 
@@ -242,7 +243,7 @@ def test_real_systemd_ask_password_without_agent_times_out():
     start = time.monotonic()
     with pytest.raises(PromptError):
         SystemdAskPassword(program).ask(
-            "test prompt", ident="lczfs-test", timeout=1, accept_cached=False
+            "test prompt", ident="lczfs-test", timeout=1, keyname=None, accept_cached=False
         )
     assert time.monotonic() - start < 30
 
@@ -381,3 +382,13 @@ def test_units_adapter_does_not_import_lxml():
         print(sorted(m for m in sys.modules if m.startswith(("pystemd", "lxml"))))
         """)  # fmt: skip
     assert out == ["['pystemd', 'pystemd.dbusexc', 'pystemd.dbuslib', 'pystemd.utils']"]
+
+
+def test_askpass_pin_prompt_stays_out_of_the_keyring(tmp_path):
+    stub(tmp_path, "ask", f'printf "%s\\n" "$@" > {tmp_path}/argv; echo 1234\n')
+    SystemdAskPassword(str(tmp_path / "bin" / "ask")).ask(
+        "PIN:", ident="i", timeout=0, keyname=None, accept_cached=True
+    )
+    argv = (tmp_path / "argv").read_text().splitlines()
+    assert not any(a.startswith("--keyname") for a in argv)
+    assert "--accept-cached" not in argv  # nothing can be cached without a key name

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import errno
+import logging
 import os
 import signal
 
@@ -474,10 +475,12 @@ def test_teardown_failure_is_reported_and_the_rest_still_runs(world, make_config
         raise TeardownError("cannot unmount: Device or resource busy", errno=errno.EBUSY)
 
     world.hooks["unmount"] = refuse
+    world.hooks["unmount_lazy"] = refuse
     report = run(make_config())
     assert not report.ok
     assert isinstance(report.error, TeardownError)
     assert f"{world.mountpoint} is still mounted" in str(report.error)
+    assert "deferred-deactivate lczfs-keystore" in world.events
     # mask ran although unmount and close failed
     assert world.masked.get(CRYPT_UNIT) == "masked-runtime"
     assert f"left behind: {world.mountpoint} is still mounted" in caplog.text
@@ -644,3 +647,134 @@ def test_dry_run_export_retried_while_busy(world, make_config, run):
     report = run(make_config(dry_run=True))
     assert report.ok, report.error
     assert not world.imported
+
+
+def test_token_without_plugin_falls_back_at_once(world, make_config, run):
+    world.tokens = [Token(plugin=False)]
+    world.answers = ["luks pass"]
+    report = run(make_config({"token_timeout": "30s"}))
+    assert report.ok and report.keystore_method == "passphrase"
+    assert world.time < 1.0  # no 30 s wait for a token that can never work
+
+
+def test_failing_token_falls_back_to_passphrase(world, make_config, run, caplog):
+    world.tokens = [Token(failure="TPM2 unseal failed: PCR policy mismatch")]
+    world.answers = ["luks pass"]
+    report = run(make_config())
+    assert report.ok and report.keystore_method == "passphrase"
+    assert "token did not open" in caplog.text and "PCR policy mismatch" in caplog.text
+
+
+def test_pin_is_not_shared_through_the_keyring(world, make_config, run):
+    world.tokens = [Token(pin="1234")]
+    world.answers = ["1234"]
+    assert run(make_config()).ok
+    assert world.keynames == [None]
+
+
+def test_passphrase_is_shared_with_systemd_cryptsetup(world, make_config, run):
+    world.answers = ["x", "luks pass"]
+    assert run(make_config()).ok
+    assert world.keynames == ["cryptsetup", "cryptsetup"]
+
+
+def test_unmount_that_stays_busy_is_detached_lazily(world, make_config, run):
+    world.answers = ["luks pass"]
+
+    def busy(_w):
+        raise TeardownError("cannot unmount: Device or resource busy", errno=errno.EBUSY)
+
+    world.hooks["unmount"] = busy
+    report = run(make_config())
+    assert not report.ok
+    assert f"unmount {world.mountpoint} lazily" in world.events
+    assert "deactivate lczfs-keystore" in world.events
+    assert world.clean()
+
+
+def test_import_is_retried_within_the_deadline(world, make_config, run):
+    world.answers = ["luks pass"]
+    failures = [2]
+
+    def flaky(_w):
+        if failures[0]:
+            failures[0] -= 1
+            raise PoolError("cannot import pool rpool: no such pool available")
+
+    world.hooks["import"] = flaky
+    report = run(make_config())
+    assert report.ok, report.error
+    assert failures == [0]
+
+
+def test_hostid_mismatch_is_not_retried(world, make_config, run):
+    def foreign(_w):
+        raise PoolError(
+            "cannot import pool rpool: in use from another system", errno=errno.EADDRINUSE
+        )
+
+    world.hooks["import"] = foreign
+    report = run(make_config())
+    assert "in use from another system" in str(report.error)
+    assert world.time < 1.0
+
+
+def test_sigterm_swallowed_inside_a_callback_is_raised_at_the_next_checkpoint(
+    world, make_config, run
+):
+    """A raise inside a ctypes log callback is lost; the recorded signal is not."""
+    world.answers = ["luks pass"]
+
+    def swallowed(_w):
+        try:
+            os.kill(os.getpid(), signal.SIGTERM)
+        except BaseException:  # what ctypes does with an exception in a callback
+            pass
+
+    world.hooks["activate"] = swallowed
+    report = run(make_config())
+    assert isinstance(report.error, Interrupted)
+    assert world.loaded_keys() == {"rpool/crypt": False}
+    assert_clean(world)
+
+
+def test_sigterm_while_logging_is_not_swallowed(world, make_config, run, caplog):
+    world.answers = ["luks pass"]
+
+    class Bomb(logging.Handler):
+        fired = False
+
+        def emit(self, record):
+            if not Bomb.fired and "keystore opened" in record.getMessage():
+                Bomb.fired = True
+                os.kill(os.getpid(), signal.SIGTERM)
+
+    handler = Bomb()
+    logging.getLogger("lczfs_unlockd").addHandler(handler)
+    try:
+        report = run(make_config())
+    finally:
+        logging.getLogger("lczfs_unlockd").removeHandler(handler)
+    assert Bomb.fired
+    assert isinstance(report.error, Interrupted)
+    assert_clean(world)
+
+
+def test_dry_run_leaves_an_open_mapping_open_and_no_new_directory(
+    world, make_config, run, mountpoint
+):
+    world.imported, world.imported_at = True, -10.0
+    world.mappings["lczfs-keystore"] = True
+    report = run(make_config(dry_run=True))
+    assert report.ok, report.error
+    assert world.mappings == {"lczfs-keystore": True}  # as found
+    assert world.imported
+    assert not os.path.exists(mountpoint)  # created for the check, removed again
+
+
+def test_dry_run_keeps_an_existing_mount_point_mode(world, make_config, run, mountpoint):
+    os.makedirs(mountpoint, mode=0o755)
+    os.chmod(mountpoint, 0o755)
+    world.answers = ["luks pass"]
+    assert run(make_config(dry_run=True)).ok
+    assert os.stat(mountpoint).st_mode & 0o777 == 0o755
