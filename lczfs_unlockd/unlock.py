@@ -527,65 +527,66 @@ class Unlocker:
             accept_cached=first and passphrase,
         )
 
-    def _tries(self) -> Iterator[int]:
+    def _try_token_pin(self, luks: LuksDevice, device: str, reasons: list[str]) -> bool:
+        ks = self.config.keystore
+        try:
+            return self._ask_until_right(
+                device,
+                reasons,
+                kind="token PIN",
+                prompt=f"Please enter the security token PIN for keystore {ks.volume}:",
+                activate=lambda pin: luks.activate_by_token(ks.name, pin, read_only=True),
+                wrong=(PinRequiredError, WrongKeyError),
+            )
+        except KeystoreError as exc:
+            reasons.append(f"token: {exc}")
+            log.warning("token did not open %s: %s", device, exc)
+            return False
+
+    def _try_passphrase(self, luks: LuksDevice, device: str, reasons: list[str]) -> bool:
+        ks = self.config.keystore
+        return self._ask_until_right(
+            device,
+            reasons,
+            kind="passphrase",
+            prompt=f"Please enter the passphrase for keystore {ks.volume}:",
+            activate=lambda passphrase: luks.activate_by_passphrase(
+                ks.name, passphrase, read_only=True
+            ),
+            wrong=(WrongKeyError,),
+        )
+
+    def _ask_until_right(
+        self,
+        device: str,
+        reasons: list[str],
+        *,
+        kind: str,
+        prompt: str,
+        activate: Callable[[bytearray], None],
+        wrong: tuple[type[KeystoreError], ...],
+    ) -> bool:
+        """Ask and try up to keystore.tries times; the answer is wiped after each try."""
         tries = self.config.keystore.tries
+        of = f" of {tries}" if tries else ""
         attempt = 0
         while tries == 0 or attempt < tries:
             self._checkpoint()
             attempt += 1
-            yield attempt
-
-    def _try_token_pin(self, luks: LuksDevice, device: str, reasons: list[str]) -> bool:
-        ks = self.config.keystore
-        for attempt in self._tries():
             try:
-                pin = self._ask(
-                    f"Please enter the security token PIN for keystore {ks.volume}:",
-                    device, kind="token PIN", first=attempt == 1,
-                )  # fmt: skip
+                secret = self._ask(prompt, device, kind=kind, first=attempt == 1)
             except PromptError as exc:
-                reasons.append(f"token PIN: {exc}")
+                reasons.append(f"{kind}: {exc}")
                 return False
             try:
-                luks.activate_by_token(ks.name, pin, read_only=True)
+                activate(secret)
                 return True
-            except (PinRequiredError, WrongKeyError):
-                log.warning("wrong token PIN for %s (try %d%s)", device, attempt, self._of())
-            except KeystoreError as exc:
-                reasons.append(f"token: {exc}")
-                log.warning("token did not open %s: %s", device, exc)
-                return False
+            except wrong:
+                log.warning("wrong %s for keystore %s (try %d%s)", kind, device, attempt, of)
+                self._status(f"wrong {kind} for keystore {device} (try {attempt}{of})")
             finally:
-                wipe(pin)
-        reasons.append(f"token PIN: wrong {ks.tries} times")
-        return False
-
-    def _of(self) -> str:
-        tries = self.config.keystore.tries
-        return f" of {tries}" if tries else ""
-
-    def _try_passphrase(self, luks: LuksDevice, device: str, reasons: list[str]) -> bool:
-        ks = self.config.keystore
-        for attempt in self._tries():
-            try:
-                passphrase = self._ask(
-                    f"Please enter the passphrase for keystore {ks.volume}:",
-                    device, kind="passphrase", first=attempt == 1,
-                )  # fmt: skip
-            except PromptError as exc:
-                reasons.append(f"passphrase: {exc}")
-                return False
-            try:
-                luks.activate_by_passphrase(ks.name, passphrase, read_only=True)
-                return True
-            except WrongKeyError:
-                log.warning(
-                    "wrong passphrase for keystore %s (try %d%s)", device, attempt, self._of()
-                )
-                self._status(f"wrong passphrase for keystore {device} (try {attempt}{self._of()})")
-            finally:
-                wipe(passphrase)
-        reasons.append(f"passphrase: wrong {ks.tries} times")
+                wipe(secret)
+        reasons.append(f"{kind}: wrong {tries} times")
         return False
 
     def _ours(self) -> bool:

@@ -348,8 +348,6 @@ in
           "initrd-fs.target"
           "initrd.target"
           "initrd-switch-root.target"
-          "cryptsetup-pre.target"
-          "cryptsetup.target"
           "shutdown.target"
         ];
         conflicts = [ "shutdown.target" ];
