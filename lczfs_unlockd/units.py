@@ -93,17 +93,31 @@ class SystemdUnits:
             ) from None
 
     def stop_and_mask(self, units: Sequence[str]) -> None:
+        loaded = False
         for unit in units:
             try:
                 self._call(b"StopUnit", b"ss", [unit.encode(), b"replace"])
+                loaded = True
             except TeardownError as exc:
-                # StopUnit on a unit that was never loaded fails with NoSuchUnit: nothing to stop.
+                # A unit that was never loaded, or only as not-found, cannot
+                # be stopped ("Unit ... not loaded."): nothing to stop.
                 log.debug("stop %s: %s", unit, exc)
+                if "not loaded" not in str(exc) and "NoSuchUnit" not in str(exc):
+                    loaded = True  # some other failure: assume it is loaded
         encoded = [u.encode() for u in units]
         # MaskUnitFiles(in as files, in b runtime, in b force)
         self._call(b"MaskUnitFiles", b"asbb", [encoded, True, True])
-        # Like `systemctl mask`: reload so the loaded units see the mask.
-        self._call(b"Reload", b"", [])
+        # Like `systemctl mask`: reload so that loaded units see the mask.
+        # Only then: a reload re-runs every generator and re-reads every unit
+        # (seconds on a slow machine, PID 1 busy meanwhile), and a unit that
+        # is not loaded (the usual case: no crypttab entry, no .mount file,
+        # our own mount's unit gone with the mount) is read from disk the
+        # next time anything names it -- systemd retries not-found units
+        # when its unit directories changed -- and is then masked.
+        if loaded:
+            self._call(b"Reload", b"", [])
+        else:
+            log.debug("%s not loaded: masked without a reload", ", ".join(units))
 
     def unit_file_state(self, unit: str) -> str:
         state = self._call(b"GetUnitFileState", b"s", [unit.encode()])
