@@ -126,12 +126,16 @@ install() {
     # that were loaded, as bytecode (no sources, nothing compiled at boot),
     # plus the daemon package with pyzfs's C declarations parsed ahead
     # (_pyzfs_ffi.py): no pycparser, no cffi Python package, no lxml, only
-    # pystemd's bus module.  No hand-kept module list.
+    # pystemd's bus module.  No hand-kept module list.  It also writes the
+    # launcher, /usr/bin/lczfs-unlockd: python3 -IS (-I: nothing in the
+    # environment changes what runs; -S: no site module, whose start-up cost
+    # bought nothing here) with the module path spelled out.
     pkg=$(_lczfs_package_dir)
     elf="${DRACUT_TMPDIR:-${TMPDIR:-/tmp}}/lczfs-unlockd-python-elf"
     "${dracutsysrootdir-}$python" -I "$moddir/python-closure.py" \
         --package-dir "${dracutsysrootdir-}$pkg" --initdir "$initdir" \
-        --sysroot "${dracutsysrootdir-}" --elf-list "$elf" || {
+        --sysroot "${dracutsysrootdir-}" --elf-list "$elf" \
+        --launcher /usr/bin/lczfs-unlockd || {
         derror "lczfs-unlockd: cannot compute the Python modules lczfs-unlockd needs"
         return 1
     }
@@ -143,15 +147,6 @@ install() {
     inst_libdir_file "libzfs_core.so.*" "libnvpair.so.*" "libcryptsetup.so.*" "libuuid.so.*"
     # LUKS2 token plugins (TPM2, FIDO2, PKCS#11) are dlopen()ed by libcryptsetup.
     inst_libdir_file "cryptsetup/libcryptsetup-token-*.so"
-
-    # Launcher: -I so that nothing in the environment can change what runs.
-    cat > "${initdir}/usr/bin/lczfs-unlockd" << EOF
-#!/usr/bin/python3 -I
-from lczfs_unlockd.cli import main
-
-raise SystemExit(main())
-EOF
-    chmod 0755 "${initdir}/usr/bin/lczfs-unlockd"
 
     unit=$(_lczfs_unit)
     inst_simple "$unit" "${systemdsystemunitdir:-/usr/lib/systemd/system}/lczfs-unlockd.service"

@@ -12,7 +12,8 @@ imports — no hand-kept module list:
    installed pyzfs's C declarations (``python3 -m lczfs_unlockd.pyzfs_ffi``):
    at run time neither pycparser nor the ``cffi`` Python package is needed,
    only the ``_cffi_backend`` extension.
-2. A *rehearsal* runs in a fresh ``python3 -I`` (the launcher's flags):
+2. A *rehearsal* runs in a fresh ``python3 -I -S`` (the launcher's flags,
+   see --launcher; the site directories appended to sys.path by hand):
    it imports every module of the staged package and drives each adapter
    through its start-up path with harmless inputs (argument parsing and help,
    logging with a traceback, config load and kernel command line, sd_notify
@@ -50,12 +51,14 @@ DEST_PACKAGE_DIR = "/usr/lib/python3/dist-packages/lczfs_unlockd"
 # its prefix.  os is frozen (no file needed to import it) but os.py[c] marks
 # the standard library, lib-dynload the platform library directory.
 LANDMARK_MODULES = ("os",)
+# The launcher's interpreter flags; the rehearsal runs with the same.
+LAUNCHER_FLAGS = ("-I", "-S")
 
 
 # --- rehearsal (runs in a child interpreter) --------------------------------
 
 
-def _rehearse(stage: str, tmp: str) -> None:
+def _rehearse(stage: str, tmp: str, site_dirs: list[str]) -> None:
     # Each of these is imported by the daemon anyway (logging, sdnotify, config).
     import contextlib
     import io
@@ -63,7 +66,9 @@ def _rehearse(stage: str, tmp: str) -> None:
     import socket
     import traceback
 
+    # What the launcher does (python3 -IS: no site module, explicit path).
     sys.path.insert(0, stage)
+    sys.path.extend(site_dirs)
     sink = io.StringIO()
 
     def attempt(what: str, fn: object) -> None:
@@ -183,7 +188,14 @@ def _stage(package_dir: str, stage: str) -> None:
     )
 
 
-def _closure(stage: str, tmp: str) -> list[dict[str, object]]:
+def _site_dirs() -> list[str]:
+    """Where site.py would look for third-party modules (Debian: dist-packages)."""
+    import site
+
+    return [d for d in site.getsitepackages() if os.path.isdir(d)]
+
+
+def _closure(stage: str, tmp: str, site_dirs: list[str]) -> list[dict[str, object]]:
     """sys.modules after the rehearsal, under the locales an initrd may have."""
     import json
     import subprocess
@@ -195,8 +207,9 @@ def _closure(stage: str, tmp: str) -> list[dict[str, object]]:
         env = {"PATH": "/usr/sbin:/usr/bin:/sbin:/bin"}
         if lang:
             env["LANG"] = lang
+        script = os.path.abspath(__file__)
         r = subprocess.run(
-            [sys.executable, "-I", os.path.abspath(__file__), "--rehearse", stage, scratch],
+            [sys.executable, *LAUNCHER_FLAGS, script, "--rehearse", stage, scratch, *site_dirs],
             env=env,
             capture_output=True,
             check=False,
@@ -258,8 +271,34 @@ def _install_package(stage: str, initdir: str) -> list[str]:
     return files
 
 
+def _launcher(path: str, site_dirs: list[str]) -> None:
+    """/usr/bin/lczfs-unlockd: python3 -IS, the module path spelled out.
+
+    -I: nothing in the environment or the working directory changes what
+    runs.  -S: no site module -- it only adds the directories below, reads
+    .pth files and tries sitecustomize, and costs about as much as the rest
+    of the interpreter's start-up together.
+    """
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    with open(path, "w") as f:
+        f.write(
+            # One shebang argument: the flags grouped ("-IS").
+            f"#!/usr/bin/python3 -{''.join(f[1:] for f in LAUNCHER_FLAGS)}\n"
+            "import sys\n\n"
+            f"sys.path += {site_dirs!r}\n"
+            "from lczfs_unlockd.cli import main  # noqa: E402\n\n"
+            "raise SystemExit(main())\n"
+        )
+    os.chmod(path, 0o755)  # noqa: S103 - a program, like /usr/bin/python3
+
+
 def install(
-    package_dir: str, initdir: str, elf_list: str, manifest: str | None, sysroot: str = ""
+    package_dir: str,
+    initdir: str,
+    elf_list: str,
+    manifest: str | None,
+    sysroot: str = "",
+    launcher: str | None = None,
 ) -> None:
     import importlib.machinery
     import json
@@ -271,7 +310,8 @@ def install(
     stage = os.path.join(tmp, "stage")
     try:
         _stage(package_dir, stage)
-        modules = _closure(stage, tmp)
+        site_dirs = _site_dirs()
+        modules = _closure(stage, tmp, site_dirs)
         stdlib = sysconfig.get_path("stdlib")
         elf: list[str] = []
         parts: dict[str, list[str]] = {}
@@ -308,6 +348,14 @@ def install(
         dynload = os.path.join(stdlib, "lib-dynload")
         os.makedirs(initdir + (dynload[len(sysroot) :] if sysroot else dynload), exist_ok=True)
         parts["daemon"] = _install_package(stage, initdir)
+        if launcher:
+            used = {os.path.dirname(DEST_PACKAGE_DIR)}
+            for entry in modules:
+                origin = entry["origin"]
+                if isinstance(origin, str) and os.path.isabs(origin):
+                    used.update(d for d in site_dirs if origin.startswith(d + os.sep))
+            strip = len(sysroot) if sysroot else 0
+            _launcher(initdir + launcher, [d[strip:] for d in site_dirs if d in used])
 
         for name in sorted(_static_imports(package_dir)):
             top = name.split(".")[0]
@@ -336,8 +384,8 @@ def install(
 
 
 def main() -> int:
-    if len(sys.argv) == 4 and sys.argv[1] == "--rehearse":
-        _rehearse(sys.argv[2], sys.argv[3])
+    if len(sys.argv) >= 4 and sys.argv[1] == "--rehearse":
+        _rehearse(sys.argv[2], sys.argv[3], sys.argv[4:])
         return 0
     import argparse
 
@@ -347,8 +395,16 @@ def main() -> int:
     p.add_argument("--elf-list", required=True, help="extension modules for inst_multiple")
     p.add_argument("--manifest", help="write what was installed, by part (JSON)")
     p.add_argument("--sysroot", default="", help="dracut's $dracutsysrootdir, if any")
+    p.add_argument("--launcher", help="write the launcher at this path (inside the initrd)")
     args = p.parse_args()
-    install(args.package_dir, args.initdir, args.elf_list, args.manifest, args.sysroot.rstrip("/"))
+    install(
+        args.package_dir,
+        args.initdir,
+        args.elf_list,
+        args.manifest,
+        args.sysroot.rstrip("/"),
+        args.launcher,
+    )
     return 0
 
 

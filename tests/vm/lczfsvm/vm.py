@@ -7,6 +7,7 @@ result = guest.boot(Boot(...))  # one initrd-only boot, returns its report
 from __future__ import annotations
 
 import json
+import re
 import secrets
 import shutil
 import subprocess
@@ -132,6 +133,17 @@ class Result:
             self.unit.get("ActiveEnterTimestampMonotonic") or 0
         )
         return (end - start) / 1e6 if start and end > start else float("nan")
+
+    def journal_time(self, pattern: str) -> float:
+        """Monotonic seconds of the daemon's first journal line matching pattern."""
+        rx = re.compile(pattern)
+        for line in str(self.report["journal_unit_short"]["out"]).splitlines():
+            m = re.match(r"\[\s*([0-9.]+)\]", line)
+            if m and rx.search(line):
+                return float(m.group(1))
+        raise AssertionError(
+            f"no journal line of lczfs-unlockd matches {pattern!r}\n{self.journal}"
+        )
 
     def describe(self) -> str:
         return (
