@@ -238,12 +238,14 @@ def run_boot(guest: vm.Guest, initrds: Initrds, spec: Spec, work: Path) -> dict[
     try:
         m.start()
         if spec.late:
-            # Plug once the unit under test is polling and udev is idle.
+            # Plug once the unit under test polls and coldplug is over (the
+            # disk driver loaded, udev idle: basic.target comes after
+            # systemd-udev-settle, which zfs-load-module pulls in).
+            m.expect(r"Reached target [^\n]*basic\.target", BOOT_TIMEOUT)
             if spec.kind == "lczfs":
                 m.expect(r"waiting for rpool", BOOT_TIMEOUT)
             else:
                 m.expect(r"Start(ing|ed) [^\n]*zfs-import-rpool", BOOT_TIMEOUT)
-                time.sleep(2.0)  # the seed's shell loop needs no interpreter start-up
             time.sleep(spec.hotplug_delay)
             m.hotplug(qemu.Disk(seed, "seed0"))
             hotplugged_at = m.elapsed()
@@ -319,6 +321,8 @@ def _metrics(spec: Spec, r: dict[str, Any]) -> dict[str, Any]:
         else:
             out["unit_start"] = _us(imp, "InactiveExitTimestampMonotonic")
             out["ok"] = imp.get("Result") == "success"
+    if out.get("keys_loaded"):
+        out["keys_loaded_from_userspace_s"] = out["keys_loaded"] - userspace
     if out.get("end"):
         out["unlock_from_userspace_s"] = out["end"] - userspace
         out["unlock_from_kernel_s"] = out["end"]
@@ -381,6 +385,20 @@ def series(
     return out
 
 
+def resummarize(saved: dict[str, Any]) -> dict[str, Any]:
+    """The summary of a saved series, recomputed with this version's keys."""
+    for rs in saved["boots"].values():
+        for r in rs:
+            if r.get("keys_loaded") and "keys_loaded_from_userspace_s" not in r:
+                r["keys_loaded_from_userspace_s"] = r["keys_loaded"] - r["userspace_start"]
+            if r.get("timing", {}).get("rss") and "rss_outside_pbkdf_bytes" not in r:
+                r["rss_outside_pbkdf_bytes"] = max(r["timing"]["rss"].values())
+    out = summarize(saved["boots"], None)
+    out["workdir"] = saved.get("workdir")
+    out["keyslot_pbkdf_memory_bytes"] = saved.get("keyslot_pbkdf_memory_bytes")
+    return out
+
+
 def _values(rs: list[dict[str, Any]], key: str) -> list[float]:
     return [r[key] for r in rs if r.get("ok") and isinstance(r.get(key), int | float)]
 
@@ -391,6 +409,8 @@ def summarize(results: dict[str, list[dict[str, Any]]], work: Path | None) -> di
     out["unlock"] = spread(_values(lz, "unlock_from_userspace_s"))
     out["seed_chain"] = spread(_values(seed, "unlock_from_userspace_s"))
     out["unlock_from_kernel"] = spread(_values(lz, "unlock_from_kernel_s"))
+    out["keys_loaded_lczfs"] = spread(_values(lz, "keys_loaded_from_userspace_s"))
+    out["keys_loaded_seed"] = spread(_values(seed, "keys_loaded_from_userspace_s"))
     out["seed_chain_from_kernel"] = spread(_values(seed, "unlock_from_kernel_s"))
     out["userspace_start_lczfs"] = spread(_values(lz, "userspace_start"))
     out["userspace_start_seed"] = spread(_values(seed, "userspace_start"))

@@ -56,6 +56,8 @@ def headline(result: dict[str, Any]) -> dict[str, Any]:
         out["unlock_seconds_from_kernel"] = b["unlock_from_kernel"]
         out["seed_chain_seconds_from_kernel"] = b["seed_chain_from_kernel"]
         out["unlock_ratio_from_kernel"] = b["unlock_ratio_from_kernel"]
+        out["keys_loaded_seconds"] = b.get("keys_loaded_lczfs")
+        out["seed_keys_loaded_seconds"] = b.get("keys_loaded_seed")
         out["late_disk_import_ms"] = _median(b["late_disk_lczfs_ms"])
         out["late_disk_import_ms_spread"] = b["late_disk_lczfs_ms"]
         out["late_disk_detect_ms"] = b["late_disk_detect_lczfs_ms"]
@@ -76,7 +78,9 @@ def headline(result: dict[str, Any]) -> dict[str, Any]:
 
 
 def _fmt_bytes(n: Any) -> str:
-    return f"{n / MIB:.2f} MiB" if isinstance(n, int | float) else "-"
+    if not isinstance(n, int | float):
+        return "-"
+    return f"{n / MIB:.2f} MiB" if abs(n) >= MIB else f"{n / 1024:.0f} KiB"
 
 
 def _fmt_s(d: Any) -> str:
@@ -131,6 +135,8 @@ def table(result: dict[str, Any]) -> str:
             f"{_fmt_s(h['unlock_seconds_from_kernel'])} vs "
             f"{_fmt_s(h['seed_chain_seconds_from_kernel'])}; ratio "
             + (f"{rk:.2f}" if rk else "-"))  # fmt: skip
+        add("  keys loaded (keystore still open), lczfs", _fmt_s(h["keys_loaded_seconds"]))
+        add("  keys loaded (keystore still open), seed", _fmt_s(h["seed_keys_loaded_seconds"]))
         v = h["late_disk_import_ms"]
         add("late disk: appeared -> imported, lczfs-unlockd",
             _fmt_ms(h["late_disk_import_ms_spread"]) + " (target <= 300 ms)",
@@ -174,6 +180,8 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     if args.load:
         result = json.loads(Path(args.load).read_text())
+        if isinstance(result.get("boots"), dict) and "boots" in result["boots"]:
+            result["boots"] = boots.resummarize(result["boots"])
     else:
         only = set(args.only.split(","))
         result = {"started": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}

@@ -28,6 +28,16 @@ import atexit  # noqa: E402
 import json  # noqa: E402
 import os  # noqa: E402
 import subprocess  # noqa: E402
+import sys  # noqa: E402
+
+# The real launcher's module path (python3 -IS: no site module), from it;
+# launchers that relied on site (python3 -I) had Debian's dist-packages.
+PATH = ["/usr/lib/python3/dist-packages"]
+with open("/usr/bin/lczfs-unlockd") as f:
+    for line in f:
+        if line.startswith("sys.path += "):
+            PATH = json.loads(line.split("=", 1)[1].strip().replace("'", '"'))
+sys.path += [p for p in PATH if p not in sys.path]
 
 from lczfs_unlockd import zfskeys  # noqa: E402
 from lczfs_unlockd.cli import main  # noqa: E402
