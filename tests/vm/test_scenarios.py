@@ -117,6 +117,16 @@ def test_dry_run(boot: Boot) -> None:
     assert_clean(r)
 
 
+def test_disabled_on_kernel_cmdline(boot: Boot) -> None:
+    r = boot("disabled")
+    assert r.unit["ActiveState"] == "active", r.describe() + "\n" + r.journal
+    assert "disabled" in r.status, r.status
+    assert str(r.report["zpool_list"]["out"]).strip() == "", r.report["zpool_list"]
+    for unit in KEYSTORE_UNITS:
+        assert "masked" not in r.report["units"][unit]["is_enabled"], r.report["units"][unit]
+    assert_clean(r)
+
+
 def test_wrong_passphrase_fails_after_tries(boot: Boot) -> None:
     r = boot("wrong-passphrase")
     assert len(r.prompts) == 3

@@ -18,7 +18,7 @@ suite=trixie
 packages=(
     linux-image-amd64 linux-headers-amd64
     zfs-dkms zfsutils-linux zfs-dracut
-    dracut dracut-core systemd systemd-cryptsetup udev kmod util-linux
+    dracut dracut-core systemd systemd-sysv systemd-cryptsetup udev kmod util-linux
     cryptsetup cryptsetup-bin dmsetup fdisk e2fsprogs zstd
     tpm2-tools libtss2-tcti-device0t64
     python3 python3-cffi python3-pyzfs python3-pystemd python3-sdnotify

@@ -3,7 +3,6 @@
     python3 -m lczfsvm build            # guest tree, kernel, initrds, golden disks
     python3 -m lczfsvm boot NAME        # one scenario boot from scenarios.py, report summary
     python3 -m lczfsvm demo             # key-file unlock with the console streamed
-    python3 -m lczfsvm shell-config     # print the config of a scenario
 
 (run from tests/vm, or use tests/vm/demo).  Cache: $LCZFS_VM_CACHE
 (default /var/cache/lczfs-vm).
@@ -51,7 +50,10 @@ def cmd_boot(args: argparse.Namespace) -> int:
 
 
 def cmd_demo(_args: argparse.Namespace) -> int:
-    print("== building the guest (cached after the first run; cold: ~12 min) ==", flush=True)
+    print(
+        "== building the guest (cached after the first run; cold: ~17 min on 2 cores) ==",
+        flush=True,
+    )
     guest = _build()
     print("== booting: lczfs-unlockd opens the keystore with its key file ==", flush=True)
     spec = scenarios.get("keyfile", guest, echo=sys.stdout)

@@ -44,6 +44,7 @@ SCENARIOS: dict[str, Callable[[Guest], Boot]] = {
     # rd.lczfs.debug: libcryptsetup's debug log goes through a callback.
     "debug": lambda g: Boot("debug", _keyfile_config(), keyfile=True, cmdline=DEBUG),
     "tpm2": lambda g: Boot("tpm2", toml_config(unlock=("token",)), tpm=True),
+    "disabled": lambda g: Boot("disabled", _keyfile_config(), keyfile=True, cmdline="rd.lczfs=0"),
     "dry-run": lambda g: Boot(
         "dry-run", _keyfile_config(), keyfile=True, cmdline="rd.lczfs.dry_run=1"
     ),

@@ -236,7 +236,12 @@ class Guest:
             )
         initrd = build.test_initrd(
             self.root,
-            build.Overlay(config=spec.config, files=tuple(files), needles=self.secrets.needles),
+            build.Overlay(
+                config=spec.config,
+                files=tuple(files),
+                # Typed answers, wrong ones included, must not leak either.
+                needles=(*self.secrets.needles, *(a.encode() for a in spec.answers)),
+            ),
             work / "initrd.img",
         )
         disks = [
