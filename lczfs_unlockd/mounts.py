@@ -124,6 +124,12 @@ class HostFilesystem:
     def exists(self, path: str) -> bool:
         return os.path.exists(path)
 
+    def listing(self, path: str) -> tuple[str, ...]:
+        try:
+            return tuple(sorted(os.listdir(path)))
+        except OSError:
+            return ()
+
     def make_dir(self, path: str, mode: int) -> bool:
         """Create the mount point with ``mode`` (0700), or tighten an existing one."""
         try:

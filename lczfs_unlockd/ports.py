@@ -126,6 +126,9 @@ class Notifier(Protocol):
 class Filesystem(Protocol):
     def exists(self, path: str) -> bool: ...
 
+    def listing(self, path: str) -> tuple[str, ...]:
+        """Sorted names in a directory; () when it does not exist (yet)."""
+
     def make_dir(self, path: str, mode: int) -> bool:
         """Create ``path`` with ``mode`` (or tighten it); True if it was created."""
 

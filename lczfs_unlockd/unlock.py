@@ -63,6 +63,7 @@ HEARTBEAT = 10.0
 BUSY_RETRIES = 10  # teardown actions failing with EBUSY: 10 tries, 0.2 s apart
 BUSY_RETRY_INTERVAL = 0.2
 IMPORT_RETRY = 1.0
+RESCAN_INTERVAL = 2.0  # zpool import -d without a change in dev_nodes
 
 ReadKeyFile = Callable[[str, str, str], bytearray]  # (mountpoint, path, dataset)
 
@@ -325,22 +326,42 @@ class Unlocker:
                 log.info("imported %s read-only (dry run; exported again at the end)", c.pool)
 
     def _wait_for_pool(self, start: float) -> PoolScan:
+        """Poll cheaply until the pool can be imported.
+
+        Every POLL_INTERVAL: stat the configured devices and list dev_nodes.
+        The expensive part — ``zpool import -d`` reads every label in
+        dev_nodes — only runs when that listing changed (a disk arrived),
+        when the grace period just ran out, or every RESCAN_INTERVAL; on
+        two slow CPUs, scanning at every poll competed with udev's coldplug.
+        """
         c, p = self.config, self.ports
         last_text = ""
+        scan = PoolScan(state=None)
+        last_listing: tuple[str, ...] | None = None
+        last_scan_at = float("-inf")
+        was_past_grace = False
         while True:
             self._checkpoint()
             now = p.clock.monotonic()
             waited = now - start
             missing_devices = [d for d in c.devices if not p.fs.exists(d)]
             past_grace = waited >= c.online_grace
-            scan = PoolScan(state=None)
             if not missing_devices or past_grace:
-                scan = p.zpool.scan(c.pool, c.dev_nodes)
-                if scan.state == "ONLINE" or (scan.state == "DEGRADED" and past_grace):
-                    return scan
-                if scan.state is None and p.zpool.health(c.pool) is not None:
-                    # Imported meanwhile by someone else (zfs-import-scan, an admin).
-                    return PoolScan(state="ONLINE")
+                listing = p.fs.listing(c.dev_nodes)
+                due = (
+                    listing != last_listing
+                    or now - last_scan_at >= RESCAN_INTERVAL
+                    or (past_grace and not was_past_grace)
+                )
+                if due:
+                    last_listing, last_scan_at = listing, now
+                    scan = p.zpool.scan(c.pool, c.dev_nodes)
+                    if scan.state == "ONLINE" or (scan.state == "DEGRADED" and past_grace):
+                        return scan
+                    if scan.state is None and p.zpool.health(c.pool) is not None:
+                        # Imported meanwhile by someone else (zfs-import-scan, an admin).
+                        return PoolScan(state="ONLINE")
+            was_past_grace = past_grace
             if missing_devices:
                 present = len(c.devices) - len(missing_devices)
                 text = f"waiting for {c.pool}: {present} of {len(c.devices)} devices"

@@ -500,6 +500,14 @@ class FakeFilesystem:
             return path in self.w.device_nodes()
         return os.path.exists(path)
 
+    def listing(self, path: str) -> tuple[str, ...]:
+        prefix = path.rstrip("/") + "/"
+        return tuple(
+            sorted(
+                d[len(prefix) :] for d, ok in self.w.disks.items() if ok and d.startswith(prefix)
+            )
+        )
+
     def make_dir(self, path: str, mode: int) -> bool:
         created = not os.path.exists(path)
         os.makedirs(path, mode=mode, exist_ok=True)

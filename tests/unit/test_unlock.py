@@ -778,3 +778,17 @@ def test_dry_run_keeps_an_existing_mount_point_mode(world, make_config, run, mou
     world.answers = ["luks pass"]
     assert run(make_config(dry_run=True)).ok
     assert os.stat(mountpoint).st_mode & 0o777 == 0o755
+
+
+def test_waiting_scans_only_when_dev_nodes_change_or_every_2s(world, make_config, run):
+    world.disks = {"/dev/disk/by-id/nvme-disk-part2": False}
+    world.appear_at = {"/dev/disk/by-id/nvme-disk-part2": 10.0}
+    world.answers = ["luks pass"]
+    seen = {}
+    world.hooks["import"] = lambda w: seen.setdefault("t", w.time)
+    report = run(make_config(devices=[], timeout="30s"))
+    assert report.ok, report.error
+    # 10 s of waiting at a 0.2 s poll: 50 polls, but only ~6 label scans
+    assert world.scans <= 8
+    # ...and the disk's arrival is still noticed at the next poll
+    assert 10.0 <= seen["t"] < 10.3
