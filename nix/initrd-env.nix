@@ -127,6 +127,17 @@ runCommand "lczfs-unlockd-initrd-env-${lczfs-unlockd.version}"
     cp ${python}/bin/python${pyVer} $out/bin/python3
     chmod 0555 $out/bin/python3
 
+    # As the dracut module does (dracut/90lczfs-unlockd/python-closure.py):
+    # pyzfs's C declarations parsed now, not at every boot
+    # (lczfs_unlockd/pyzfs_ffi.py, cffi's out-of-line ABI mode), so the
+    # initrd needs only cffi's C backend -- not the cffi Python package, not
+    # pycparser; and the daemon talks to PID 1 through pystemd.dbuslib
+    # without pystemd's introspection layer, so lxml goes too.
+    $out/bin/python3 -I -m lczfs_unlockd.pyzfs_ffi \
+      $out/${python.sitePackages}/lczfs_unlockd/_pyzfs_ffi.py
+    rm -rf $out/${python.sitePackages}/{cffi,pycparser,lxml}
+    rm -rf $out/${python.sitePackages}/{cffi,pycparser,lxml}-*.dist-info
+
     cat > $out/bin/lczfs-unlockd <<EOF
     #!$out/bin/python3 -I
     import sys
@@ -148,8 +159,15 @@ runCommand "lczfs-unlockd-initrd-env-${lczfs-unlockd.version}"
     for info in pkgutil.walk_packages(lczfs_unlockd.__path__, "lczfs_unlockd."):
         if not info.name.endswith("__main__"):
             importlib.import_module(info.name)
-    import libzfs_core, pystemd, sdnotify, cffi, _cffi_backend  # noqa: F401
+    import _cffi_backend, sdnotify  # noqa: F401
     import lczfs_unlockd.paths as paths
+    from lczfs_unlockd import pyzfs_ffi, units
+
+    assert pyzfs_ffi.preload({"libnvpair": "libnvpair.so.3", "libzfs_core": "libzfs_core.so.3"})
+    import libzfs_core  # noqa: F401  (with the pre-parsed declarations)
+    units._dbuslib()
+    dropped = sorted(m for m in ("cffi", "pycparser", "lxml") if m in sys.modules)
+    assert not dropped, f"imported at run time although dropped: {dropped}"
 
     assert sys.prefix == "$out", f"prefix is {sys.prefix}, not $out"
     foreign = sorted(
