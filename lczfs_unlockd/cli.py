@@ -142,5 +142,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         from . import cryptsetup
 
         cryptsetup.set_debug(True)
-    report = Unlocker(cfg, real_ports(notifier)).run()
+    try:
+        report = Unlocker(cfg, real_ports(notifier)).run()
+    finally:
+        from . import cryptsetup
+
+        cryptsetup.shutdown()
     return _finish(report, notifier)

@@ -218,6 +218,22 @@ def _set_token_path(lib: ctypes.CDLL) -> None:
         log.warning("cannot use token plugins from %s: %s", path, os.strerror(-code))
 
 
+def shutdown() -> None:
+    """Detach the log callback before the interpreter goes away.
+
+    libcryptsetup may log from its destructors while Python tears down
+    (seen as a segfault at exit with debug logging on): after this it logs
+    nowhere instead of calling into a dying interpreter.
+    """
+    global _lib
+    with _lib_lock:
+        if _lib is None:
+            return
+        _lib.crypt_set_debug_level(CRYPT_DEBUG_NONE)
+        _lib.crypt_set_log_callback(None, _LOG_CALLBACK(), None)  # a NULL function pointer
+        _lib = None  # a later use sets the library up (and the callback) again
+
+
 def set_debug(enabled: bool) -> None:
     """Let libcryptsetup send its debug messages to the log (process-wide)."""
     _library().crypt_set_debug_level(CRYPT_DEBUG_ALL if enabled else CRYPT_DEBUG_NONE)

@@ -40,8 +40,8 @@ class Zpool(Protocol):
     def health(self, pool: str) -> str | None:
         """Health of an imported pool, or None when it is not imported."""
 
-    def scan(self, pool: str, dev_nodes: str) -> PoolScan:
-        """Scan ``dev_nodes`` for the pool without importing it."""
+    def scan(self, pool: str, dev_nodes: str, *, timeout: float | None = None) -> PoolScan:
+        """Scan ``dev_nodes`` for the pool without importing it, within ``timeout`` s."""
 
     def import_pool(self, pool: str, dev_nodes: str, *, force: bool, readonly: bool) -> None: ...
 

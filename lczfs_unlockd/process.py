@@ -35,6 +35,10 @@ class Result:
         return shlex.join(self.argv)
 
 
+class CommandTimeout(UnlockError):
+    """A program did not finish in time (it was killed)."""
+
+
 class CommandError(UnlockError):
     """A program failed; the message holds the pasteable command line and its stderr."""
 
@@ -86,7 +90,7 @@ def run(
     except FileNotFoundError as exc:
         raise _not_found(argv[0]) from exc
     except subprocess.TimeoutExpired as exc:
-        raise UnlockError(f'"{shlex.join(argv)}" did not finish within {timeout:g} s') from exc
+        raise CommandTimeout(f'"{shlex.join(argv)}" did not finish within {timeout:g} s') from exc
     result = Result(
         argv=argv,
         returncode=completed.returncode,

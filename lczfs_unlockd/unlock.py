@@ -355,7 +355,9 @@ class Unlocker:
                 )
                 if due:
                     last_listing, last_scan_at = listing, now
-                    scan = p.zpool.scan(c.pool, c.dev_nodes)
+                    # The scan itself must not run past the deadline.
+                    left = max(c.timeout - waited, 1.0) if c.timeout else None
+                    scan = p.zpool.scan(c.pool, c.dev_nodes, timeout=left)
                     if scan.state == "ONLINE" or (scan.state == "DEGRADED" and past_grace):
                         return scan
                     if scan.state is None and p.zpool.health(c.pool) is not None:

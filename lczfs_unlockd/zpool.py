@@ -15,7 +15,7 @@ from collections.abc import Sequence
 from . import paths
 from .errors import KeyLoadError, PoolError
 from .ports import DatasetInfo, PoolScan
-from .process import CommandError, run
+from .process import CommandError, CommandTimeout, run
 
 # Properties read for every candidate dataset, in this order.
 _PROPERTIES = (
@@ -126,8 +126,14 @@ class ZpoolCli:
             return None
         raise PoolError(str(CommandError(result)))
 
-    def scan(self, pool: str, dev_nodes: str) -> PoolScan:
-        result = run([paths.ZPOOL, "import", "-d", dev_nodes], check=False)
+    def scan(self, pool: str, dev_nodes: str, *, timeout: float | None = None) -> PoolScan:
+        argv = [paths.ZPOOL, "import", "-d", dev_nodes]
+        try:
+            result = run(argv, check=False, timeout=timeout)
+        except CommandTimeout as exc:
+            # Reading every label in dev_nodes can take seconds on a slow
+            # machine; the pool deadline must not wait for it.
+            return PoolScan(state=None, detail=str(exc))
         scan = parse_import_listing(result.stdout, pool)
         # Exit code 1 with "no pools available" just means nothing is there
         # yet; anything else zpool says is worth showing if we give up.

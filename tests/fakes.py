@@ -116,6 +116,7 @@ class World:
     zvol_delay: float = 0.2
     imported_at: float | None = None
     scans: int = 0
+    scan_timeouts: list[float | None] = field(default_factory=list)
 
     def hook(self, name: str) -> None:
         if name in self.hooks:
@@ -229,8 +230,9 @@ class FakeZpool:
             return self.w.pool_state() or "SUSPENDED"
         return "ONLINE" if pool in self.w.other_pools_imported else None
 
-    def scan(self, pool: str, dev_nodes: str) -> PoolScan:
+    def scan(self, pool: str, dev_nodes: str, *, timeout: float | None = None) -> PoolScan:
         self.w.scans += 1
+        self.w.scan_timeouts.append(timeout)
         self.w.hook("scan")
         if pool != self.w.pool or self.w.imported:
             return PoolScan(state=None)

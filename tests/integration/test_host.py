@@ -392,3 +392,27 @@ def test_askpass_pin_prompt_stays_out_of_the_keyring(tmp_path):
     argv = (tmp_path / "argv").read_text().splitlines()
     assert not any(a.startswith("--keyname") for a in argv)
     assert "--accept-cached" not in argv  # nothing can be cached without a key name
+
+
+def test_slow_scan_is_cut_off_at_its_timeout(tmp_path, monkeypatch):
+    from lczfs_unlockd.zpool import ZpoolCli
+
+    stub(tmp_path, "zpool", "sleep 30\n")
+    monkeypatch.setenv("PATH", f"{tmp_path}/bin:{os.environ['PATH']}")
+    start = time.monotonic()
+    scan = ZpoolCli().scan("rpool", "/dev/disk/by-id", timeout=1)
+    assert time.monotonic() - start < 5
+    assert scan.state is None
+    assert "did not finish within 1 s" in scan.detail
+
+
+def test_cryptsetup_log_callback_is_detached_at_shutdown():
+    from lczfs_unlockd import cryptsetup
+
+    with pytest.raises(KeystoreError):
+        cryptsetup.LibCryptsetup().open("/nonexistent-lczfs-device")
+    cryptsetup.shutdown()
+    # still usable afterwards (messages just go nowhere), and idempotent
+    with pytest.raises(KeystoreError):
+        cryptsetup.LibCryptsetup().open("/nonexistent-lczfs-device")
+    cryptsetup.shutdown()

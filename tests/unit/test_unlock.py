@@ -792,3 +792,13 @@ def test_waiting_scans_only_when_dev_nodes_change_or_every_2s(world, make_config
     assert world.scans <= 8
     # ...and the disk's arrival is still noticed at the next poll
     assert 10.0 <= seen["t"] < 10.3
+
+
+def test_scans_never_run_past_the_deadline(world, make_config, run):
+    world.disks = {"/dev/disk/by-id/nvme-disk-part2": False}
+    report = run(make_config(devices=[], timeout="6s"))
+    assert not report.ok
+    assert world.scan_timeouts and all(t is not None and t <= 6.0 for t in world.scan_timeouts)
+    # each scan gets what is left of the deadline (at least 1 s)
+    assert world.scan_timeouts[0] == pytest.approx(6.0)
+    assert min(world.scan_timeouts) >= 1.0
