@@ -289,6 +289,9 @@ class Unlocker:
     def _import_pool(self, stack: ExitStack) -> None:
         c, p = self.config, self.ports
         with self._step(f"importing pool {c.pool}"):
+            # The deadline counts from here: the first zpool call alone can
+            # take seconds (libzfs initialising, a slow CPU).
+            start = p.clock.monotonic()
             health = p.zpool.health(c.pool)
             if health is not None:
                 log.info("pool %s is already imported (%s)", c.pool, health)
@@ -297,7 +300,6 @@ class Unlocker:
             if c.dry_run:
                 # Registered before the import: exports only if it got imported.
                 stack.callback(self._guarded, f"export {c.pool}", self._export_if_imported)
-            start = p.clock.monotonic()
             last_error = ""
             while True:
                 scan = self._wait_for_pool(start)

@@ -802,3 +802,19 @@ def test_scans_never_run_past_the_deadline(world, make_config, run):
     # each scan gets what is left of the deadline (at least 1 s)
     assert world.scan_timeouts[0] == pytest.approx(6.0)
     assert min(world.scan_timeouts) >= 1.0
+
+
+def test_pool_deadline_counts_from_the_start_of_the_step(world, make_config, run):
+    """A slow first zpool call (seconds under QEMU) is inside the deadline, not before it."""
+    world.disks = {"/dev/disk/by-id/nvme-disk-part2": False}
+    slow = [True]
+
+    def slow_first_health(w):
+        if slow[0]:
+            slow[0] = False
+            w.advance(5.0)
+
+    world.hooks["health"] = slow_first_health
+    report = run(make_config(timeout="8s"))
+    assert not report.ok
+    assert 8.0 <= world.time < 8.5
