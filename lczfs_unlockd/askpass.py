@@ -14,7 +14,7 @@ import math
 from . import paths
 from .errors import PromptError
 from .process import run_secret
-from .zfskeys import wipe
+from .secretbuf import wipe
 
 MAX_PASSPHRASE = 4096
 

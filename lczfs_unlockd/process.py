@@ -17,6 +17,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 from .errors import UnlockError
+from .secretbuf import read_bounded, wipe
 
 log = logging.getLogger("lczfs_unlockd.process")
 
@@ -123,33 +124,20 @@ def run_secret(argv: Sequence[str], *, limit: int = 4096) -> tuple[int, bytearra
         )
     except FileNotFoundError as exc:
         raise _not_found(argv[0]) from exc
-    secret = bytearray(limit + 1)
-    filled = 0
+    secret: bytearray | None = None
     try:
         assert child.stdout is not None and child.stderr is not None
-        fd = child.stdout.fileno()
-        view = memoryview(secret)
-        while filled <= limit:
-            n = os.readv(fd, [view[filled:]])
-            if n == 0:
-                break
-            filled += n
-        view.release()
+        secret = read_bounded(child.stdout.fileno(), limit)
         stderr = child.stderr.read().decode("utf-8", "replace")
         returncode = child.wait()
     except BaseException:
         child.kill()
         child.wait()
-        secret[:] = bytes(len(secret))
+        wipe(secret)
         raise
     finally:
         child.stdout.close() if child.stdout else None
         child.stderr.close() if child.stderr else None
-    if filled > limit:
-        secret[:] = bytes(len(secret))
+    if secret is None:
         raise UnlockError(f"{argv[0]} printed more than {limit} bytes: refusing it as a passphrase")
-    exact = bytearray(filled)
-    with memoryview(secret) as view:
-        exact[:] = view[:filled]  # no temporary copy
-    secret[:] = bytes(len(secret))
-    return returncode, exact, stderr
+    return returncode, secret, stderr

@@ -12,6 +12,7 @@ This module only talks to the protocols in ``ports.py``.
 from __future__ import annotations
 
 import errno
+import functools
 import logging
 import signal
 import threading
@@ -49,8 +50,9 @@ from .ports import (
     Units,
     Zpool,
 )
+from .secretbuf import wipe
 from .units import cryptsetup_unit, mount_unit
-from .zfskeys import KeyAlreadyLoadedError, derive_wrapping_key, key_file_path, wipe
+from .zfskeys import KeyAlreadyLoadedError, derive_wrapping_key, key_file_path
 
 log = logging.getLogger("lczfs_unlockd")
 
@@ -453,7 +455,10 @@ class Unlocker:
         # Registered before activation: closes the mapping when we leave,
         # even if the signal lands between activation and the next line.
         stack.callback(
-            self._guarded, f"close {ks.mapper_path}", self._close_mapping, self._close_deferred
+            self._guarded,
+            f"close {ks.mapper_path}",
+            self._close_mapping,
+            functools.partial(self._close_mapping, deferred=True),
         )
         with self._step(f"opening keystore {device} read-only as {ks.mapper_path}"):
             if p.crypt.status(ks.name) in (MappingState.ACTIVE, MappingState.BUSY):
@@ -618,17 +623,14 @@ class Unlocker:
         """The mapping is ours to close: a real run closes any, a dry run only its own."""
         return self._activated or not self.config.dry_run
 
-    def _close_mapping(self) -> None:
+    def _close_mapping(self, *, deferred: bool = False) -> None:
         p, ks = self.ports, self.config.keystore
         if self._ours() and p.crypt.status(ks.name) in (MappingState.ACTIVE, MappingState.BUSY):
-            p.crypt.deactivate(ks.name)
-            log.info("closed %s", ks.mapper_path)
-
-    def _close_deferred(self) -> None:
-        p, ks = self.ports, self.config.keystore
-        if self._ours() and p.crypt.status(ks.name) in (MappingState.ACTIVE, MappingState.BUSY):
-            p.crypt.deactivate(ks.name, deferred=True)
-            log.warning("%s will be removed when its last user closes it", ks.mapper_path)
+            p.crypt.deactivate(ks.name, deferred=deferred)
+            if deferred:
+                log.warning("%s will be removed when its last user closes it", ks.mapper_path)
+            else:
+                log.info("closed %s", ks.mapper_path)
 
     # --- mount -----------------------------------------------------------------
 
@@ -650,21 +652,21 @@ class Unlocker:
                     errno=errno.EBUSY,
                 )
             stack.callback(
-                self._guarded, f"unmount {ks.mountpoint}", self._unmount, self._unmount_lazy
+                self._guarded,
+                f"unmount {ks.mountpoint}",
+                self._unmount,
+                functools.partial(self._unmount, lazy=True),
             )
             p.mounts.mount(ks.mapper_path, ks.mountpoint, "")
 
-    def _unmount(self) -> None:
+    def _unmount(self, *, lazy: bool = False) -> None:
         p, mp = self.ports, self.config.keystore.mountpoint
         if p.mounts.is_mounted(mp):
-            p.mounts.unmount(mp)
-            log.info("unmounted %s", mp)
-
-    def _unmount_lazy(self) -> None:
-        p, mp = self.ports, self.config.keystore.mountpoint
-        if p.mounts.is_mounted(mp):
-            p.mounts.unmount(mp, lazy=True)
-            log.warning("detached %s lazily: it goes away when its last user closes it", mp)
+            p.mounts.unmount(mp, lazy=lazy)
+            if lazy:
+                log.warning("detached %s lazily: it goes away when its last user closes it", mp)
+            else:
+                log.info("unmounted %s", mp)
 
     # --- keys --------------------------------------------------------------------
 

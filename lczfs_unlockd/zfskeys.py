@@ -30,6 +30,7 @@ from typing import Any
 
 from . import paths
 from .errors import KeyLoadError
+from .secretbuf import read_bounded, wipe
 
 log = logging.getLogger("lczfs_unlockd.zfskeys")
 
@@ -51,12 +52,6 @@ class KeyRejectedError(KeyLoadError):
 
 class KeyAlreadyLoadedError(KeyLoadError):
     errno = errno.EEXIST
-
-
-def wipe(buf: bytearray | None) -> None:
-    """Overwrite a key buffer in place."""
-    if buf is not None:
-        buf[:] = bytes(len(buf))
 
 
 # CPython: a bytes object's data starts after its header; sys.getsizeof(b"")
@@ -150,26 +145,15 @@ def read_key_file(
             raise KeyFileError(
                 f"{where} is {st.st_size} bytes, more than a key can be ({limit}): wrong file?"
             )
-        buf = bytearray(limit + 1)
-        filled = 0
         try:
-            with memoryview(buf) as view:
-                while filled <= limit:
-                    n = os.readv(kfd, [view[filled:]])
-                    if n == 0:
-                        break
-                    filled += n
-                if filled > limit:
-                    raise KeyFileError(f"{where} is more than {limit} bytes: wrong file?")
-                out = bytearray(filled)
-                out[:] = view[:filled]  # no temporary copy
-            return out
+            out = read_bounded(kfd, limit)
         except OSError as exc:
             raise KeyFileError(
                 f"{where}: read error: {exc.strerror}", errno=exc.errno or errno.EIO
             ) from None
-        finally:
-            wipe(buf)
+        if out is None:
+            raise KeyFileError(f"{where} is more than {limit} bytes: wrong file?")
+        return out
     finally:
         os.close(kfd)
 

@@ -6,13 +6,13 @@ import os
 
 import pytest
 
+from lczfs_unlockd.secretbuf import read_bounded, wipe
 from lczfs_unlockd.zfskeys import (
     KeyFileError,
     _wipe_immutable,
     derive_wrapping_key,
     key_file_path,
     read_key_file,
-    wipe,
 )
 
 # Known answers.  The PBKDF2 vectors were computed with OpenSSL's CLI, not
@@ -180,3 +180,12 @@ def test_fifo_is_refused_without_blocking(store):
     os.mkfifo(store / "fifo.key")
     with pytest.raises(KeyFileError):
         read_key_file(str(store), f"{store}/fifo.key", dataset="d")
+
+
+def test_read_bounded_refuses_more_than_the_limit_and_wipes(tmp_path):
+    path = tmp_path / "k"
+    path.write_bytes(b"x" * 17)
+    with open(path, "rb") as f:
+        assert read_bounded(f.fileno(), 16) is None
+    with open(path, "rb") as f:
+        assert read_bounded(f.fileno(), 17) == bytearray(b"x" * 17)

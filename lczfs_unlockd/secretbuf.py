@@ -1,0 +1,40 @@
+"""Buffers for key material: read straight into a bytearray, wipe in place.
+
+Passphrases (from systemd-ask-password's pipe) and key files (from the
+keystore) are read the same way: into a scratch buffer one byte larger than
+the limit, copied into an exact-size bytearray without a temporary, and the
+scratch buffer zeroed whatever happens.
+"""
+
+from __future__ import annotations
+
+import os
+
+
+def wipe(buf: bytearray | None) -> None:
+    """Overwrite a key buffer in place."""
+    if buf is not None:
+        buf[:] = bytes(len(buf))
+
+
+def read_bounded(fd: int, limit: int) -> bytearray | None:
+    """Read ``fd`` to its end; None if it holds more than ``limit`` bytes.
+
+    OSError propagates; the scratch buffer is wiped in every case.
+    """
+    scratch = bytearray(limit + 1)
+    filled = 0
+    try:
+        with memoryview(scratch) as view:
+            while filled <= limit:
+                n = os.readv(fd, [view[filled:]])
+                if n == 0:
+                    break
+                filled += n
+            if filled > limit:
+                return None
+            out = bytearray(filled)
+            out[:] = view[:filled]  # no temporary copy
+            return out
+    finally:
+        wipe(scratch)
