@@ -227,6 +227,10 @@ def keyslot_pbkdf_memory(guest: vm.Guest) -> int | None:
 def run_boot(guest: vm.Guest, initrds: Initrds, spec: Spec, work: Path) -> dict[str, Any]:
     work.mkdir(parents=True, exist_ok=True)
     initrd = initrds.get(spec)
+    return qemu.retry_on_crash(spec.name, lambda: _run_boot_once(guest, initrd, spec, work))
+
+
+def _run_boot_once(guest: vm.Guest, initrd: Path, spec: Spec, work: Path) -> dict[str, Any]:
     seed = qemu.overlay_image(guest.golden / "seed0.qcow2", work / "seed0.qcow2")
     report_disk = qemu.raw_image(work / "report.raw")
     disks = [qemu.Disk(report_disk, "lczfsreport", "raw")]

@@ -15,12 +15,13 @@ import re
 import signal
 import socket
 import subprocess
+import sys
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import IO
+from typing import IO, TypeVar
 
 BASE_CMDLINE = (
     "console=ttyS0,115200 panic=-1 rd.shell=0 rd.emergency=poweroff "
@@ -30,6 +31,48 @@ BASE_CMDLINE = (
 
 class BootTimeout(AssertionError):
     pass
+
+
+class QemuCrashed(RuntimeError):
+    """QEMU itself died (a signal, e.g. an assertion in its TCG code), not the guest.
+
+    Seen on the CI machine with QEMU 10.0 (MTTCG):
+    ``system/physmem.c: iotlb_to_section: Assertion `section_index <
+    d->map.sections_nb' failed`` a few seconds into a boot, before the kernel
+    printed anything.  A guest cannot cause that, so the boot says nothing
+    about the daemon and is worth running again (see :func:`retry_on_crash`).
+    """
+
+
+CRASH_ATTEMPTS = 3
+T = TypeVar("T")
+
+
+def retry_on_crash(
+    what: str,
+    once: Callable[[], T],
+    before_retry: Callable[[], None] = lambda: None,
+    attempts: int = CRASH_ATTEMPTS,
+) -> T:
+    """once(), run again (after before_retry()) only when QEMU itself crashed.
+
+    Any other outcome, pass or fail, is final; every retry is logged with
+    QEMU's own last words, and the last crash is raised.
+    """
+    for attempt in range(1, attempts + 1):
+        try:
+            return once()
+        except QemuCrashed as e:
+            if attempt == attempts:
+                raise
+            print(
+                f"[lczfs-vm {time.strftime('%H:%M:%S')}] {what}: {e}; "
+                f"booting again (attempt {attempt + 1} of {attempts})",
+                file=sys.stderr,
+                flush=True,
+            )
+            before_retry()
+    raise AssertionError("unreachable")
 
 
 @dataclass(frozen=True)
@@ -59,6 +102,7 @@ class Machine:
     _reader: threading.Thread | None = None
     _cond: threading.Condition = field(default_factory=threading.Condition)
     _hotplugged: int = 0
+    _killed: bool = False  # we killed QEMU (deadline, clean-up): not a crash
 
     # -- lifecycle ----------------------------------------------------------------
     def start(self) -> None:
@@ -153,6 +197,8 @@ class Machine:
     def close(self) -> None:
         for p in (self._proc, self._swtpm):
             if p is not None and p.poll() is None:
+                if p is self._proc:
+                    self._killed = True
                 with contextlib.suppress(ProcessLookupError):
                     os.killpg(p.pid, signal.SIGKILL)
                 p.wait()
@@ -189,6 +235,7 @@ class Machine:
                     return m
                 remaining = deadline - self.elapsed()
                 if remaining <= 0 or not self.running():
+                    self.raise_if_crashed()
                     why = "deadline" if remaining <= 0 else "QEMU exited"
                     raise BootTimeout(
                         f"console never showed {rx.pattern!r} ({why} after {self.elapsed():.1f} s)"
@@ -203,6 +250,31 @@ class Machine:
     def running(self) -> bool:
         return self._proc is not None and self._proc.poll() is None
 
+    @property
+    def returncode(self) -> int | None:
+        return None if self._proc is None else self._proc.poll()
+
+    def crash(self) -> str | None:
+        """Why QEMU died, if it died of a signal we did not send; else None."""
+        if self._proc is None or self._killed:
+            return None
+        rc = self._proc.poll()
+        if rc is None or rc >= 0:
+            return None
+        try:
+            why = signal.Signals(-rc).name
+        except ValueError:
+            why = f"signal {-rc}"
+        log = self.workdir / "qemu.log"
+        lines = log.read_text(errors="replace").splitlines() if log.exists() else []
+        last = lines[-1] if lines else "(qemu.log is empty)"
+        return f"QEMU died of {why} after {self.elapsed():.1f} s: {last}"
+
+    def raise_if_crashed(self) -> None:
+        why = self.crash()
+        if why is not None:
+            raise QemuCrashed(why)
+
     def wait(self, deadline: float) -> int:
         """Wait for QEMU to exit (the guest powers off); kill it at the deadline."""
         assert self._proc is not None
@@ -213,6 +285,7 @@ class Machine:
             raise BootTimeout(f"guest still running after {deadline:.0f} s; killed") from None
         if self._reader is not None:
             self._reader.join(5)
+        self.raise_if_crashed()
         return rc
 
     # -- monitor ------------------------------------------------------------------
@@ -245,7 +318,8 @@ class Machine:
 def _connect(path: Path, proc: subprocess.Popen[bytes]) -> socket.socket:
     for _ in range(600):
         if proc.poll() is not None:
-            raise RuntimeError(f"QEMU exited ({proc.returncode}) before {path} appeared")
+            kind = QemuCrashed if proc.returncode < 0 else RuntimeError
+            raise kind(f"QEMU exited ({proc.returncode}) before {path} appeared")
         if path.exists():
             s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
             try:

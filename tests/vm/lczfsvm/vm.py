@@ -181,6 +181,16 @@ class Guest:
         )  # fmt: skip
 
         def make(tmp: Path) -> None:
+            def empty() -> None:
+                for child in tmp.iterdir():
+                    if child.is_dir():
+                        shutil.rmtree(child)
+                    else:
+                        child.unlink()
+
+            qemu.retry_on_crash("provisioning", lambda: make_once(tmp), empty)
+
+        def make_once(tmp: Path) -> None:
             log(f"provisioning golden disks {name} (one boot, ~2 min)")
             _make_secrets(tmp / "secrets")
             disks = []
@@ -244,6 +254,19 @@ class Guest:
             ),
             work / "initrd.img",
         )
+
+        def keep_crash_logs() -> None:
+            n = len(list(work.glob("crashed*-qemu.log"))) + 1
+            for f in ("console.log", "qemu.log"):
+                if (work / f).exists():
+                    (work / f).rename(work / f"crashed{n}-{f}")
+
+        return qemu.retry_on_crash(
+            spec.name, lambda: self._boot_once(spec, initrd, work), keep_crash_logs
+        )
+
+    def _boot_once(self, spec: Boot, initrd: Path, work: Path) -> Result:
+        """One QEMU run on fresh copy-on-write disks (a retry must not see the last one's writes)."""
         disks = [
             qemu.overlay_image(self.golden / f"{d}.qcow2", work / f"{d}.qcow2") for d in spec.disks
         ]
@@ -255,6 +278,7 @@ class Guest:
         tpm = None
         if spec.tpm:
             tpm = work / "tpm"
+            shutil.rmtree(tpm, ignore_errors=True)
             shutil.copytree(self.golden / "tpm", tpm)
         m = qemu.Machine(
             self.kernel, initrd, work,
@@ -289,9 +313,12 @@ class Guest:
         console = m.console_text()
         report = _read_report(report_disk, console)
         if report is None:
-            tail = "\n".join(console.splitlines()[-40:])
+            tail = "\n".join(console.splitlines()[-40:]) or "(the console printed nothing)"
+            qemu_log = (work / "qemu.log").read_text(errors="replace").strip()
             raise AssertionError(
-                f"{spec.name}: no report after {seconds:.1f} s; console {work}/console.log:\n{tail}"
+                f"{spec.name}: no report after {seconds:.1f} s (QEMU exit status "
+                f"{m.returncode}); qemu.log: {qemu_log[-2000:] or '(empty)'}\n"
+                f"console {work}/console.log:\n{tail}"
             )
         return Result(spec, report, console, seconds, work, prompts)
 
