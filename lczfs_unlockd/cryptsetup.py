@@ -28,7 +28,7 @@ from typing import TYPE_CHECKING
 
 from . import paths
 from .errors import KeystoreError, NoTokenError, PinRequiredError, WrongKeyError
-from .ports import MappingState
+from .ports import MappingState, Token
 
 if TYPE_CHECKING:
     from .ports import Cryptsetup, LuksDevice
@@ -56,6 +56,10 @@ CRYPT_DEBUG_NONE = 0
 # enum crypt_token_info: the first two mean "no usable token in this slot".
 CRYPT_TOKEN_INVALID = 0
 CRYPT_TOKEN_INACTIVE = 1
+# ... and these two an enrolled token whose type has no handler (no plugin).
+CRYPT_TOKEN_INTERNAL_UNKNOWN = 3
+CRYPT_TOKEN_EXTERNAL_UNKNOWN = 5
+_TOKEN_NO_HANDLER = frozenset({CRYPT_TOKEN_INTERNAL_UNKNOWN, CRYPT_TOKEN_EXTERNAL_UNKNOWN})
 
 _LEVEL_NAMES = {
     CRYPT_LOG_NORMAL: "normal",
@@ -218,6 +222,18 @@ def _set_token_path(lib: ctypes.CDLL) -> None:
         log.warning("cannot use token plugins from %s: %s", path, os.strerror(-code))
 
 
+def _token_plugin_dir(lib: ctypes.CDLL) -> str | None:
+    """Where libcryptsetup looks for token plugins; None if it cannot load any."""
+    try:
+        getter = lib.crypt_token_external_path  # since cryptsetup 2.4
+    except AttributeError:
+        return None
+    getter.argtypes = []
+    getter.restype = ctypes.c_char_p
+    path = getter()
+    return None if path is None else os.fsdecode(path)
+
+
 def shutdown() -> None:
     """Detach the log callback before the interpreter goes away.
 
@@ -300,23 +316,32 @@ class LuksVolume:
         if cd is not None:
             _library().crypt_free(cd)
 
-    def token_count(self) -> int:
-        """Number of enrolled LUKS2 tokens (any type, plugin present or not)."""
+    def tokens(self) -> list[Token]:
+        """The enrolled LUKS2 tokens, and whether libcryptsetup can use each type."""
         lib = _library()
         cd = self._handle()
         if self._luks_type != CRYPT_LUKS2:
-            return 0  # LUKS1 has no tokens: crypt_token_max() is -EINVAL
+            return []  # LUKS1 has no tokens: crypt_token_max() is -EINVAL
         token_max = int(lib.crypt_token_max(self._luks_type.encode()))
-        if token_max < 0:
-            return 0
-        count = 0
-        for token in range(token_max):
-            if int(lib.crypt_token_status(cd, token, None)) not in (
-                CRYPT_TOKEN_INVALID,
-                CRYPT_TOKEN_INACTIVE,
-            ):
-                count += 1
-        return count
+        out = []
+        for token in range(max(token_max, 0)):
+            type_p = ctypes.c_char_p()
+            status = int(lib.crypt_token_status(cd, token, ctypes.byref(type_p)))
+            if status in (CRYPT_TOKEN_INVALID, CRYPT_TOKEN_INACTIVE):
+                continue
+            # The type string belongs to libcryptsetup: copied before the next call.
+            kind = (type_p.value or b"?").decode(errors="replace")
+            if status in _TOKEN_NO_HANDLER:
+                plugin_dir = _token_plugin_dir(lib)
+                missing = (
+                    f"{plugin_dir}/libcryptsetup-token-{kind}.so"
+                    if plugin_dir
+                    else "libcryptsetup built without token plugins"
+                )
+                out.append(Token(token, kind, missing_plugin=missing))
+            else:
+                out.append(Token(token, kind))
+        return out
 
     def activate_by_token(
         self, name: str | None, pin: bytearray | None, *, read_only: bool

@@ -62,13 +62,27 @@ class MappingState(enum.Enum):
     BUSY = 3
 
 
+@dataclass(frozen=True)
+class Token:
+    """One enrolled LUKS2 token, as crypt_token_status() describes it."""
+
+    id: int
+    type: str  # "systemd-tpm2", "systemd-fido2", ...
+    # Set when libcryptsetup has no handler for the type: the plugin file it
+    # would need (or why it cannot load plugins at all).
+    missing_plugin: str | None = None
+
+    def describe(self) -> str:
+        return f"token {self.id} ({self.type})"
+
+
 class LuksDevice(Protocol):
     """One loaded LUKS header (``crypt_init`` + ``crypt_load``)."""
 
     @property
     def luks_type(self) -> str: ...
 
-    def token_count(self) -> int: ...
+    def tokens(self) -> list[Token]: ...
 
     def activate_by_token(
         self, name: str | None, pin: bytearray | None, *, read_only: bool

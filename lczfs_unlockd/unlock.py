@@ -509,9 +509,24 @@ class Unlocker:
         matching token) falls through at once.
         """
         p, ks = self.ports, self.config.keystore
-        if luks.token_count() == 0:
+        tokens = luks.tokens()
+        if not tokens:
             reasons.append("token: none enrolled")
             log.info("no LUKS2 token enrolled on %s", device)
+            return False
+        missing = [t for t in tokens if t.missing_plugin]
+        for t in missing:
+            log.warning(
+                "%s of %s cannot be used: no plugin for its type (%s)",
+                t.describe(), device, t.missing_plugin,
+            )  # fmt: skip
+        if len(missing) == len(tokens):
+            reasons.append(
+                "token: "
+                + ", ".join(f"{t.describe()} has no plugin ({t.missing_plugin})" for t in missing)
+                + "; install the plugin and rebuild the initrd"
+                " (NixOS: boot.initrd.lczfs-unlockd.keystore.tokenPlugins)"
+            )
             return False
         start = p.clock.monotonic()
         announced = False

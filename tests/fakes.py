@@ -32,6 +32,7 @@ from lczfs_unlockd.errors import (
     WrongKeyError,
 )
 from lczfs_unlockd.ports import DatasetInfo, MappingState, PoolScan
+from lczfs_unlockd.ports import Token as LuksToken
 from lczfs_unlockd.unlock import Ports
 from lczfs_unlockd.zfskeys import KeyAlreadyLoadedError, KeyRejectedError, read_key_file
 
@@ -75,6 +76,7 @@ class Token:
     available_after: float = 0.0  # world time at which its hardware shows up
     plugin: bool = True  # False: libcryptsetup has no plugin for its type (-ENOENT)
     failure: str | None = None  # the plugin fails (a TPM2 unseal after a firmware update)
+    type: str = "systemd-tpm2"
 
 
 @dataclass
@@ -327,8 +329,14 @@ class FakeLuks:
     def luks_type(self) -> str:
         return "LUKS2"
 
-    def token_count(self) -> int:
-        return len(self.w.tokens)
+    def tokens(self) -> list[LuksToken]:
+        return [
+            LuksToken(
+                i, t.type,
+                missing_plugin=None if t.plugin else f"/plugins/libcryptsetup-token-{t.type}.so",
+            )
+            for i, t in enumerate(self.w.tokens)
+        ]  # fmt: skip
 
     def _activate(self, name: str | None, read_only: bool) -> None:
         self.w.hook("activate")

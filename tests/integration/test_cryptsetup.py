@@ -22,7 +22,7 @@ import pytest
 from lczfs_unlockd import cryptsetup, paths
 from lczfs_unlockd.cryptsetup import LibCryptsetup, LuksVolume
 from lczfs_unlockd.errors import KeystoreError, NoTokenError, WrongKeyError
-from lczfs_unlockd.ports import MappingState
+from lczfs_unlockd.ports import MappingState, Token
 
 CRYPTSETUP = shutil.which("cryptsetup")
 pytestmark = pytest.mark.skipif(CRYPTSETUP is None, reason="the cryptsetup CLI is not installed")
@@ -298,7 +298,7 @@ def test_missing_key_file(cs: LibCryptsetup, images: dict[str, Image], tmp_path:
 
 def test_no_tokens_on_fresh_images(cs: LibCryptsetup, image: Image) -> None:
     with cs.open(str(image.path)) as dev:
-        assert dev.token_count() == 0
+        assert dev.tokens() == []
 
 
 @pytest.mark.parametrize("pin", [None, bytearray(b"1234"), bytearray()])
@@ -319,11 +319,21 @@ def test_token_without_plugin_counts_but_cannot_unlock(
     token = {"type": "user-test", "keyslots": ["1"], "note": "no plugin exists for this type"}
     cli("token", "import", "--json-file", "-", luks2_copy.path, stdin=json.dumps(token).encode())
     with cs.open(str(luks2_copy.path)) as dev:
-        assert dev.token_count() == 1
+        (t,) = dev.tokens()
+        assert (t.id, t.type) == (0, "user-test")
+        # Named with the file libcryptsetup would have needed.
+        assert t.missing_plugin is not None
+        assert t.missing_plugin.endswith("/libcryptsetup-token-user-test.so")
         with pytest.raises(NoTokenError):
             dev.activate_by_token(None, None, read_only=True)
         # The other methods still work beside a useless token.
         dev.activate_by_keyfile(None, str(luks2_copy.key_file), read_only=True)
+
+
+def test_built_in_token_type_has_a_handler(cs: LibCryptsetup, luks2_copy: Image) -> None:
+    cli("token", "add", "--key-description", "lczfs-test", luks2_copy.path)
+    with cs.open(str(luks2_copy.path)) as dev:
+        assert dev.tokens() == [Token(0, "luks2-keyring")]
 
 
 # --- mappings ----------------------------------------------------------------
@@ -380,7 +390,7 @@ def test_close_is_idempotent_and_use_after_close_fails(
     dev.close()
     dev.close()
     with pytest.raises(RuntimeError, match="used after close"):
-        dev.token_count()
+        dev.tokens()
     with pytest.raises(RuntimeError):
         dev.activate_by_passphrase(None, bytearray(PASSPHRASE), read_only=True)
 

@@ -657,6 +657,25 @@ def test_token_without_plugin_falls_back_at_once(world, make_config, run):
     assert world.time < 1.0  # no 30 s wait for a token that can never work
 
 
+def test_token_without_plugin_is_named_in_the_failure(world, make_config, run, caplog):
+    world.tokens = [Token(plugin=False, type="systemd-fido2")]
+    report = run(make_config({"unlock": ["token"]}))
+    assert not report.ok
+    assert (
+        "token: token 0 (systemd-fido2) has no plugin "
+        "(/plugins/libcryptsetup-token-systemd-fido2.so); install the plugin"
+    ) in str(report.error)
+    assert "keystore.tokenPlugins" in str(report.error)
+
+
+def test_token_without_plugin_beside_a_usable_one_is_warned_about(world, make_config, run, caplog):
+    world.tokens = [Token(plugin=False, type="systemd-fido2"), Token()]
+    report = run(make_config({"unlock": ["token"]}))
+    assert report.ok and report.keystore_method == "token"
+    assert "token 0 (systemd-fido2) of" in caplog.text
+    assert "no plugin for its type" in caplog.text
+
+
 def test_failing_token_falls_back_to_passphrase(world, make_config, run, caplog):
     world.tokens = [Token(failure="TPM2 unseal failed: PCR policy mismatch")]
     world.answers = ["luks pass"]
