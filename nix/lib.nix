@@ -227,6 +227,41 @@ let
   kernelParams =
     cfg: optional (cfg.dryRun or false) "rd.lczfs.dry_run=1" ++ optional (cfg.debug or false) "rd.lczfs.debug";
 
+  # The initrd service's dependencies: units/lczfs-unlockd.service's, plus
+  # NixOS's own import service of the pool (tests/nix checks they agree).
+  unitOrdering = pool: {
+    wants = [ "systemd-udev-trigger.service" ];
+    after = [
+      "systemd-udevd.service"
+      "systemd-udev-trigger.service"
+      "systemd-modules-load.service"
+      "systemd-ask-password-console.path"
+      "systemd-journald.socket"
+    ];
+    before = [
+      "zfs-import-scan.service"
+      "zfs-import-cache.service"
+      "zfs-import-${pool}.service"
+      "zfs-import.target"
+      "zfs-load-key.service"
+      "zfs-mount.service"
+      "sysroot.mount"
+      "initrd-root-fs.target"
+      "initrd-fs.target"
+      "initrd.target"
+      "initrd-switch-root.target"
+      "shutdown.target"
+    ];
+    conflicts = [ "shutdown.target" ];
+    # Wanted, not required, by the import: ordering makes the import wait
+    # for us; if we fail (or rd.lczfs=0), NixOS's import still runs and
+    # reports its own load-key error instead of a bare dependency failure.
+    wantedBy = [
+      "initrd.target"
+      "zfs-import-${pool}.service"
+    ];
+  };
+
   # Python package metadata wants a PEP 440 version; ZFS versions such as
   # "2.3.0-rc5" or "2.3.0-unstable-2024-10-01" are not.  Keep the release.
   pep440Version =
@@ -247,5 +282,6 @@ in
     pep440Version
     poolOf
     recursiveUpdate
+    unitOrdering
     ;
 }

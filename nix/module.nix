@@ -328,36 +328,13 @@ in
           ConditionPathExists = "/etc/initrd-release";
         };
 
-        wants = [ "systemd-udev-trigger.service" ];
-        after = [
-          "systemd-udevd.service"
-          "systemd-udev-trigger.service"
-          "systemd-modules-load.service"
-          "systemd-ask-password-console.path"
-          "systemd-journald.socket"
-        ];
-        before = [
-          "zfs-import-scan.service"
-          "zfs-import-cache.service"
-          "zfs-import-${cfg.pool}.service"
-          "zfs-import.target"
-          "zfs-load-key.service"
-          "zfs-mount.service"
-          "sysroot.mount"
-          "initrd-root-fs.target"
-          "initrd-fs.target"
-          "initrd.target"
-          "initrd-switch-root.target"
-          "shutdown.target"
-        ];
-        conflicts = [ "shutdown.target" ];
-        # Wanted, not required, by the import: ordering makes the import wait
-        # for us; if we fail (or rd.lczfs=0), NixOS's import still runs and
-        # reports its own load-key error instead of a bare dependency failure.
-        wantedBy = [
-          "initrd.target"
-          "zfs-import-${cfg.pool}.service"
-        ];
+        inherit (lczfsLib.unitOrdering cfg.pool)
+          wants
+          after
+          before
+          conflicts
+          wantedBy
+          ;
 
         serviceConfig = {
           Type = "notify";
