@@ -75,6 +75,8 @@ _LEVEL_NAMES = {
 # header has no token support (LUKS1).  -EPERM (the token supplied a key no
 # keyslot accepts) and -ENOANO (PIN missing or wrong) have their own errors.
 _TOKEN_UNUSABLE = frozenset({errno.ENOENT, errno.EAGAIN, errno.EINVAL})
+# ...and those meaning "not with this PIN" once a PIN was given.
+_PIN_REFUSED = frozenset({errno.ENOANO, errno.ENOTRECOVERABLE})
 
 _c_crypt_device_p = ctypes.c_void_p
 # Key material travels as char* into the caller's bytearray, never c_char_p
@@ -367,28 +369,42 @@ class LuksVolume:
         if r >= 0:
             log.debug("a token of %s unlocked key slot %d", self.device, r)
             return
-        code = -r
+        raise self._token_error(name, -r, pin_given=pin is not None)
+
+    def _token_error(self, name: str | None, code: int, *, pin_given: bool) -> KeystoreError:
+        """What a failed crypt_activate_by_token_pin() (-code) means for the operator."""
         if code == errno.EPERM:
-            raise WrongKeyError(
+            return WrongKeyError(
                 f"a token of {self.device} supplied a key that no key slot accepts: "
                 "re-enroll the token or use another unlock method",
                 errno=code,
             )
-        if code == errno.ENOANO:
-            if pin is None:
-                raise PinRequiredError(f"the token of {self.device} needs a PIN", errno=code)
-            raise PinRequiredError(
-                f"the token of {self.device} did not accept this PIN: try again", errno=code
+        if code == errno.ENOANO and not pin_given:
+            return PinRequiredError(f"the token of {self.device} needs a PIN", errno=code)
+        if code in _PIN_REFUSED and pin_given:
+            # -ENOANO is the documented "wrong PIN"; systemd's TPM2 plugin
+            # reports a refused PIN (TPM_RC_AUTH_FAIL) as -ENOTRECOVERABLE.
+            detail = "" if code == errno.ENOANO else f" ({_strerror(code)})"
+            return PinRequiredError(
+                f"the token of {self.device} did not accept this PIN{detail}: try again",
+                errno=code,
+            )
+        if code == errno.ENOLCK:
+            return KeystoreError(
+                f"the token of {self.device} is locked out ({_strerror(code)}): the TPM's "
+                "dictionary-attack protection after wrong PINs; wait for it to expire or "
+                "clear it, and use another unlock method meanwhile",
+                errno=code,
             )
         # With a name, -ENOTSUP is device-mapper refusing the mapping (it
         # outranks token errors), not a missing token plugin.
         if code in _TOKEN_UNUSABLE or (code == errno.ENOTSUP and name is None):
-            raise NoTokenError(
+            return NoTokenError(
                 f"no token of {self.device} can be used ({_strerror(code)}): "
                 "enroll one, plug in its hardware, or use a key file or passphrase",
                 errno=code,
             )
-        raise self._activation_error("a token", name, code)
+        return self._activation_error("a token", name, code)
 
     def activate_by_passphrase(
         self, name: str | None, passphrase: bytearray, *, read_only: bool

@@ -305,7 +305,7 @@ class Unlocker:
             last_error = ""
             while True:
                 scan = self._wait_for_pool(start)
-                if scan.state == "DEGRADED":
+                if scan is not None and scan.state == "DEGRADED":
                     log.warning(
                         "importing %s DEGRADED after waiting %s: missing %s",
                         c.pool, format_duration(c.online_grace), ", ".join(scan.missing) or "?",
@@ -326,13 +326,25 @@ class Unlocker:
                         log.warning("import of %s failed, trying again: %s", c.pool, exc)
                         last_error = str(exc)
                     p.clock.sleep(IMPORT_RETRY)
+            if scan is None:
+                # Imported on the strength of the devices list alone: say so
+                # if that list left out a disk the pool is missing.
+                health = p.zpool.health(c.pool)
+                if health not in (None, "ONLINE"):
+                    log.warning(
+                        "pool %s was imported %s although every device in devices was "
+                        "present: list all of the pool's disks in devices", c.pool, health,
+                    )  # fmt: skip
             if c.dry_run:
                 log.info("imported %s read-only (dry run; exported again at the end)", c.pool)
 
-    def _wait_for_pool(self, start: float) -> PoolScan:
+    def _wait_for_pool(self, start: float) -> PoolScan | None:
         """Poll cheaply until the pool can be imported.
 
-        Every POLL_INTERVAL: stat the configured devices and list dev_nodes.
+        None means every configured device is present: import at once (the
+        import reads the labels itself; a scan first would read them twice,
+        seconds on a slow machine).  Without a devices list, or while some
+        are missing, every POLL_INTERVAL: stat the devices and list dev_nodes.
         The expensive part — ``zpool import -d`` reads every label in
         dev_nodes — only runs when that listing changed (a disk arrived),
         when the grace period just ran out, or every RESCAN_INTERVAL; on
@@ -349,6 +361,8 @@ class Unlocker:
             now = p.clock.monotonic()
             waited = now - start
             missing_devices = [d for d in c.devices if not p.fs.exists(d)]
+            if c.devices and not missing_devices:
+                return None
             past_grace = waited >= c.online_grace
             if not missing_devices or past_grace:
                 listing = p.fs.listing(c.dev_nodes)

@@ -21,7 +21,7 @@ import pytest
 
 from lczfs_unlockd import cryptsetup, paths
 from lczfs_unlockd.cryptsetup import LibCryptsetup, LuksVolume
-from lczfs_unlockd.errors import KeystoreError, NoTokenError, WrongKeyError
+from lczfs_unlockd.errors import KeystoreError, NoTokenError, PinRequiredError, WrongKeyError
 from lczfs_unlockd.ports import MappingState, Token
 
 CRYPTSETUP = shutil.which("cryptsetup")
@@ -328,6 +328,36 @@ def test_token_without_plugin_counts_but_cannot_unlock(
             dev.activate_by_token(None, None, read_only=True)
         # The other methods still work beside a useless token.
         dev.activate_by_keyfile(None, str(luks2_copy.key_file), read_only=True)
+
+
+@pytest.mark.parametrize(
+    ("code", "pin_given", "kind", "words"),
+    [
+        (errno.ENOANO, False, PinRequiredError, "needs a PIN"),
+        (errno.ENOANO, True, PinRequiredError, "did not accept this PIN: try again"),
+        # systemd's TPM2 plugin, wrong PIN (seen in the VM: TPM_RC_AUTH_FAIL)
+        (
+            errno.ENOTRECOVERABLE,
+            True,
+            PinRequiredError,
+            "did not accept this PIN (state not recoverable): try again",
+        ),
+        # ...the same code without a PIN is no PIN problem (a PCR mismatch)
+        (errno.ENOTRECOVERABLE, False, KeystoreError, "with a token: state not recoverable"),
+        (errno.ENOLCK, True, KeystoreError, "is locked out"),
+        (errno.EPERM, False, WrongKeyError, "no key slot accepts"),
+        (errno.EAGAIN, False, NoTokenError, "no token of"),
+    ],
+)
+def test_token_failures_are_told_apart(
+    cs: LibCryptsetup, luks2_copy: Image, code: int, pin_given: bool, kind: type, words: str
+) -> None:
+    with cs.open(str(luks2_copy.path)) as dev:
+        assert isinstance(dev, LuksVolume)
+        err = dev._token_error("secretsroot", code, pin_given=pin_given)
+    assert type(err) is kind, err
+    assert words in str(err), str(err)
+    assert err.errno == code
 
 
 def test_built_in_token_type_has_a_handler(cs: LibCryptsetup, luks2_copy: Image) -> None:

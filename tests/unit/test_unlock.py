@@ -259,6 +259,25 @@ def test_hot_plugged_disk_is_imported_within_a_poll(world, make_config, run):
     assert 5.0 <= seen["t"] < 5.3
 
 
+def test_all_listed_devices_present_imports_without_a_scan(world, make_config, run):
+    world.answers = ["luks pass"]
+    assert run(make_config()).ok
+    assert world.scans == 0  # the import reads the labels; no second read first
+    assert world.imported_at is not None and world.imported_at < 0.1
+
+
+def test_devices_list_leaving_out_a_missing_disk_is_warned_about(world, make_config, run, caplog):
+    world.mirror = True
+    world.disks = {"/dev/disk/by-id/a": True, "/dev/disk/by-id/b": False}
+    world.answers = ["luks pass"]
+    report = run(make_config(devices=["/dev/disk/by-id/a"]))
+    assert report.ok, report.error
+    assert (
+        "pool rpool was imported DEGRADED although every device in devices was present: "
+        "list all of the pool's disks in devices"
+    ) in caplog.text
+
+
 def test_degraded_mirror_is_accepted_after_grace(world, make_config, run, caplog):
     world.mirror = True
     world.disks = {"/dev/disk/by-id/a": True, "/dev/disk/by-id/b": False}
@@ -407,6 +426,13 @@ def test_listed_missing_dataset(world, make_config, run):
 
 # --- teardown on failure and on SIGTERM at every step ---------------------------------
 
+
+def config_reaching(step, make_config):
+    # With every listed device present the pool is imported without a scan:
+    # the scan step needs a configuration without a devices list.
+    return make_config(devices=[]) if step == "scan" else make_config()
+
+
 STEPS = [
     "scan",
     "import",
@@ -428,7 +454,7 @@ def test_failure_at_every_step_leaves_nothing(world, make_config, run, step):
         raise UnlockError(f"injected failure at {step}")
 
     world.hooks[step] = fail
-    report = run(make_config())
+    report = run(config_reaching(step, make_config))
     assert not report.ok
     assert f"injected failure at {step}" in str(report.error)
     assert_clean(world)
@@ -449,7 +475,7 @@ def test_sigterm_at_every_step_leaves_nothing(world, make_config, run, step):
             os.kill(os.getpid(), signal.SIGTERM)
 
     world.hooks[step] = sigterm
-    report = run(make_config())
+    report = run(config_reaching(step, make_config))
     assert fired
     assert isinstance(report.error, Interrupted)
     assert "received SIGTERM" in str(report.error)

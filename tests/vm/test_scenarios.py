@@ -104,6 +104,23 @@ def test_tpm2_token_no_prompt(boot: Boot) -> None:
     assert "Please enter" not in r.console
 
 
+def test_tpm2_token_with_pin_asked_again_after_a_wrong_one(boot: Boot, guest: Guest) -> None:
+    r = boot("tpm2-pin")
+    assert_unlocked(r, ["rpool/crypt"])
+    assert "keystore opened with token" in r.journal, r.journal
+    # Asked for the PIN (not the passphrase), twice: the wrong one was refused.
+    assert len(r.prompts) == 2, r.prompts
+    assert "security token PIN" in r.console
+    assert "wrong token PIN for keystore" in r.journal, r.journal
+    assert guest.secrets.tpm2_pin not in r.journal
+
+
+def test_ext4_journal_needing_recovery_is_mounted_without_replay(boot: Boot) -> None:
+    r = boot("ext4-needs-recovery")
+    assert_unlocked(r, ["rpool/crypt"])
+    assert "mounted with noload" in r.journal, r.journal
+
+
 def test_dry_run(boot: Boot) -> None:
     r = boot("dry-run")
     assert r.unit["ActiveState"] == "active", r.describe() + "\n" + r.journal
@@ -193,3 +210,35 @@ def test_handoff_to_sysroot_mount(boot: Boot) -> None:
     sysroot = r.mounts_at("/sysroot")
     assert sysroot and "rpool/crypt/local/root" in sysroot[-1], sysroot
     assert "Encrypted ZFS password" not in r.console
+    assert_ordered(r)
+
+
+def assert_ordered(r: Result) -> None:
+    """The unit file's ordering, as systemd ran it in this boot.
+
+    Type=notify sends READY=1 only when everything is done, so "before X"
+    means X left 'inactive' no earlier than lczfs-unlockd became active.
+    """
+
+    def stamp(props: dict[str, str], name: str) -> int:
+        return int(props.get(name) or 0)
+
+    ours = r.unit
+    started = stamp(ours, "InactiveExitTimestampMonotonic")
+    ready = stamp(ours, "ActiveEnterTimestampMonotonic")
+    assert 0 < started <= ready, ours
+    order = r.report["ordering"]
+    for unit in ("systemd-udevd.service", "systemd-udev-trigger.service"):
+        up = stamp(order[unit], "ActiveEnterTimestampMonotonic")
+        assert 0 < up <= started, (unit, order[unit], ours)
+    after_us = [u for u, p in order.items() if u.startswith(("zfs-", "sysroot", "initrd"))]
+    ran = [u for u in after_us if stamp(order[u], "InactiveExitTimestampMonotonic")]
+    # This boot imports the pool the distribution's way too and mounts the
+    # root; the report is taken before initrd.target.
+    assert {"zfs-import.target", "sysroot.mount", "initrd-root-fs.target"} <= set(ran), order
+    for unit in ran:
+        assert stamp(order[unit], "InactiveExitTimestampMonotonic") >= ready, (
+            f"{unit} started before lczfs-unlockd was done",
+            order[unit],
+            ours,
+        )

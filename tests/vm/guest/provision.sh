@@ -66,9 +66,13 @@ open_new_keystore() {
     cryptsetup luksFormat -q --type luks2 "${PBKDF[@]}" --label bootsecrets \
         --key-file "$S/passphrase" "$dev"
     cryptsetup luksAddKey -q "${PBKDF[@]}" --key-file "$S/passphrase" "$dev" "$S/keystore.key"
-    if [[ -n $tpm ]]; then
+    if [[ $tpm == tpm ]]; then
         wait_for /dev/tpmrm0
         systemd-cryptenroll --unlock-key-file="$S/passphrase" --tpm2-device=auto --tpm2-pcrs= "$dev"
+    elif [[ $tpm == tpm-pin ]]; then
+        wait_for /dev/tpmrm0
+        NEWPIN=$(< "$S/tpm2.pin") systemd-cryptenroll --unlock-key-file="$S/passphrase" \
+            --tpm2-device=auto --tpm2-pcrs= --tpm2-with-pin=yes "$dev"
     fi
     cryptsetup luksDump "$dev"
     cryptsetup open --key-file "$S/passphrase" "$dev" secretsroot
@@ -152,6 +156,18 @@ if cryptsetup isLuks /dev/zvol/rpool/volumes/badluks-part1; then
     echo "badluks still looks like LUKS"
     exit 1
 fi
+# A keystore whose only token is TPM2 with a PIN (the PIN path of tokens).
+open_new_keystore rpool/volumes/pinks tpm-pin
+put_key rpoolcrypt.key rpoolcrypt.key
+close_keystore
+# A keystore whose ext4 says its journal needs recovery, as after a crash
+# while it was mounted read-write: a read-only mapping cannot replay it.
+open_new_keystore rpool/volumes/dirtyks
+put_key rpoolcrypt.key rpoolcrypt.key
+umount /bootsecrets
+debugfs -w -R "feature needs_recovery" /dev/mapper/secretsroot
+dumpe2fs -h /dev/mapper/secretsroot | grep -q 'features:.*needs_recovery'
+cryptsetup close secretsroot
 zfs list -o name,encryption,keyformat,keylocation,keystatus
 zpool export rpool
 

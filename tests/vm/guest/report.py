@@ -16,6 +16,13 @@ import sys
 import time
 
 UNIT = "lczfs-unlockd.service"
+# Units the daemon must start after (udev) or finish before (everything that
+# imports the pool, needs its keys, or leaves the initrd).
+ORDERED_UNITS = (
+    "systemd-udevd.service", "systemd-udev-trigger.service",
+    "zfs-import-scan.service", "zfs-import-cache.service", "zfs-import.target",
+    "zfs-load-key.service", "sysroot.mount", "initrd-root-fs.target", "initrd.target",
+)  # fmt: skip
 MAGIC = b"LCZFSREPORT1"
 
 
@@ -166,6 +173,10 @@ def main() -> int:
             "LoadState",
         ],
     )
+    # What the unit file orders lczfs-unlockd against, as this boot ran it.
+    stamps = ["LoadState", "ActiveState", "InactiveExitTimestampMonotonic",
+              "ActiveEnterTimestampMonotonic"]  # fmt: skip
+    ordering = {unit: unit_props(unit, stamps) for unit in ORDERED_UNITS}
     masked: dict[str, object] = {}
     for unit in ("systemd-cryptsetup@secretsroot.service", "bootsecrets.mount"):
         masked[unit] = {
@@ -189,6 +200,7 @@ def main() -> int:
         "dev_mapper": sorted(os.listdir("/dev/mapper")) if os.path.isdir("/dev/mapper") else [],
         "mountinfo": mountinfo,
         "units": masked,
+        "ordering": ordering,
         "transient_units": sorted(
             os.path.relpath(p, "/run/systemd")
             for d in ("transient", "system", "generator")

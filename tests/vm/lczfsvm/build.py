@@ -153,7 +153,8 @@ def base_initrd(root: Path) -> Path:
 
 PROVISION_TOOLS = (
     "bash sfdisk blkid wipefs mkfs.ext4 cryptsetup systemd-cryptenroll dmsetup dd sync "
-    "head od tr sha256sum truncate sleep cmp install mkdir chmod rm mv ls readlink"
+    "head od tr sha256sum truncate sleep cmp install mkdir chmod rm mv ls readlink "
+    "debugfs dumpe2fs grep"
 )
 
 

@@ -104,6 +104,22 @@ SCENARIOS: dict[str, Callable[[Guest], Boot]] = {
         toml_config(unlock=("passphrase",)),
         cmdline="lczfs.test.sigterm_at_prompt",
     ),
+    # A TPM2 token that needs a PIN: asked for on the console, a wrong one
+    # asked again (the TPM's dictionary-attack counter allows it).
+    "tpm2-pin": lambda g: Boot(
+        "tpm2-pin",
+        toml_config(unlock=("token",), volume="rpool/volumes/pinks", datasets=["rpool/crypt"]),
+        disks=("keys0",),
+        tpm=True,
+        answers=("pin-wrong", g.secrets.tpm2_pin),
+    ),
+    # ext4 flagged needs_recovery on a read-only mapping: mounted with noload.
+    "ext4-needs-recovery": lambda g: Boot(
+        "ext4-needs-recovery",
+        _keyfile_config(volume="rpool/volumes/dirtyks", datasets=["rpool/crypt"]),
+        disks=("keys0",),
+        keyfile=True,
+    ),
     "key-formats": lambda g: Boot(
         "key-formats",
         _keyfile_config(

@@ -40,6 +40,10 @@ class Secrets:
         return self.bytes("passphrase").decode()
 
     @property
+    def tpm2_pin(self) -> str:
+        return self.bytes("tpm2.pin").decode()
+
+    @property
     def needles(self) -> tuple[bytes, ...]:
         """Every secret, as it could leak: raw bytes and, for text keys, the text."""
         out: list[bytes] = []
@@ -71,6 +75,7 @@ def _make_secrets(d: Path) -> None:
         "pass.key": (f"pass-{secrets.token_hex(6)}\n").encode(),
         "garbage.key": bytes(range(256))[-64:],  # 64 bytes, not hex
         "wrong.key": (secrets.token_hex(32) + "\n").encode(),
+        "tpm2.pin": f"pin-{secrets.token_hex(4)}".encode(),
     }
     for name, data in files.items():
         (d / name).write_bytes(data)
