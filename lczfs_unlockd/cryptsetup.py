@@ -27,7 +27,13 @@ from types import TracebackType
 from typing import TYPE_CHECKING
 
 from . import paths
-from .errors import KeystoreError, NoTokenError, PinRequiredError, WrongKeyError
+from .errors import (
+    KeystoreError,
+    NoTokenError,
+    PinRefusedError,
+    PinRequiredError,
+    WrongKeyError,
+)
 from .ports import MappingState, Token
 
 if TYPE_CHECKING:
@@ -59,7 +65,6 @@ CRYPT_TOKEN_INACTIVE = 1
 # ... and these two an enrolled token whose type has no handler (no plugin).
 CRYPT_TOKEN_INTERNAL_UNKNOWN = 3
 CRYPT_TOKEN_EXTERNAL_UNKNOWN = 5
-_TOKEN_NO_HANDLER = frozenset({CRYPT_TOKEN_INTERNAL_UNKNOWN, CRYPT_TOKEN_EXTERNAL_UNKNOWN})
 
 _LEVEL_NAMES = {
     CRYPT_LOG_NORMAL: "normal",
@@ -75,8 +80,7 @@ _LEVEL_NAMES = {
 # header has no token support (LUKS1).  -EPERM (the token supplied a key no
 # keyslot accepts) and -ENOANO (PIN missing or wrong) have their own errors.
 _TOKEN_UNUSABLE = frozenset({errno.ENOENT, errno.EAGAIN, errno.EINVAL})
-# ...and those meaning "not with this PIN" once a PIN was given.
-_PIN_REFUSED = frozenset({errno.ENOANO, errno.ENOTRECOVERABLE})
+
 
 _c_crypt_device_p = ctypes.c_void_p
 # Key material travels as char* into the caller's bytearray, never c_char_p
@@ -224,6 +228,19 @@ def _set_token_path(lib: ctypes.CDLL) -> None:
         log.warning("cannot use token plugins from %s: %s", path, os.strerror(-code))
 
 
+def _plugin_problem(plugin_dir: str | None, kind: str) -> str:
+    """Why libcryptsetup has no handler for an external token type."""
+    if not plugin_dir:
+        return "this libcryptsetup was built without token plugin support"
+    plugin = os.path.join(plugin_dir, f"libcryptsetup-token-{kind}.so")
+    if "/" in kind or not os.path.exists(plugin):
+        return f"no plugin {plugin}: install it and rebuild the initrd"
+    return (
+        f"plugin {plugin} is there but could not be loaded (a library it needs "
+        "missing from the initrd? rd.lczfs.debug shows libcryptsetup's reason)"
+    )
+
+
 def _token_plugin_dir(lib: ctypes.CDLL) -> str | None:
     """Where libcryptsetup looks for token plugins; None if it cannot load any."""
     try:
@@ -331,18 +348,19 @@ class LuksVolume:
             status = int(lib.crypt_token_status(cd, token, ctypes.byref(type_p)))
             if status in (CRYPT_TOKEN_INVALID, CRYPT_TOKEN_INACTIVE):
                 continue
-            # The type string belongs to libcryptsetup: copied before the next call.
+            # The type string belongs to libcryptsetup: copied before the next
+            # call.  It comes from the header (anyone who can write the zvol
+            # sets it): escaped, so that it cannot forge log or sd_notify lines.
             kind = (type_p.value or b"?").decode(errors="replace")
-            if status in _TOKEN_NO_HANDLER:
-                plugin_dir = _token_plugin_dir(lib)
-                missing = (
-                    f"{plugin_dir}/libcryptsetup-token-{kind}.so"
-                    if plugin_dir
-                    else "libcryptsetup built without token plugins"
-                )
-                out.append(Token(token, kind, missing_plugin=missing))
+            kind = kind.encode("unicode_escape").decode("ascii")
+            if status == CRYPT_TOKEN_INTERNAL_UNKNOWN:
+                why = "a built-in token type this libcryptsetup does not know: upgrade cryptsetup"
+            elif status == CRYPT_TOKEN_EXTERNAL_UNKNOWN:
+                why = _plugin_problem(_token_plugin_dir(lib), kind)
             else:
                 out.append(Token(token, kind))
+                continue
+            out.append(Token(token, kind, unusable=why))
         return out
 
     def activate_by_token(
@@ -381,12 +399,17 @@ class LuksVolume:
             )
         if code == errno.ENOANO and not pin_given:
             return PinRequiredError(f"the token of {self.device} needs a PIN", errno=code)
-        if code in _PIN_REFUSED and pin_given:
-            # -ENOANO is the documented "wrong PIN"; systemd's TPM2 plugin
-            # reports a refused PIN (TPM_RC_AUTH_FAIL) as -ENOTRECOVERABLE.
-            detail = "" if code == errno.ENOANO else f" ({_strerror(code)})"
+        if code == errno.ENOANO and pin_given:
             return PinRequiredError(
-                f"the token of {self.device} did not accept this PIN{detail}: try again",
+                f"the token of {self.device} did not accept this PIN: try again", errno=code
+            )
+        if code == errno.ENOTRECOVERABLE and pin_given:
+            # systemd's TPM2 plugin: a wrong PIN (TPM_RC_AUTH_FAIL), but also
+            # any other unseal failure, which only shows once a PIN is given.
+            return PinRefusedError(
+                f"the token of {self.device} refused this PIN or failed ({_strerror(code)}): "
+                "a wrong PIN, or the TPM's state changed (PCRs, TPM cleared) or its "
+                "libraries are missing from the initrd",
                 errno=code,
             )
         if code == errno.ENOLCK:

@@ -49,6 +49,16 @@ class PinRequiredError(KeystoreError):
     errno = _errno.ENOANO
 
 
+class PinRefusedError(PinRequiredError):
+    """A token refused a PIN in a way that need not be the PIN's fault.
+
+    systemd's TPM2 plugin returns -ENOTRECOVERABLE for a wrong PIN and for
+    any other unseal failure alike: worth asking again, but not forever.
+    """
+
+    errno = _errno.ENOTRECOVERABLE
+
+
 class NoTokenError(KeystoreError):
     """No LUKS2 token could be used (none enrolled, plugin or device missing)."""
 

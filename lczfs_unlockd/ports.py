@@ -68,9 +68,9 @@ class Token:
 
     id: int
     type: str  # "systemd-tpm2", "systemd-fido2", ...
-    # Set when libcryptsetup has no handler for the type: the plugin file it
-    # would need (or why it cannot load plugins at all).
-    missing_plugin: str | None = None
+    # Set when libcryptsetup has no handler for the type: why, naming the
+    # plugin file it would need.
+    unusable: str | None = None
 
     def describe(self) -> str:
         return f"token {self.id} ({self.type})"

@@ -14,6 +14,7 @@ from __future__ import annotations
 import errno
 import functools
 import logging
+import posixpath
 import signal
 import threading
 from collections.abc import Callable, Iterator
@@ -28,6 +29,7 @@ from .errors import (
     KeyLoadError,
     KeystoreError,
     NoTokenError,
+    PinRefusedError,
     PinRequiredError,
     PoolError,
     PromptError,
@@ -65,6 +67,7 @@ HEARTBEAT = 10.0
 BUSY_RETRIES = 10  # teardown actions failing with EBUSY: 10 tries, 0.2 s apart
 BUSY_RETRY_INTERVAL = 0.2
 IMPORT_RETRY = 1.0
+AMBIGUOUS_TRIES = 3  # a token PIN refused for a reason that may not be the PIN
 RESCAN_INTERVAL = 2.0  # zpool import -d without a change in dev_nodes
 
 ReadKeyFile = Callable[[str, str, str], bytearray]  # (mountpoint, path, dataset)
@@ -332,8 +335,10 @@ class Unlocker:
                 health = p.zpool.health(c.pool)
                 if health not in (None, "ONLINE"):
                     log.warning(
-                        "pool %s was imported %s although every device in devices was "
-                        "present: list all of the pool's disks in devices", c.pool, health,
+                        "pool %s was imported %s as soon as every device in devices existed: "
+                        "the pool has disks not named there, or named differently (the whole "
+                        "disk instead of its partition?); list the vdev paths zpool status -P "
+                        "shows", c.pool, health,
                     )  # fmt: skip
             if c.dry_run:
                 log.info("imported %s read-only (dry run; exported again at the end)", c.pool)
@@ -343,14 +348,18 @@ class Unlocker:
 
         None means every configured device is present: import at once (the
         import reads the labels itself; a scan first would read them twice,
-        seconds on a slow machine).  Without a devices list, or while some
-        are missing, every POLL_INTERVAL: stat the devices and list dev_nodes.
+        seconds on a slow machine) — when the devices all lie in dev_nodes.
+        Otherwise, or while some are missing, every POLL_INTERVAL: stat the
+        devices and list dev_nodes.
         The expensive part — ``zpool import -d`` reads every label in
         dev_nodes — only runs when that listing changed (a disk arrived),
         when the grace period just ran out, or every RESCAN_INTERVAL; on
         two slow CPUs, scanning at every poll competed with udev's coldplug.
         """
         c, p = self.config, self.ports
+        # Only devices in the directory zpool reads can stand for its scan.
+        nodes = c.dev_nodes.rstrip("/") or "/"
+        direct = bool(c.devices) and all(posixpath.dirname(d) == nodes for d in c.devices)
         last_text = ""
         scan = PoolScan(state=None)
         last_listing: tuple[str, ...] | None = None
@@ -361,7 +370,7 @@ class Unlocker:
             now = p.clock.monotonic()
             waited = now - start
             missing_devices = [d for d in c.devices if not p.fs.exists(d)]
-            if c.devices and not missing_devices:
+            if direct and not missing_devices:
                 return None
             past_grace = waited >= c.online_grace
             if not missing_devices or past_grace:
@@ -528,18 +537,14 @@ class Unlocker:
             reasons.append("token: none enrolled")
             log.info("no LUKS2 token enrolled on %s", device)
             return False
-        missing = [t for t in tokens if t.missing_plugin]
-        for t in missing:
-            log.warning(
-                "%s of %s cannot be used: no plugin for its type (%s)",
-                t.describe(), device, t.missing_plugin,
-            )  # fmt: skip
-        if len(missing) == len(tokens):
+        unusable = [t for t in tokens if t.unusable]
+        for t in unusable:
+            log.warning("%s of %s cannot be used: %s", t.describe(), device, t.unusable)
+        if len(unusable) == len(tokens):
             reasons.append(
                 "token: "
-                + ", ".join(f"{t.describe()} has no plugin ({t.missing_plugin})" for t in missing)
-                + "; install the plugin and rebuild the initrd"
-                " (NixOS: boot.initrd.lczfs-unlockd.keystore.tokenPlugins)"
+                + "; ".join(f"{t.describe()}: {t.unusable}" for t in unusable)
+                + " (NixOS: boot.initrd.lczfs-unlockd.keystore.tokenPlugins)"
             )
             return False
         start = p.clock.monotonic()
@@ -595,7 +600,10 @@ class Unlocker:
                 kind="token PIN",
                 prompt=f"Please enter the security token PIN for keystore {ks.volume}:",
                 activate=lambda pin: luks.activate_by_token(ks.name, pin, read_only=True),
-                wrong=(PinRequiredError, WrongKeyError),
+                # WrongKeyError (-EPERM) is no PIN problem: the token's key
+                # opens no key slot, whatever the PIN; it falls through.
+                wrong=(PinRequiredError,),
+                ambiguous=PinRefusedError,
             )
         except KeystoreError as exc:
             reasons.append(f"token: {exc}")
@@ -624,11 +632,17 @@ class Unlocker:
         prompt: str,
         activate: Callable[[bytearray], None],
         wrong: tuple[type[KeystoreError], ...],
+        ambiguous: type[KeystoreError] | None = None,
     ) -> bool:
-        """Ask and try up to keystore.tries times; the answer is wiped after each try."""
+        """Ask and try up to keystore.tries times; the answer is wiped after each try.
+
+        An ``ambiguous`` refusal (the answer may be right and something else
+        broken) is given AMBIGUOUS_TRIES in a row at most, even with tries = 0.
+        """
         tries = self.config.keystore.tries
         of = f" of {tries}" if tries else ""
         attempt = 0
+        refused = 0
         while tries == 0 or attempt < tries:
             self._checkpoint()
             attempt += 1
@@ -640,8 +654,16 @@ class Unlocker:
             try:
                 activate(secret)
                 return True
-            except wrong:
-                log.warning("wrong %s for keystore %s (try %d%s)", kind, device, attempt, of)
+            except wrong as exc:
+                if ambiguous is not None and isinstance(exc, ambiguous):
+                    refused += 1
+                    log.warning("%s (try %d%s)", exc, attempt, of)
+                    if refused >= AMBIGUOUS_TRIES:
+                        reasons.append(f"{kind}: refused {refused} times in a row: {exc}")
+                        return False
+                else:
+                    refused = 0
+                    log.warning("wrong %s for keystore %s (try %d%s)", kind, device, attempt, of)
                 self._status(f"wrong {kind} for keystore {device} (try {attempt}{of})")
             finally:
                 wipe(secret)

@@ -78,10 +78,11 @@ in
       example = [ "/dev/disk/by-id/nvme-EXAMPLE-part2" ];
       description = ''
         Device paths of the pool's vdevs.  When given, the daemon reports
-        which of them are missing while it waits and imports the pool as
-        soon as all of them exist (list every disk of the pool).  Without
-        it, or while some are missing, the pool is found by scanning
-        {option}`boot.initrd.lczfs-unlockd.devNodes`.
+        which of them are missing while it waits and, when they lie in
+        {option}`boot.initrd.lczfs-unlockd.devNodes`, imports the pool as
+        soon as all of them exist (list every vdev as `zpool status -P`
+        shows it).  Otherwise, or while some are missing, the pool is found
+        by scanning {option}`boot.initrd.lczfs-unlockd.devNodes`.
       '';
     };
 

@@ -25,6 +25,7 @@ from lczfs_unlockd.errors import (
     KeyLoadError,
     KeystoreError,
     NoTokenError,
+    PinRefusedError,
     PinRequiredError,
     PromptError,
     TeardownError,
@@ -77,6 +78,11 @@ class Token:
     plugin: bool = True  # False: libcryptsetup has no plugin for its type (-ENOENT)
     failure: str | None = None  # the plugin fails (a TPM2 unseal after a firmware update)
     type: str = "systemd-tpm2"
+    # A wrong PIN: "wrong" (-ENOANO) or "ambiguous" (-ENOTRECOVERABLE, systemd's
+    # TPM2 plugin, also returned when the TPM fails whatever the PIN).
+    refusal: str = "wrong"
+    broken: bool = False  # with a PIN given, refuses even the right one (ambiguously)
+    wrong_key: bool = False  # unlocks, but its key opens no key slot (-EPERM)
 
 
 @dataclass
@@ -333,7 +339,7 @@ class FakeLuks:
         return [
             LuksToken(
                 i, t.type,
-                missing_plugin=None if t.plugin else f"/plugins/libcryptsetup-token-{t.type}.so",
+                unusable=None if t.plugin else f"no plugin /plugins/libcryptsetup-token-{t.type}.so",
             )
             for i, t in enumerate(self.w.tokens)
         ]  # fmt: skip
@@ -365,9 +371,15 @@ class FakeLuks:
                 return
             if pin is None:
                 raise PinRequiredError(f"a token of {self.device} needs a PIN")
+            if token.broken:
+                raise PinRefusedError(f"the token of {self.device} refused this PIN or failed")
             if bytes(pin) == token.pin.encode():
+                if token.wrong_key:
+                    raise WrongKeyError(f"a token of {self.device} supplied a key no slot accepts")
                 self._activate(name, read_only)
                 return
+            if token.refusal == "ambiguous":
+                raise PinRefusedError(f"the token of {self.device} refused this PIN or failed")
         raise PinRequiredError(f"wrong PIN for {self.device}")
 
     def activate_by_passphrase(

@@ -21,7 +21,13 @@ import pytest
 
 from lczfs_unlockd import cryptsetup, paths
 from lczfs_unlockd.cryptsetup import LibCryptsetup, LuksVolume
-from lczfs_unlockd.errors import KeystoreError, NoTokenError, PinRequiredError, WrongKeyError
+from lczfs_unlockd.errors import (
+    KeystoreError,
+    NoTokenError,
+    PinRefusedError,
+    PinRequiredError,
+    WrongKeyError,
+)
 from lczfs_unlockd.ports import MappingState, Token
 
 CRYPTSETUP = shutil.which("cryptsetup")
@@ -322,8 +328,11 @@ def test_token_without_plugin_counts_but_cannot_unlock(
         (t,) = dev.tokens()
         assert (t.id, t.type) == (0, "user-test")
         # Named with the file libcryptsetup would have needed.
-        assert t.missing_plugin is not None
-        assert t.missing_plugin.endswith("/libcryptsetup-token-user-test.so")
+        assert t.unusable is not None
+        assert t.unusable.startswith("no plugin /")
+        assert t.unusable.endswith(
+            "/libcryptsetup-token-user-test.so: install it and rebuild the initrd"
+        )
         with pytest.raises(NoTokenError):
             dev.activate_by_token(None, None, read_only=True)
         # The other methods still work beside a useless token.
@@ -339,8 +348,8 @@ def test_token_without_plugin_counts_but_cannot_unlock(
         (
             errno.ENOTRECOVERABLE,
             True,
-            PinRequiredError,
-            "did not accept this PIN (state not recoverable): try again",
+            PinRefusedError,
+            "refused this PIN or failed (state not recoverable): a wrong PIN, or the TPM's",
         ),
         # ...the same code without a PIN is no PIN problem (a PCR mismatch)
         (errno.ENOTRECOVERABLE, False, KeystoreError, "with a token: state not recoverable"),
@@ -358,6 +367,28 @@ def test_token_failures_are_told_apart(
     assert type(err) is kind, err
     assert words in str(err), str(err)
     assert err.errno == code
+
+
+def test_token_type_from_the_header_cannot_forge_lines(
+    cs: LibCryptsetup, luks2_copy: Image
+) -> None:
+    token = {"type": "evil\nSTATUS=unlocked", "keyslots": ["1"]}
+    cli("token", "import", "--json-file", "-", luks2_copy.path, stdin=json.dumps(token).encode())
+    with cs.open(str(luks2_copy.path)) as dev:
+        (t,) = dev.tokens()
+    assert "\n" not in t.type and t.type == "evil\\nSTATUS=unlocked"
+    assert t.unusable is not None and "\n" not in t.unusable
+
+
+def test_plugin_present_but_not_loadable_is_told_apart(tmp_path: Path) -> None:
+    missing = cryptsetup._plugin_problem(str(tmp_path), "systemd-tpm2")
+    assert missing == (
+        f"no plugin {tmp_path}/libcryptsetup-token-systemd-tpm2.so: install it and rebuild the initrd"
+    )
+    (tmp_path / "libcryptsetup-token-systemd-tpm2.so").write_bytes(b"")
+    broken = cryptsetup._plugin_problem(str(tmp_path), "systemd-tpm2")
+    assert "is there but could not be loaded" in broken
+    assert "without token plugin support" in cryptsetup._plugin_problem(None, "systemd-tpm2")
 
 
 def test_built_in_token_type_has_a_handler(cs: LibCryptsetup, luks2_copy: Image) -> None:

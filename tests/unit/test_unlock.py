@@ -266,6 +266,14 @@ def test_all_listed_devices_present_imports_without_a_scan(world, make_config, r
     assert world.imported_at is not None and world.imported_at < 0.1
 
 
+def test_devices_outside_dev_nodes_do_not_skip_the_scan(world, make_config, run):
+    # zpool reads dev_nodes: /dev/sda2 existing says nothing about by-id.
+    world.disks = {"/dev/sda2": True}
+    world.answers = ["luks pass"]
+    assert run(make_config(devices=["/dev/sda2"])).ok
+    assert world.scans >= 1
+
+
 def test_devices_list_leaving_out_a_missing_disk_is_warned_about(world, make_config, run, caplog):
     world.mirror = True
     world.disks = {"/dev/disk/by-id/a": True, "/dev/disk/by-id/b": False}
@@ -273,8 +281,8 @@ def test_devices_list_leaving_out_a_missing_disk_is_warned_about(world, make_con
     report = run(make_config(devices=["/dev/disk/by-id/a"]))
     assert report.ok, report.error
     assert (
-        "pool rpool was imported DEGRADED although every device in devices was present: "
-        "list all of the pool's disks in devices"
+        "pool rpool was imported DEGRADED as soon as every device in devices existed: "
+        "the pool has disks not named there"
     ) in caplog.text
 
 
@@ -688,8 +696,7 @@ def test_token_without_plugin_is_named_in_the_failure(world, make_config, run, c
     report = run(make_config({"unlock": ["token"]}))
     assert not report.ok
     assert (
-        "token: token 0 (systemd-fido2) has no plugin "
-        "(/plugins/libcryptsetup-token-systemd-fido2.so); install the plugin"
+        "token: token 0 (systemd-fido2): no plugin /plugins/libcryptsetup-token-systemd-fido2.so"
     ) in str(report.error)
     assert "keystore.tokenPlugins" in str(report.error)
 
@@ -699,7 +706,7 @@ def test_token_without_plugin_beside_a_usable_one_is_warned_about(world, make_co
     report = run(make_config({"unlock": ["token"]}))
     assert report.ok and report.keystore_method == "token"
     assert "token 0 (systemd-fido2) of" in caplog.text
-    assert "no plugin for its type" in caplog.text
+    assert "cannot be used: no plugin" in caplog.text
 
 
 def test_failing_token_falls_back_to_passphrase(world, make_config, run, caplog):
@@ -708,6 +715,33 @@ def test_failing_token_falls_back_to_passphrase(world, make_config, run, caplog)
     report = run(make_config())
     assert report.ok and report.keystore_method == "passphrase"
     assert "token did not open" in caplog.text and "PCR policy mismatch" in caplog.text
+
+
+def test_pin_refused_ambiguously_is_asked_again(world, make_config, run, caplog):
+    world.tokens = [Token(pin="1234", refusal="ambiguous")]
+    world.answers = ["0000", "1234"]
+    report = run(make_config({"unlock": ["token"]}))
+    assert report.ok and report.keystore_method == "token"
+    assert "refused this PIN or failed (try 1 of 3)" in caplog.text
+
+
+def test_token_failing_whatever_the_pin_is_not_asked_forever(world, make_config, run):
+    # tries = 0 means "until right", but a TPM that fails whatever the PIN
+    # (PCRs changed, TPM cleared) must not keep the passphrase from being asked.
+    world.tokens = [Token(pin="1234", broken=True)]
+    world.answers = ["1234", "1234", "1234", "luks pass"]
+    report = run(make_config({"tries": 0}))
+    assert report.ok, report.error
+    assert report.keystore_method == "passphrase"
+    assert len(world.prompts) == 4  # three PINs, then the passphrase
+
+
+def test_token_key_no_slot_accepts_is_not_blamed_on_the_pin(world, make_config, run):
+    world.tokens = [Token(pin="1234", wrong_key=True)]
+    world.answers = ["1234", "luks pass"]
+    report = run(make_config({"tries": 0}))
+    assert report.ok and report.keystore_method == "passphrase"
+    assert len(world.prompts) == 2  # one PIN, then the passphrase
 
 
 def test_pin_is_not_shared_through_the_keyring(world, make_config, run):
