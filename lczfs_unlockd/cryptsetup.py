@@ -228,6 +228,16 @@ def _set_token_path(lib: ctypes.CDLL) -> None:
         log.warning("cannot use token plugins from %s: %s", path, os.strerror(-code))
 
 
+def _printable(text: str) -> str:
+    """text with every non-printable character as \\xNN, \\uNNNN (no codec
+    needed: the initrd carries only the encodings the daemon rehearsed)."""
+    return "".join(
+        c if c.isprintable() and c != "\\" else
+        (f"\\x{ord(c):02x}" if ord(c) < 0x100 else f"\\u{ord(c):04x}")
+        for c in text
+    )  # fmt: skip
+
+
 def _plugin_problem(plugin_dir: str | None, kind: str) -> str:
     """Why libcryptsetup has no handler for an external token type."""
     if not plugin_dir:
@@ -351,8 +361,7 @@ class LuksVolume:
             # The type string belongs to libcryptsetup: copied before the next
             # call.  It comes from the header (anyone who can write the zvol
             # sets it): escaped, so that it cannot forge log or sd_notify lines.
-            kind = (type_p.value or b"?").decode(errors="replace")
-            kind = kind.encode("unicode_escape").decode("ascii")
+            kind = _printable((type_p.value or b"?").decode(errors="replace"))
             if status == CRYPT_TOKEN_INTERNAL_UNKNOWN:
                 why = "a built-in token type this libcryptsetup does not know: upgrade cryptsetup"
             elif status == CRYPT_TOKEN_EXTERNAL_UNKNOWN:
