@@ -81,7 +81,6 @@ _LEVEL_NAMES = {
 # keyslot accepts) and -ENOANO (PIN missing or wrong) have their own errors.
 _TOKEN_UNUSABLE = frozenset({errno.ENOENT, errno.EAGAIN, errno.EINVAL})
 
-
 _c_crypt_device_p = ctypes.c_void_p
 # Key material travels as char* into the caller's bytearray, never c_char_p
 # (which would want an immutable bytes object).
@@ -362,13 +361,11 @@ class LuksVolume:
             # call.  It comes from the header (anyone who can write the zvol
             # sets it): escaped, so that it cannot forge log or sd_notify lines.
             kind = _printable((type_p.value or b"?").decode(errors="replace"))
+            why = None
             if status == CRYPT_TOKEN_INTERNAL_UNKNOWN:
                 why = "a built-in token type this libcryptsetup does not know: upgrade cryptsetup"
             elif status == CRYPT_TOKEN_EXTERNAL_UNKNOWN:
                 why = _plugin_problem(_token_plugin_dir(lib), kind)
-            else:
-                out.append(Token(token, kind))
-                continue
             out.append(Token(token, kind, unusable=why))
         return out
 

@@ -74,49 +74,32 @@ def _machine(root: Path, mode: str, monkeypatch: pytest.MonkeyPatch) -> qemu.Mac
 def test_qemu_abort_is_a_crash_naming_the_signal_and_qemu_message(
     stub_qemu: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    m = _machine(stub_qemu, "abort", monkeypatch)
-    try:
-        m.start()
-        with pytest.raises(qemu.QemuCrashed, match=r"SIGABRT .*iotlb_to_section"):
-            m.wait(30)
-    finally:
-        m.close()
+    crashed = pytest.raises(qemu.QemuCrashed, match=r"SIGABRT .*iotlb_to_section")
+    with _machine(stub_qemu, "abort", monkeypatch) as m, crashed:
+        m.wait(30)
 
 
 def test_expect_reports_a_crash_not_a_missing_prompt(
     stub_qemu: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    m = _machine(stub_qemu, "abort", monkeypatch)
-    try:
-        m.start()
-        with pytest.raises(qemu.QemuCrashed):
-            m.expect("Please enter the passphrase", 30)
-    finally:
-        m.close()
+    with _machine(stub_qemu, "abort", monkeypatch) as m, pytest.raises(qemu.QemuCrashed):
+        m.expect("Please enter the passphrase", 30)
 
 
 def test_power_off_is_not_a_crash(stub_qemu: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    m = _machine(stub_qemu, "poweroff", monkeypatch)
-    try:
-        m.start()
+    with _machine(stub_qemu, "poweroff", monkeypatch) as m:
         assert m.wait(30) == 0
         assert m.crash() is None
         assert "Power down" in m.console_text()
-    finally:
-        m.close()
 
 
 def test_killed_at_the_deadline_is_a_timeout_not_a_crash(
     stub_qemu: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    m = _machine(stub_qemu, "hang", monkeypatch)
-    try:
-        m.start()
+    with _machine(stub_qemu, "hang", monkeypatch) as m:
         with pytest.raises(qemu.BootTimeout, match="still running"):
             m.wait(1.0)
         assert m.crash() is None
-    finally:
-        m.close()
 
 
 def test_retry_on_crash_retries_crashes_only_and_gives_up() -> None:

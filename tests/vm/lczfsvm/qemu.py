@@ -15,13 +15,14 @@ import re
 import signal
 import socket
 import subprocess
-import sys
 import threading
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, TypeVar
+
+from .cache import log
 
 BASE_CMDLINE = (
     "console=ttyS0,115200 panic=-1 rd.shell=0 rd.emergency=poweroff "
@@ -65,12 +66,7 @@ def retry_on_crash(
         except QemuCrashed as e:
             if attempt == attempts:
                 raise
-            print(
-                f"[lczfs-vm {time.strftime('%H:%M:%S')}] {what}: {e}; "
-                f"booting again (attempt {attempt + 1} of {attempts})",
-                file=sys.stderr,
-                flush=True,
-            )
+            log(f"{what}: {e}; booting again (attempt {attempt + 1} of {attempts})")
             before_retry()
     raise AssertionError("unreachable")
 
@@ -209,7 +205,11 @@ class Machine:
             self._reader.join(5)
 
     def __enter__(self) -> Machine:
-        self.start()
+        try:
+            self.start()
+        except BaseException:
+            self.close()  # QEMU (or swtpm) may be running already
+            raise
         return self
 
     def __exit__(self, *exc: object) -> None:
