@@ -6,6 +6,7 @@ read-only, nodev, nosuid, noexec.
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import errno
 import logging
@@ -58,9 +59,19 @@ def _unescape(field: str) -> str:
     )
 
 
-def mount_points(mountinfo: str = "/proc/self/mountinfo") -> list[str]:
+def mount_table(mountinfo: str = "/proc/self/mountinfo") -> list[tuple[int, str]]:
+    """(mount ID, mount point) of every mount, in mountinfo's order."""
+    table = []
     with open(mountinfo, encoding="utf-8", errors="surrogateescape") as f:
-        return [_unescape(line.split()[4]) for line in f if len(line.split()) > 4]
+        for line in f:
+            fields = line.split()
+            if len(fields) > 4 and fields[0].isdigit():
+                table.append((int(fields[0]), _unescape(fields[4])))
+    return table
+
+
+def mount_points(mountinfo: str = "/proc/self/mountinfo") -> list[str]:
+    return [point for _, point in mount_table(mountinfo)]
 
 
 def _kernel_fstypes() -> list[str]:
@@ -75,7 +86,14 @@ class LibcMounts:
     def __init__(self, mountinfo: str = "/proc/self/mountinfo") -> None:
         self.mountinfo = mountinfo
 
-    def mount(self, source: str, target: str, fstype: str = "") -> None:
+    def mount(self, source: str, target: str, fstype: str = "") -> int | None:
+        self._mount(source, target, fstype)
+        # The topmost mount on the target's real path is the one just made.
+        real = os.path.realpath(target)
+        ids = [mount_id for mount_id, point in mount_table(self.mountinfo) if point == real]
+        return ids[-1] if ids else None
+
+    def _mount(self, source: str, target: str, fstype: str) -> None:
         libc = _libc()
         flags = MS_RDONLY | MS_NODEV | MS_NOSUID | MS_NOEXEC
         candidates = [fstype] if fstype else list(FSTYPES)
@@ -117,7 +135,11 @@ class LibcMounts:
             raise TeardownError(f"cannot unmount {target}: {os.strerror(code)}", errno=code)
 
     def is_mounted(self, target: str) -> bool:
-        return target in mount_points(self.mountinfo)
+        points = mount_points(self.mountinfo)
+        return target in points or os.path.realpath(target) in points
+
+    def mount_exists(self, mount_id: int) -> bool:
+        return any(mid == mount_id for mid, _ in mount_table(self.mountinfo))
 
 
 class HostFilesystem:
@@ -130,17 +152,35 @@ class HostFilesystem:
         except OSError:
             return ()
 
-    def make_dir(self, path: str, mode: int) -> bool:
-        """Create the mount point with ``mode`` (0700), or tighten an existing one."""
+    def make_dirs(self, path: str, mode: int) -> list[str]:
+        """Create the mount point with ``mode`` (0700), parents too, or tighten
+        an existing one; every directory created is returned, so the caller
+        can remove exactly those."""
+        missing: list[str] = []
+        walk = os.path.normpath(path)
+        while not os.path.lexists(walk):
+            missing.append(walk)
+            parent = os.path.dirname(walk)
+            if parent == walk:
+                break
+            walk = parent
+        created: list[str] = []
         try:
-            created = not os.path.lexists(path)
-            os.makedirs(path, mode=mode, exist_ok=True)
+            for directory in reversed(missing):
+                os.mkdir(directory, mode)
+                created.append(directory)
             if not os.path.isdir(path) or os.path.islink(path):
                 raise KeystoreError(f"{path} exists and is not a directory: remove it")
             os.chmod(path, mode)
         except OSError as exc:
+            for directory in reversed(created):
+                with contextlib.suppress(OSError):
+                    os.rmdir(directory)
             raise KeystoreError(f"cannot create mount point {path}: {exc.strerror}") from None
         return created
+
+    def real_path(self, path: str) -> str:
+        return os.path.realpath(path)
 
     def remove_dir(self, path: str) -> None:
         try:

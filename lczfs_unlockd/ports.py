@@ -20,6 +20,11 @@ class PoolScan:
     state: str | None  # ONLINE, DEGRADED, UNAVAIL, FAULTED ...; None: not found
     missing: tuple[str, ...] = ()  # vdevs reported UNAVAIL/FAULTED/REMOVED
     detail: str = ""  # zpool's own status/action text, for the error message
+    guid: int | None = None  # the pool's GUID (zpool import's "id:")
+    # When more than one importable pool carries the name (a reused disk, a
+    # USB stick with another rpool): one line about each (GUID, state,
+    # devices), for an error message.  Empty otherwise.
+    duplicates: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -37,17 +42,43 @@ class DatasetInfo:
 
 
 class Zpool(Protocol):
-    def health(self, pool: str) -> str | None:
+    """The zpool/zfs programs.  Every call has a deadline (``timeout`` seconds;
+    None: the adapter's default bound) and raises PoolError/KeyLoadError,
+    ETIMEDOUT when it was overrun."""
+
+    def health(self, pool: str, *, timeout: float | None = None) -> str | None:
         """Health of an imported pool, or None when it is not imported."""
 
-    def scan(self, pool: str, dev_nodes: str, *, timeout: float | None = None) -> PoolScan:
-        """Scan ``dev_nodes`` for the pool without importing it, within ``timeout`` s."""
+    def guid(self, pool: str, *, timeout: float | None = None) -> int | None:
+        """GUID of an imported pool, or None when it is not imported."""
 
-    def import_pool(self, pool: str, dev_nodes: str, *, force: bool, readonly: bool) -> None: ...
+    def scan(
+        self,
+        pool: str,
+        sources: Sequence[str],
+        *,
+        guid: int | None = None,
+        timeout: float | None = None,
+    ) -> PoolScan:
+        """Look for the pool (the one with ``guid``, if given) in ``sources``
+        (``zpool import -d`` arguments: a directory or devices) without importing it."""
 
-    def export_pool(self, pool: str) -> None: ...
+    def import_pool(
+        self,
+        pool: str,
+        sources: Sequence[str],
+        *,
+        guid: int | None = None,
+        force: bool,
+        readonly: bool,
+        timeout: float | None = None,
+    ) -> None: ...
 
-    def datasets(self, names: Sequence[str], *, recursive: bool) -> list[DatasetInfo]: ...
+    def export_pool(self, pool: str, *, timeout: float | None = None) -> None: ...
+
+    def datasets(
+        self, names: Sequence[str], *, recursive: bool, timeout: float | None = None
+    ) -> list[DatasetInfo]: ...
 
 
 class KeyLoader(Protocol):
@@ -106,12 +137,17 @@ class Cryptsetup(Protocol):
 
 
 class Mounts(Protocol):
-    def mount(self, source: str, target: str, fstype: str) -> None:
-        """Mount read-only, nodev, nosuid, noexec."""
+    def mount(self, source: str, target: str, fstype: str) -> int | None:
+        """Mount read-only, nodev, nosuid, noexec; return the new mount's ID
+        (mountinfo's first field), None if it cannot be told."""
 
     def unmount(self, target: str, *, lazy: bool = False) -> None: ...
 
-    def is_mounted(self, target: str) -> bool: ...
+    def is_mounted(self, target: str) -> bool:
+        """Something is mounted on ``target`` (compared by its real path)."""
+
+    def mount_exists(self, mount_id: int) -> bool:
+        """The mount with this ID is still in the mount table (wherever it is)."""
 
 
 class Units(Protocol):
@@ -143,10 +179,14 @@ class Filesystem(Protocol):
     def listing(self, path: str) -> tuple[str, ...]:
         """Sorted names in a directory; () when it does not exist (yet)."""
 
-    def make_dir(self, path: str, mode: int) -> bool:
-        """Create ``path`` with ``mode`` (or tighten it); True if it was created."""
+    def make_dirs(self, path: str, mode: int) -> list[str]:
+        """Create ``path`` and missing parents with ``mode`` (or tighten an
+        existing ``path``); return the directories created, outermost first."""
 
     def remove_dir(self, path: str) -> None: ...
+
+    def real_path(self, path: str) -> str:
+        """``path`` with every symlink resolved (os.path.realpath)."""
 
 
 class Clock(Protocol):

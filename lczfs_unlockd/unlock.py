@@ -14,7 +14,7 @@ from __future__ import annotations
 import errno
 import functools
 import logging
-import posixpath
+import math
 import signal
 import threading
 from collections.abc import Callable, Iterator
@@ -25,6 +25,7 @@ from types import FrameType
 from . import log as logsetup
 from .config import Config, UnlockMethod, format_duration
 from .errors import (
+    AmbiguousPoolError,
     Interrupted,
     KeyLoadError,
     KeystoreError,
@@ -62,11 +63,18 @@ POLL_INTERVAL = 0.2  # seconds between pool scans: sub-second, cheap
 ZVOL_WAIT = 30.0  # udev creates /dev/zvol/... shortly after import
 PARTITION_WAIT = 5.0  # after the zvol node, its partitions follow
 TOKEN_RETRY = 0.5
-EXTEND_USEC = 30_000_000  # EXTEND_TIMEOUT_USEC while waiting: 30 s more each time
+# While a wait with a bound of its own (the pool deadline, token_timeout,
+# the zvol's 30 s) or a person typing is in progress, systemd's start
+# timeout is pushed out: EXTEND_USEC more every HEARTBEAT.  Nothing else is
+# extended — a stuck zpool call, a KDF with an attacker's cost, a stop after
+# SIGTERM — so systemd's own timeouts still end a daemon that hangs.
+EXTEND_USEC = 60_000_000
 HEARTBEAT = 10.0
 BUSY_RETRIES = 10  # teardown actions failing with EBUSY: 10 tries, 0.2 s apart
 BUSY_RETRY_INTERVAL = 0.2
 IMPORT_RETRY = 1.0
+TEARDOWN_CALL_TIMEOUT = 30.0  # each zpool call during teardown (dry-run export)
+SUMMARY_NAMES = 8  # datasets named in the one-line summary; the journal has all
 AMBIGUOUS_TRIES = 3  # a token PIN refused for a reason that may not be the PIN
 RESCAN_INTERVAL = 2.0  # zpool import -d without a change in dev_nodes
 
@@ -100,32 +108,49 @@ class Report:
     teardown_problems: list[str] = field(default_factory=list)
     error: UnlockError | Interrupted | None = None
     elapsed: float = 0.0
+    verified: bool = False  # teardown verified: nothing of ours is left
 
     @property
     def errno(self) -> int:
         return self.error.errno if self.error is not None else 0
 
+    def _left_behind(self) -> str:
+        """What the teardown could not undo, for a failure summary."""
+        if self.teardown_problems:
+            return "; left behind: " + "; ".join(self.teardown_problems)
+        return "; nothing is left open" if self.verified else ""
+
     @property
     def summary(self) -> str:
-        keys = ", ".join(f"{name} ({fmt})" for name, fmt in self.loaded)
+        keys = _names([f"{name} ({fmt})" for name, fmt in self.loaded])
         if self.dry_run:
             if self.ok:
                 verb = f"would unlock {keys}" if keys else "would load no key"
                 if self.already_loaded:
-                    verb += f" ({', '.join(self.already_loaded)} already loaded)"
+                    verb += f" ({_names(self.already_loaded)} already loaded)"
                 return (
                     f"dry run: {verb} using the keystore ({self.keystore_method}); "
                     f"checked in {self.elapsed:.1f} s; nothing changed"
                 )
-            return f"dry run: a real run would fail: {self.error}"
+            return f"dry run: a real run would fail: {self.error}{self._left_behind()}"
         if not self.ok:
-            return f"failed: {self.error}"
+            if isinstance(self.error, TeardownError):
+                return f"failed: {self.error}"  # it is the list of what was left behind
+            return f"failed: {self.error}{self._left_behind()}"
         parts = []
         if keys:
             parts.append(f"unlocked {keys}")
         if self.already_loaded:
-            parts.append(f"{', '.join(self.already_loaded)} already unlocked")
+            parts.append(f"{_names(self.already_loaded)} already unlocked")
         return f"{'; '.join(parts)} in {self.elapsed:.1f} s; keystore closed"
+
+
+def _names(names: list[str]) -> str:
+    """A bounded list for the one-line summary (systemd drops long STATUS= lines)."""
+    shown = ", ".join(names[:SUMMARY_NAMES])
+    if len(names) > SUMMARY_NAMES:
+        shown += f" and {len(names) - SUMMARY_NAMES} more"
+    return shown
 
 
 class _Signals:
@@ -143,9 +168,7 @@ class _Signals:
 
     def _interrupted(self) -> Interrupted:
         assert self.pending is not None
-        return Interrupted(
-            f"received {signal.Signals(self.pending).name}: stopped; nothing is left open"
-        )
+        return Interrupted(f"received {signal.Signals(self.pending).name}: stopped")
 
     def handler(self, signum: int, _frame: FrameType | None) -> None:
         self.pending = signum
@@ -177,6 +200,8 @@ class Unlocker:
         self.signals = _Signals()
         self._start = ports.clock.monotonic()
         self._activated = False  # this run opened the mapping
+        self._created_dirs: list[str] = []  # made by this run, outermost first
+        self._mount_id: int | None = None  # the keystore's mount, once mounted
 
     # --- reporting -----------------------------------------------------------
 
@@ -194,20 +219,26 @@ class Unlocker:
         self._checkpoint()
 
     @contextmanager
-    def _heartbeat(self) -> Iterator[None]:
-        """Keep systemd's start timeout away while we work or a person types.
+    def _extending(self) -> Iterator[None]:
+        """Push systemd's start timeout out while a bounded or human wait runs.
 
-        Waits have their own deadlines; a single long call (a FIDO2 token
-        waiting for a touch, Argon2, a slow import) must not be killed.
+        Only around waits with a deadline of their own (the pool's timeout,
+        token_timeout, the zvol's wait) or a person answering a prompt.  Not
+        once a signal arrived: EXTEND_TIMEOUT_USEC also extends the stop
+        timeout, and systemd's SIGKILL must still come.
         """
         stop = threading.Event()
 
-        def beat() -> None:
-            while not stop.wait(HEARTBEAT):
+        def extend() -> None:
+            if self.signals.pending is None:
                 self.ports.notifier.notify(f"EXTEND_TIMEOUT_USEC={EXTEND_USEC}")
 
-        self.ports.notifier.notify(f"EXTEND_TIMEOUT_USEC={EXTEND_USEC}")
-        thread = threading.Thread(target=beat, name="heartbeat", daemon=True)
+        def beat() -> None:
+            while not stop.wait(HEARTBEAT):
+                extend()
+
+        extend()
+        thread = threading.Thread(target=beat, name="extend-timeout", daemon=True)
         thread.start()
         try:
             yield
@@ -228,7 +259,7 @@ class Unlocker:
         try:
             with self.signals.installed():
                 try:
-                    with self._heartbeat(), ExitStack() as stack:
+                    with ExitStack() as stack:
                         try:
                             self._sequence(stack)
                         finally:
@@ -238,6 +269,16 @@ class Unlocker:
                     self._verify()
         except (UnlockError, Interrupted) as exc:
             self.report.error = exc
+        except Exception as exc:
+            # A bug, or input nobody foresaw: still a reported failure
+            # (STATUS=, ERRNO=, the teardown above has run), not a traceback
+            # in place of a status line.  Only the type and a bounded text:
+            # an exception's text is no place to trust with key material.
+            log.debug("unexpected error", exc_info=True)
+            self.report.error = UnlockError(
+                f"unexpected {type(exc).__name__}: {str(exc)[:200]} (a bug: please report it "
+                "with journalctl -b -u lczfs-unlockd; rd.lczfs.debug shows the traceback)"
+            )
         self.report.elapsed = self.ports.clock.monotonic() - self._start
         if self.report.error is None and self.report.teardown_problems:
             self.report.error = TeardownError("; ".join(self.report.teardown_problems))
@@ -293,13 +334,14 @@ class Unlocker:
 
     def _import_pool(self, stack: ExitStack) -> None:
         c, p = self.config, self.ports
-        with self._step(f"importing pool {c.pool}"):
+        with self._step(f"importing pool {c.pool}"), self._extending():
             # The deadline counts from here: the first zpool call alone can
             # take seconds (libzfs initialising, a slow CPU).
             start = p.clock.monotonic()
-            health = p.zpool.health(c.pool)
+            health = p.zpool.health(c.pool, timeout=self._call_timeout(start))
             if health is not None:
                 log.info("pool %s is already imported (%s)", c.pool, health)
+                self._check_imported_guid(start)
                 self.report.pool_imported_before = True
                 return
             if c.dry_run:
@@ -315,24 +357,32 @@ class Unlocker:
                     )  # fmt: skip
                 try:
                     p.zpool.import_pool(
-                        c.pool, c.dev_nodes, force=c.force_import, readonly=c.dry_run
+                        c.pool,
+                        self._sources(),
+                        guid=c.pool_guid,
+                        force=c.force_import,
+                        readonly=c.dry_run,
+                        timeout=self._call_timeout(start),
                     )
                     break
                 except PoolError as exc:
                     # Links can change between scan and import (a second
                     # disk arriving): retry until the deadline, like the
                     # import scripts this replaces — unless retrying cannot help.
-                    waited = p.clock.monotonic() - start
-                    if exc.errno == errno.EADDRINUSE or (c.timeout and waited >= c.timeout):
+                    left = self._pool_left(start)
+                    final = (errno.EADDRINUSE, errno.ENOTUNIQ, errno.ETIMEDOUT)
+                    if exc.errno in final or (left is not None and left <= 0):
                         raise
                     if str(exc) != last_error:
                         log.warning("import of %s failed, trying again: %s", c.pool, exc)
                         last_error = str(exc)
                     p.clock.sleep(IMPORT_RETRY)
+            if c.pool_guid is not None:
+                self._check_imported_guid(start)
             if scan is None:
                 # Imported on the strength of the devices list alone: say so
                 # if that list left out a disk the pool is missing.
-                health = p.zpool.health(c.pool)
+                health = p.zpool.health(c.pool, timeout=self._call_timeout(start))
                 if health not in (None, "ONLINE"):
                     log.warning(
                         "pool %s was imported %s as soon as every device in devices existed: "
@@ -343,23 +393,57 @@ class Unlocker:
             if c.dry_run:
                 log.info("imported %s read-only (dry run; exported again at the end)", c.pool)
 
+    def _pool_left(self, start: float) -> float | None:
+        """Seconds left of the pool deadline (None: no deadline; the adapter's bound)."""
+        c = self.config
+        if not c.timeout or not math.isfinite(c.timeout):
+            return None
+        return max(c.timeout - (self.ports.clock.monotonic() - start), 0.0)
+
+    def _call_timeout(self, start: float) -> float | None:
+        """The deadline of one zpool call in the pool step: what is left, at least 2 s."""
+        left = self._pool_left(start)
+        return None if left is None else max(left, 2.0)
+
+    def _sources(self, present: list[str] | None = None) -> list[str]:
+        """What ``zpool import -d`` reads: the listed devices (those present), else dev_nodes.
+
+        Devices rather than the directory when the operator named them: a
+        stale disk or a USB stick with another pool of the same name in
+        dev_nodes is then never even looked at.
+        """
+        c = self.config
+        if c.devices:
+            return list(c.devices if present is None else present)
+        return [c.dev_nodes]
+
+    def _check_imported_guid(self, start: float) -> None:
+        c = self.config
+        if c.pool_guid is None:
+            return
+        guid = self.ports.zpool.guid(c.pool, timeout=self._call_timeout(start))
+        if guid is not None and guid != c.pool_guid:
+            raise PoolError(
+                f"the imported pool {c.pool} has GUID {guid}, not pool_guid = {c.pool_guid}: "
+                "another pool of that name was imported (by another service, or from another "
+                "disk); export it, or fix pool_guid",
+                errno=errno.ENOTUNIQ,
+            )
+
     def _wait_for_pool(self, start: float) -> PoolScan | None:
         """Poll cheaply until the pool can be imported.
 
-        None means every configured device is present: import at once (the
-        import reads the labels itself; a scan first would read them twice,
-        seconds on a slow machine) — when the devices all lie in dev_nodes.
-        Otherwise, or while some are missing, every POLL_INTERVAL: stat the
-        devices and list dev_nodes.
+        None means every configured device is present: import at once, from
+        those devices only (the import reads the labels itself; a scan first
+        would read them twice, seconds on a slow machine).  Otherwise, or
+        while some are missing, every POLL_INTERVAL: stat the devices and
+        list dev_nodes.
         The expensive part — ``zpool import -d`` reads every label in
         dev_nodes — only runs when that listing changed (a disk arrived),
         when the grace period just ran out, or every RESCAN_INTERVAL; on
         two slow CPUs, scanning at every poll competed with udev's coldplug.
         """
         c, p = self.config, self.ports
-        # Only devices in the directory zpool reads can stand for its scan.
-        nodes = c.dev_nodes.rstrip("/") or "/"
-        direct = bool(c.devices) and all(posixpath.dirname(d) == nodes for d in c.devices)
         last_text = ""
         scan = PoolScan(state=None)
         last_listing: tuple[str, ...] | None = None
@@ -370,7 +454,7 @@ class Unlocker:
             now = p.clock.monotonic()
             waited = now - start
             missing_devices = [d for d in c.devices if not p.fs.exists(d)]
-            if direct and not missing_devices:
+            if c.devices and not missing_devices:
                 return None
             past_grace = waited >= c.online_grace
             if not missing_devices or past_grace:
@@ -383,17 +467,30 @@ class Unlocker:
                 if due:
                     last_listing, last_scan_at = listing, now
                     # The scan itself must not run past the deadline.
-                    left = max(c.timeout - waited, 1.0) if c.timeout else None
-                    scan = p.zpool.scan(c.pool, c.dev_nodes, timeout=left)
+                    present = [d for d in c.devices if d not in missing_devices]
+                    if c.devices and not present:
+                        scan = PoolScan(state=None)  # no -d at all would scan /dev
+                    else:
+                        scan = p.zpool.scan(
+                            c.pool,
+                            self._sources(present),
+                            guid=c.pool_guid,
+                            timeout=self._call_timeout(start),
+                        )
+                    if scan.duplicates and c.pool_guid is None:
+                        raise AmbiguousPoolError(c.pool, scan.duplicates)
                     if scan.state == "ONLINE" or (scan.state == "DEGRADED" and past_grace):
                         return scan
-                    if scan.state is None and p.zpool.health(c.pool) is not None:
+                    if (
+                        scan.state is None
+                        and p.zpool.health(c.pool, timeout=self._call_timeout(start)) is not None
+                    ):
                         # Imported meanwhile by someone else (zfs-import-scan, an admin).
                         return PoolScan(state="ONLINE")
             was_past_grace = past_grace
             if missing_devices:
-                present = len(c.devices) - len(missing_devices)
-                text = f"waiting for {c.pool}: {present} of {len(c.devices)} devices"
+                count = len(c.devices) - len(missing_devices)
+                text = f"waiting for {c.pool}: {count} of {len(c.devices)} devices"
             elif scan.state is None:
                 text = f"waiting for {c.pool} to appear in {c.dev_nodes}"
             else:
@@ -402,7 +499,8 @@ class Unlocker:
                 )
                 if scan.state == "DEGRADED":
                     text += f"; accepted after {format_duration(c.online_grace)}"
-            if c.timeout and waited >= c.timeout:
+            left = self._pool_left(start)
+            if left is not None and left <= 0:
                 raise PoolError(self._pool_missing_message(missing_devices, scan))
             if text != last_text:
                 log.info("%s", text)
@@ -429,8 +527,9 @@ class Unlocker:
         return f"{head}: it is {scan.state}{missing}{detail}"
 
     def _export_if_imported(self) -> None:
-        if self.ports.zpool.health(self.config.pool) is not None:
-            self.ports.zpool.export_pool(self.config.pool)
+        zpool, pool = self.ports.zpool, self.config.pool
+        if zpool.health(pool, timeout=TEARDOWN_CALL_TIMEOUT) is not None:
+            zpool.export_pool(pool, timeout=TEARDOWN_CALL_TIMEOUT)
             log.info("exported %s again: left as it was found", self.config.pool)
 
     # --- keystore -------------------------------------------------------------
@@ -438,13 +537,18 @@ class Unlocker:
     def _wait_for_keystore_device(self) -> str:
         c, p = self.config, self.ports
         ks = c.keystore
-        with self._step(f"waiting for keystore {ks.device}"):
+        with self._step(f"waiting for keystore {ks.device}"), self._extending():
             base = f"/dev/zvol/{ks.volume}"
             if not p.fs.exists(base):
                 # A wrong volume name fails at once instead of after ZVOL_WAIT.
                 try:
                     p.zpool.datasets([ks.volume], recursive=False)
-                except KeyLoadError:
+                except KeyLoadError as exc:
+                    if exc.errno != errno.ENOENT:
+                        raise KeystoreError(
+                            f"cannot look up keystore.volume = {ks.volume}: {exc}",
+                            errno=exc.errno,
+                        ) from None
                     raise KeystoreError(
                         f"keystore.volume = {ks.volume}: no such zvol in pool {c.pool} "
                         "(zfs list -t volume shows the ones there are)",
@@ -552,7 +656,10 @@ class Unlocker:
         while True:
             self._checkpoint()
             try:
-                luks.activate_by_token(ks.name, None, read_only=True)
+                # A token may wait for its hardware or a touch (FIDO2):
+                # bounded by the plugin and token_timeout, or by a person.
+                with self._extending():
+                    luks.activate_by_token(ks.name, None, read_only=True)
                 return True
             except PinRequiredError:
                 return self._try_token_pin(luks, device, reasons)
@@ -581,15 +688,19 @@ class Unlocker:
         ks = self.config.keystore
         self._status(f"asking for the {kind} of keystore {device}")
         passphrase = kind == "passphrase"
-        return self.ports.askpass.ask(
-            prompt,
-            ident=f"lczfs-unlockd:{device}",
-            timeout=ks.prompt_timeout,
-            # A passphrase is shared with systemd-cryptsetup through the
-            # kernel keyring (typed once for several volumes); a PIN is not.
-            keyname="cryptsetup" if passphrase else None,
-            accept_cached=first and passphrase,
-        )
+        with self._extending():  # a person is typing
+            return self.ports.askpass.ask(
+                prompt,
+                # systemd-cryptsetup's own form, so every agent that answers
+                # crypttab prompts (clevis' askpass matches "cryptsetup:")
+                # answers ours.
+                ident=f"cryptsetup:{device}",
+                timeout=ks.prompt_timeout,
+                # A passphrase is shared with systemd-cryptsetup through the
+                # kernel keyring (typed once for several volumes); a PIN is not.
+                keyname="cryptsetup" if passphrase else None,
+                accept_cached=first and passphrase,
+            )
 
     def _try_token_pin(self, luks: LuksDevice, device: str, reasons: list[str]) -> bool:
         ks = self.config.keystore
@@ -688,13 +799,23 @@ class Unlocker:
     def _mount_keystore(self, stack: ExitStack) -> None:
         p, ks = self.ports, self.config.keystore
         with self._step(f"mounting {ks.mapper_path} read-only on {ks.mountpoint}"):
-            # A dry run leaves an existing mount point exactly as it is.
-            keep = self.config.dry_run and p.fs.exists(ks.mountpoint)
-            created = False if keep else p.fs.make_dir(ks.mountpoint, 0o700)
-            if created and self.config.dry_run:
-                stack.callback(
-                    self._guarded, f"remove {ks.mountpoint}", lambda: p.fs.remove_dir(ks.mountpoint)
+            # Checked at config load and again here, where it counts: a
+            # mount point under a symlink (/var/run -> /run) is mounted
+            # where mountinfo shows another path, and would outlive us.
+            real = p.fs.real_path(ks.mountpoint)
+            if real != ks.mountpoint:
+                raise KeystoreError(
+                    f"keystore.mountpoint = {ks.mountpoint} is not its own real path (it "
+                    f"resolves to {real}): use keystore.mountpoint = {real}",
+                    errno=errno.ELOOP,
                 )
+            # Registered first, so it runs after the unmount.  A dry run
+            # leaves an existing mount point exactly as it is; both remove
+            # what they created, parents included, innermost first.
+            stack.callback(self._guarded, "remove created directories", self._remove_created_dirs)
+            keep = self.config.dry_run and p.fs.exists(ks.mountpoint)
+            if not keep:
+                self._created_dirs = p.fs.make_dirs(ks.mountpoint, 0o700)
             if p.mounts.is_mounted(ks.mountpoint):
                 raise KeystoreError(
                     f"something is already mounted on {ks.mountpoint}: remove the old "
@@ -708,11 +829,24 @@ class Unlocker:
                 self._unmount,
                 functools.partial(self._unmount, lazy=True),
             )
-            p.mounts.mount(ks.mapper_path, ks.mountpoint, "")
+            self._mount_id = p.mounts.mount(ks.mapper_path, ks.mountpoint, "")
+
+    def _remove_created_dirs(self) -> None:
+        for path in reversed(self._created_dirs):
+            if self.ports.fs.exists(path):
+                self.ports.fs.remove_dir(path)
+                log.debug("removed %s (created by this run)", path)
+
+    def _mounted(self) -> bool:
+        """The keystore's own mount is still there: by its mount ID, not a path string."""
+        p, mp = self.ports, self.config.keystore.mountpoint
+        if self._mount_id is not None:
+            return p.mounts.mount_exists(self._mount_id)
+        return p.mounts.is_mounted(mp)
 
     def _unmount(self, *, lazy: bool = False) -> None:
         p, mp = self.ports, self.config.keystore.mountpoint
-        if p.mounts.is_mounted(mp):
+        if self._mounted() or p.mounts.is_mounted(mp):
             p.mounts.unmount(mp, lazy=lazy)
             if lazy:
                 log.warning("detached %s lazily: it goes away when its last user closes it", mp)
@@ -780,6 +914,7 @@ class Unlocker:
                     wrapping_key = derive_wrapping_key(
                         d.keyformat, material,
                         salt=d.pbkdf2salt, iters=d.pbkdf2iters, dataset=d.name, path=path,
+                        max_iters=c.max_pbkdf2iters,
                     )  # fmt: skip
                     p.keys.load_key(d.name, wrapping_key, noop=c.dry_run)
                 except KeyAlreadyLoadedError:
@@ -792,6 +927,25 @@ class Unlocker:
                         )
                     log.error("%s", exc)
                     errors.append(exc)
+                    continue
+                except UnlockError as exc:
+                    failed = KeyLoadError(
+                        f"cannot load the key of {d.name}: {exc}", errno=exc.errno
+                    )
+                    log.error("%s", failed)
+                    errors.append(failed)
+                    continue
+                except Exception as exc:
+                    # Whatever one dataset's properties do to us, the other
+                    # encryption roots are still loaded.
+                    log.debug("unexpected error loading the key of %s", d.name, exc_info=True)
+                    bad = KeyLoadError(
+                        f"cannot load the key of {d.name}: unexpected {type(exc).__name__} "
+                        f"(key file {path}, keyformat={d.keyformat}; rd.lczfs.debug shows more)",
+                        errno=errno.EIO,
+                    )
+                    log.error("%s", bad)
+                    errors.append(bad)
                     continue
                 finally:
                     wipe(material)
@@ -823,10 +977,15 @@ class Unlocker:
         problems: list[str] = []
         checked: list[str] = []
         try:
-            if p.mounts.is_mounted(ks.mountpoint):
+            if self._mounted():
                 problems.append(f"{ks.mountpoint} is still mounted")
             else:
                 checked.append(f"nothing mounted on {ks.mountpoint}")
+            left_dirs = [d for d in self._created_dirs if p.fs.exists(d)]
+            if left_dirs:
+                problems.append(f"directories this run created remain: {', '.join(left_dirs)}")
+            elif self._created_dirs:
+                checked.append(f"removed {', '.join(reversed(self._created_dirs))}")
             state = p.crypt.status(ks.name)
             if state in (MappingState.ACTIVE, MappingState.BUSY) and not self._ours():
                 checked.append(f"{ks.mapper_path} left open as it was found (dry run)")
@@ -844,7 +1003,7 @@ class Unlocker:
                     else:
                         problems.append(f"{unit} is {unit_state}, not masked")
             if c.dry_run and not self.report.pool_imported_before:
-                if p.zpool.health(c.pool) is not None:
+                if p.zpool.health(c.pool, timeout=TEARDOWN_CALL_TIMEOUT) is not None:
                     problems.append(f"pool {c.pool} is still imported")
                 else:
                     checked.append(f"pool {c.pool} not imported, as before")
@@ -855,3 +1014,4 @@ class Unlocker:
         for problem in problems:
             log.error("left behind: %s", problem)
         self.report.teardown_problems += problems
+        self.report.verified = not self.report.teardown_problems

@@ -170,9 +170,22 @@ _HEX = {c: i for i, c in enumerate(b"0123456789abcdef")} | {
 
 
 def derive_wrapping_key(
-    keyformat: str, material: bytearray, *, salt: int, iters: int, dataset: str, path: str
+    keyformat: str,
+    material: bytearray,
+    *,
+    salt: int,
+    iters: int,
+    dataset: str,
+    path: str,
+    max_iters: int = 100_000_000,
 ) -> bytearray:
-    """Turn key-file contents into the 32-byte wrapping key for ``lzc_load_key``."""
+    """Turn key-file contents into the 32-byte wrapping key for ``lzc_load_key``.
+
+    ``salt`` and ``iters`` come from the pool, which whoever holds the disk
+    can write: ``iters`` above ``max_iters`` is refused before any work (one
+    PBKDF2 call cannot be interrupted, and above 2**31 hashlib cannot even
+    take it).
+    """
     where = f"key file {path} of {dataset} (keyformat={keyformat})"
     if keyformat == "raw":
         if len(material) != WRAPPING_KEY_LEN:
@@ -200,6 +213,15 @@ def derive_wrapping_key(
     if keyformat == "passphrase":
         if iters <= 0:
             raise KeyFileError(f"{dataset} has pbkdf2iters={iters}: not a passphrase-derived key")
+        if iters > max_iters:
+            raise KeyFileError(
+                f"{dataset} has pbkdf2iters={iters}, more than max_pbkdf2iters = {max_iters}: "
+                "refusing to spend that long deriving its key (zfs itself uses 350000; a pool "
+                "someone else has written to can hold any value); if you set it yourself, raise "
+                "max_pbkdf2iters in the configuration"
+            )
+        if not 0 <= salt < 2**64:
+            raise KeyFileError(f"{dataset} has pbkdf2salt={salt}: not a 64-bit salt")
         with _first_line(material) as line:
             end = len(line)
             for i in range(len(line)):

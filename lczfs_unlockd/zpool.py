@@ -7,15 +7,16 @@ right tool here (DESIGN.md).  Output is parsed in the C locale with ``-H``
 
 from __future__ import annotations
 
+import dataclasses
 import errno
 import re
 import shlex
 from collections.abc import Sequence
 
 from . import paths
-from .errors import KeyLoadError, PoolError
+from .errors import AmbiguousPoolError, KeyLoadError, PoolError
 from .ports import DatasetInfo, PoolScan
-from .process import CommandError, CommandTimeout, run
+from .process import CommandError, CommandTimeout, Result, run
 
 # Properties read for every candidate dataset, in this order.
 _PROPERTIES = (
@@ -34,54 +35,93 @@ _CONTAINERS = re.compile(
 )
 
 
-def parse_import_listing(text: str, pool: str) -> PoolScan:
-    """Parse ``zpool import -d DIR`` output for one pool.
+# How long one query (zpool list, zfs get, export) may take when the caller
+# names no deadline: seconds on a healthy pool even under emulation; a call
+# that takes longer is stuck on a failing disk.
+QUERY_TIMEOUT = 60.0
+# An import on real hardware can replay a log or mount nothing for a while.
+IMPORT_TIMEOUT = 300.0
+_DETAIL_MAX = 300  # characters of zpool's own text kept per pool in messages
 
-    When several pools carry the name, the healthiest one is reported.
-    """
+
+def _blocks(text: str) -> list[list[str]]:
     blocks: list[list[str]] = []
     for line in text.splitlines():
         if re.match(r"^\s*pool: ", line):
             blocks.append([])
         if blocks:
             blocks[-1].append(line)
-    best: PoolScan | None = None
-    order = ("ONLINE", "DEGRADED")
-    for block in blocks:
-        name = block[0].split(":", 1)[1].strip()
-        if name != pool:
+    return blocks
+
+
+def _parse_block(block: list[str], pool: str) -> PoolScan:
+    state = None
+    guid: int | None = None
+    missing: list[str] = []
+    devices: list[str] = []
+    detail: list[str] = []
+    in_config = False
+    for line in block[1:]:
+        key, sep, value = line.strip().partition(":")
+        if not in_config and sep and key == "id" and value.strip().isdigit():
+            guid = int(value.strip())
             continue
-        state = None
-        missing: list[str] = []
-        detail: list[str] = []
-        in_config = False
-        for line in block[1:]:
-            key, sep, value = line.strip().partition(":")
-            if not in_config and sep and key in ("state", "status", "action"):
-                if key == "state":
-                    state = value.strip()
-                else:
-                    detail.append(value.strip())
-                continue
-            if line.strip() == "config:":
-                in_config = True
-                continue
-            if in_config:
-                fields = line.split()
-                if (
-                    len(fields) >= 2
-                    and fields[0] != pool
-                    and not _CONTAINERS.match(fields[0])
-                    and fields[1] in _MISSING_STATES
-                ):
+        if not in_config and sep and key in ("state", "status", "action"):
+            if key == "state":
+                state = value.strip()
+            else:
+                detail.append(value.strip())
+            continue
+        if line.strip() == "config:":
+            in_config = True
+            continue
+        if in_config:
+            fields = line.split()
+            if len(fields) >= 2 and fields[0] != pool and not _CONTAINERS.match(fields[0]):
+                devices.append(fields[0])
+                if fields[1] in _MISSING_STATES:
                     missing.append(fields[0])
-            elif detail and line.startswith(("\t", "        ")) and not sep:
-                detail[-1] += " " + line.strip()
-        scan = PoolScan(state=state, missing=tuple(missing), detail=" ".join(detail))
-        rank = order.index(state) if state in order else len(order)
-        if best is None or rank < (order.index(best.state) if best.state in order else len(order)):
-            best = scan
-    return best or PoolScan(state=None)
+        elif detail and line.startswith(("\t", "        ")) and not sep:
+            detail[-1] += " " + line.strip()
+    return PoolScan(
+        state=state,
+        missing=tuple(missing),
+        detail=" ".join(detail)[:_DETAIL_MAX],
+        guid=guid,
+        duplicates=(_describe(guid, state, devices, " ".join(detail)),),
+    )
+
+
+def _describe(guid: int | None, state: str | None, devices: list[str], detail: str) -> str:
+    shown = ", ".join(devices[:8]) + (f" and {len(devices) - 8} more" if len(devices) > 8 else "")
+    other_host = "; last used by another system" if "another system" in detail else ""
+    ident = guid if guid is not None else "?"
+    return f"GUID {ident} ({state or '?'}, devices {shown or '?'}{other_host})"
+
+
+def parse_import_listing(text: str, pool: str, guid: int | None = None) -> PoolScan:
+    """Parse ``zpool import -d ...`` output for one pool (the one with ``guid``, if given).
+
+    When several pools carry the name, the healthiest one is reported and
+    ``duplicates`` describes each of them.
+    """
+    order = ("ONLINE", "DEGRADED")
+
+    def rank(scan: PoolScan) -> int:
+        return order.index(scan.state) if scan.state in order else len(order)
+
+    found = [
+        _parse_block(block, pool)
+        for block in _blocks(text)
+        if block[0].split(":", 1)[1].strip() == pool
+    ]
+    if guid is not None:
+        found = [scan for scan in found if scan.guid == guid]
+    if not found:
+        return PoolScan(state=None)
+    best = min(found, key=rank)
+    duplicates = tuple(d for scan in found for d in scan.duplicates) if len(found) > 1 else ()
+    return dataclasses.replace(best, duplicates=duplicates)
 
 
 def parse_properties(text: str) -> list[DatasetInfo]:
@@ -115,26 +155,62 @@ def parse_properties(text: str) -> list[DatasetInfo]:
     ]
 
 
+def _timed_out(exc: CommandTimeout) -> PoolError:
+    return PoolError(f"{exc}; check the pool's disks (dmesg)", errno=errno.ETIMEDOUT)
+
+
+def _sources(sources: Sequence[str]) -> list[str]:
+    argv: list[str] = []
+    for source in sources:
+        argv += ["-d", source]
+    return argv
+
+
 class ZpoolCli:
     """Zpool port over the zpool/zfs programs (paths.ZPOOL, paths.ZFS)."""
 
-    def health(self, pool: str) -> str | None:
-        result = run([paths.ZPOOL, "list", "-H", "-o", "health", pool], check=False)
+    def _run(self, argv: list[str], timeout: float | None, default: float) -> Result:
+        try:
+            return run(argv, check=False, timeout=default if timeout is None else timeout)
+        except CommandTimeout as exc:
+            raise _timed_out(exc) from None
+
+    def health(self, pool: str, *, timeout: float | None = None) -> str | None:
+        result = self._run(
+            [paths.ZPOOL, "list", "-H", "-o", "health", pool], timeout, QUERY_TIMEOUT
+        )
         if result.returncode == 0:
             return result.stdout.strip() or None
         if "no such pool" in result.stderr:
             return None
         raise PoolError(str(CommandError(result)))
 
-    def scan(self, pool: str, dev_nodes: str, *, timeout: float | None = None) -> PoolScan:
-        argv = [paths.ZPOOL, "import", "-d", dev_nodes]
+    def guid(self, pool: str, *, timeout: float | None = None) -> int | None:
+        argv = [paths.ZPOOL, "get", "-H", "-p", "-o", "value", "guid", pool]
+        result = self._run(argv, timeout, QUERY_TIMEOUT)
+        value = result.stdout.strip()
+        if result.returncode == 0 and value.isdigit():
+            return int(value)
+        if "no such pool" in result.stderr:
+            return None
+        raise PoolError(str(CommandError(result)))
+
+    def scan(
+        self,
+        pool: str,
+        sources: Sequence[str],
+        *,
+        guid: int | None = None,
+        timeout: float | None = None,
+    ) -> PoolScan:
+        argv = [paths.ZPOOL, "import", *_sources(sources)]
         try:
-            result = run(argv, check=False, timeout=timeout)
+            result = run(argv, check=False, timeout=QUERY_TIMEOUT if timeout is None else timeout)
         except CommandTimeout as exc:
-            # Reading every label in dev_nodes can take seconds on a slow
-            # machine; the pool deadline must not wait for it.
+            # Reading every label can take seconds on a slow machine, and
+            # forever on a failing disk; the pool deadline must not wait for it.
             return PoolScan(state=None, detail=str(exc))
-        scan = parse_import_listing(result.stdout, pool)
+        scan = parse_import_listing(result.stdout, pool, guid)
         # Exit code 1 with "no pools available" just means nothing is there
         # yet; anything else zpool says is worth showing if we give up.
         error = result.stderr.strip()
@@ -144,20 +220,33 @@ class ZpoolCli:
             and error
             and "no pools available" not in error
         ):
-            return PoolScan(state=None, detail=f'"{shlex.join(result.argv)}": {error}')
+            return PoolScan(
+                state=None, detail=f'"{shlex.join(result.argv)}": {error[:_DETAIL_MAX]}'
+            )
         return scan
 
-    def import_pool(self, pool: str, dev_nodes: str, *, force: bool, readonly: bool) -> None:
-        argv = [paths.ZPOOL, "import", "-N", "-d", dev_nodes]
+    def import_pool(
+        self,
+        pool: str,
+        sources: Sequence[str],
+        *,
+        guid: int | None = None,
+        force: bool,
+        readonly: bool,
+        timeout: float | None = None,
+    ) -> None:
+        argv = [paths.ZPOOL, "import", "-N", *_sources(sources)]
         if force:
             argv.append("-f")
         if readonly:
             argv += ["-o", "readonly=on"]
-        argv.append(pool)
-        result = run(argv, check=False)
+        # By GUID when the operator pinned it: the name alone is ambiguous
+        # when a second disk carries another pool of the same name.
+        argv.append(str(guid) if guid is not None else pool)
+        result = self._run(argv, timeout, IMPORT_TIMEOUT)
         if result.returncode == 0:
             return
-        if self.health(pool) is not None:
+        if self.health(pool, timeout=QUERY_TIMEOUT if timeout is None else timeout) is not None:
             return  # imported meanwhile (zfs-import-scan, udev): that is fine
         if (
             "was previously in use from another system" in result.stderr
@@ -168,27 +257,43 @@ class ZpoolCli:
                 "another host: set force_import = true or fix /etc/hostid in the initrd",
                 errno=errno.EADDRINUSE,  # retrying cannot help
             )
+        if "more than one matching pool" in result.stderr:
+            raise self.ambiguous(pool, sources, timeout=timeout)
         raise PoolError(f"cannot import pool {pool}: {CommandError(result)}")
 
-    def export_pool(self, pool: str) -> None:
-        try:
-            run([paths.ZPOOL, "export", pool])
-        except CommandError as exc:
-            busy = errno.EBUSY if "busy" in exc.result.stderr else errno.EIO
-            raise PoolError(f"cannot export pool {pool}: {exc}", errno=busy) from None
+    def ambiguous(
+        self, pool: str, sources: Sequence[str], *, timeout: float | None = None
+    ) -> PoolError:
+        """The error for two importable pools named ``pool``, naming each of them."""
+        scan = self.scan(pool, sources, timeout=timeout)
+        return AmbiguousPoolError(pool, scan.duplicates)
 
-    def datasets(self, names: Sequence[str], *, recursive: bool) -> list[DatasetInfo]:
+    def export_pool(self, pool: str, *, timeout: float | None = None) -> None:
+        result = self._run([paths.ZPOOL, "export", pool], timeout, QUERY_TIMEOUT)
+        if result.returncode != 0:
+            busy = errno.EBUSY if "busy" in result.stderr else errno.EIO
+            raise PoolError(f"cannot export pool {pool}: {CommandError(result)}", errno=busy)
+
+    def datasets(
+        self, names: Sequence[str], *, recursive: bool, timeout: float | None = None
+    ) -> list[DatasetInfo]:
         argv = [paths.ZFS, "get", "-H", "-p", "-o", "name,property,value"]
         argv += ["-t", "filesystem,volume"]
         if recursive:
             argv.append("-r")
         argv += [",".join(_PROPERTIES), *names]
-        result = run(argv, check=False)
+        try:
+            result = run(argv, check=False, timeout=QUERY_TIMEOUT if timeout is None else timeout)
+        except CommandTimeout as exc:
+            raise KeyLoadError(
+                f"{exc}; check the pool's disks (dmesg)", errno=errno.ETIMEDOUT
+            ) from None
         if result.returncode != 0:
             missing = re.findall(r"cannot open '([^']+)': dataset does not exist", result.stderr)
             if missing:
                 raise KeyLoadError(
                     f"dataset {missing[0]} does not exist: fix datasets in the configuration",
+                    errno=errno.ENOENT,
                 )
             raise KeyLoadError(str(CommandError(result)))
         return parse_properties(result.stdout)

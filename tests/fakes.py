@@ -22,11 +22,13 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 from lczfs_unlockd.errors import (
+    AmbiguousPoolError,
     KeyLoadError,
     KeystoreError,
     NoTokenError,
     PinRefusedError,
     PinRequiredError,
+    PoolError,
     PromptError,
     TeardownError,
     UnlockError,
@@ -125,6 +127,12 @@ class World:
     imported_at: float | None = None
     scans: int = 0
     scan_timeouts: list[float | None] = field(default_factory=list)
+    pool_guid: int = 1111
+    # Other importable pools with the same name (a stale disk): their GUIDs.
+    duplicate_guids: list[int] = field(default_factory=list)
+    zpool_calls: list[tuple[str, tuple[str, ...], float | None]] = field(default_factory=list)
+    next_mount_id: int = 100
+    mount_ids: dict[str, int] = field(default_factory=dict)  # target -> mount ID
 
     def hook(self, name: str) -> None:
         if name in self.hooks:
@@ -232,35 +240,79 @@ class FakeZpool:
     def __init__(self, world: World) -> None:
         self.w = world
 
-    def health(self, pool: str) -> str | None:
+    def health(self, pool: str, *, timeout: float | None = None) -> str | None:
+        self.w.zpool_calls.append(("health", (), timeout))
         self.w.hook("health")
         if pool == self.w.pool and self.w.imported:
             return self.w.pool_state() or "SUSPENDED"
         return "ONLINE" if pool in self.w.other_pools_imported else None
 
-    def scan(self, pool: str, dev_nodes: str, *, timeout: float | None = None) -> PoolScan:
+    def guid(self, pool: str, *, timeout: float | None = None) -> int | None:
+        self.w.zpool_calls.append(("guid", (), timeout))
+        return self.w.pool_guid if pool == self.w.pool and self.w.imported else None
+
+    def _duplicates(self, state: str | None) -> tuple[str, ...]:
+        if not self.w.duplicate_guids:
+            return ()
+        return (
+            f"GUID {self.w.pool_guid} ({state}, devices nvme-disk-part2)",
+            *(f"GUID {g} (ONLINE, devices usb-stick)" for g in self.w.duplicate_guids),
+        )
+
+    def scan(
+        self,
+        pool: str,
+        sources: Sequence[str],
+        *,
+        guid: int | None = None,
+        timeout: float | None = None,
+    ) -> PoolScan:
         self.w.scans += 1
         self.w.scan_timeouts.append(timeout)
+        self.w.zpool_calls.append(("scan", tuple(sources), timeout))
         self.w.hook("scan")
         if pool != self.w.pool or self.w.imported:
             return PoolScan(state=None)
+        if guid is not None and guid != self.w.pool_guid:
+            return PoolScan(state=None)
         state = self.w.pool_state()
         missing = tuple(d.rsplit("/", 1)[-1] for d, ok in self.w.disks.items() if not ok)
-        return PoolScan(state=state, missing=missing if state else ())
+        return PoolScan(
+            state=state,
+            missing=missing if state else (),
+            guid=self.w.pool_guid,
+            duplicates=self._duplicates(state) if guid is None else (),
+        )
 
-    def import_pool(self, pool: str, dev_nodes: str, *, force: bool, readonly: bool) -> None:
+    def import_pool(
+        self,
+        pool: str,
+        sources: Sequence[str],
+        *,
+        guid: int | None = None,
+        force: bool,
+        readonly: bool,
+        timeout: float | None = None,
+    ) -> None:
+        self.w.zpool_calls.append(("import", tuple(sources), timeout))
         self.w.hook("import")
         state = self.w.pool_state()
+        if guid is None and self.w.duplicate_guids:
+            raise AmbiguousPoolError(pool, self._duplicates(state))
+        if guid is not None and guid != self.w.pool_guid:
+            raise PoolError(f"cannot import '{guid}': no such pool available")
         if pool != self.w.pool or state not in ("ONLINE", "DEGRADED"):
             raise UnlockError(
-                f'"zpool import -N -d {dev_nodes} {pool}" returned non-zero exit code 1: cannot import'
+                f'"zpool import -N {" ".join(sources)} {pool}" returned non-zero exit code 1: '
+                "cannot import"
             )
         self.w.imported = True
         self.w.imported_readonly = readonly
         self.w.imported_at = self.w.time
         self.w.events.append(f"import {pool}{' readonly' if readonly else ''}")
 
-    def export_pool(self, pool: str) -> None:
+    def export_pool(self, pool: str, *, timeout: float | None = None) -> None:
+        self.w.zpool_calls.append(("export", (), timeout))
         self.w.hook("export")
         if self.w.mappings:
             raise UnlockError(f"cannot export '{pool}': pool is busy")
@@ -269,15 +321,19 @@ class FakeZpool:
             d.loaded = False
         self.w.events.append(f"export {pool}")
 
-    def datasets(self, names: Sequence[str], *, recursive: bool) -> list[DatasetInfo]:
+    def datasets(
+        self, names: Sequence[str], *, recursive: bool, timeout: float | None = None
+    ) -> list[DatasetInfo]:
+        self.w.zpool_calls.append(("datasets", tuple(names), timeout))
         self.w.hook("datasets")
         if not self.w.imported:
-            raise KeyLoadError(f"dataset {names[0]} does not exist")
+            raise KeyLoadError(f"dataset {names[0]} does not exist", errno=errno.ENOENT)
         out = []
         for name in names:
             if name not in self.w.datasets:
                 raise KeyLoadError(
-                    f"dataset {name} does not exist: fix datasets in the configuration"
+                    f"dataset {name} does not exist: fix datasets in the configuration",
+                    errno=errno.ENOENT,
                 )
             for ds in self.w.datasets.values():
                 if ds.name == name or (recursive and ds.name.startswith(name + "/")):
@@ -441,7 +497,7 @@ class FakeMounts:
     def __init__(self, world: World) -> None:
         self.w = world
 
-    def mount(self, source: str, target: str, fstype: str) -> None:
+    def mount(self, source: str, target: str, fstype: str) -> int | None:
         self.w.hook("mount")
         name = source.removeprefix("/dev/mapper/")
         if name not in self.w.mappings:
@@ -456,7 +512,10 @@ class FakeMounts:
         for rel, dest in self.w.keystore_symlinks.items():
             os.symlink(dest, os.path.join(target, rel))
         self.w.mounts[target] = source
+        self.w.next_mount_id += 1
+        self.w.mount_ids[target] = self.w.next_mount_id
         self.w.events.append(f"mount {target}")
+        return self.w.next_mount_id
 
     def unmount(self, target: str, *, lazy: bool = False) -> None:
         self.w.hook("unmount_lazy" if lazy else "unmount")
@@ -469,10 +528,14 @@ class FakeMounts:
             else:
                 os.unlink(path)
         del self.w.mounts[target]
+        self.w.mount_ids.pop(target, None)
         self.w.events.append(f"unmount {target}{' lazily' if lazy else ''}")
 
     def is_mounted(self, target: str) -> bool:
-        return target in self.w.mounts
+        return target in self.w.mounts or os.path.realpath(target) in self.w.mounts
+
+    def mount_exists(self, mount_id: int) -> bool:
+        return mount_id in self.w.mount_ids.values()
 
 
 class FakeUnits:
@@ -530,11 +593,13 @@ class FakeFilesystem:
             )
         )
 
-    def make_dir(self, path: str, mode: int) -> bool:
-        created = not os.path.exists(path)
-        os.makedirs(path, mode=mode, exist_ok=True)
-        os.chmod(path, mode)
-        return created
+    def make_dirs(self, path: str, mode: int) -> list[str]:
+        from lczfs_unlockd.mounts import HostFilesystem
+
+        return HostFilesystem().make_dirs(path, mode)
+
+    def real_path(self, path: str) -> str:
+        return os.path.realpath(path)
 
     def remove_dir(self, path: str) -> None:
         os.rmdir(path)

@@ -57,10 +57,13 @@ def test_passphrase_unlocks_and_tears_down_in_order(world, make_config, run):
     assert report.keystore_method == "passphrase"
 
 
-def test_mount_point_is_created_0700(world, make_config, run, mountpoint):
+def test_mount_point_is_created_0700_and_removed_after(world, make_config, run, mountpoint):
     world.answers = ["luks pass"]
+    modes: list[int] = []
+    world.hooks["load_key"] = lambda w: modes.append(os.stat(mountpoint).st_mode & 0o777)
     assert run(make_config()).ok
-    assert os.stat(mountpoint).st_mode & 0o777 == 0o700
+    assert modes == [0o700]
+    assert not os.path.exists(mountpoint)
 
 
 def test_status_is_reported_at_every_step(world, make_config, run):
@@ -266,12 +269,22 @@ def test_all_listed_devices_present_imports_without_a_scan(world, make_config, r
     assert world.imported_at is not None and world.imported_at < 0.1
 
 
-def test_devices_outside_dev_nodes_do_not_skip_the_scan(world, make_config, run):
-    # zpool reads dev_nodes: /dev/sda2 existing says nothing about by-id.
+def test_listed_devices_are_what_zpool_reads(world, make_config, run):
+    # One -d per listed device, wherever it lives, instead of all of
+    # dev_nodes: a stale disk with another rpool there is never looked at.
     world.disks = {"/dev/sda2": True}
     world.answers = ["luks pass"]
     assert run(make_config(devices=["/dev/sda2"])).ok
-    assert world.scans >= 1
+    assert world.scans == 0
+    imports = [c for c in world.zpool_calls if c[0] == "import"]
+    assert imports and imports[0][1] == ("/dev/sda2",)
+
+
+def test_without_devices_zpool_reads_dev_nodes(world, make_config, run):
+    world.answers = ["luks pass"]
+    assert run(make_config(devices=[])).ok
+    imports = [c for c in world.zpool_calls if c[0] == "import"]
+    assert imports[0][1] == ("/dev/disk/by-id",)
 
 
 def test_devices_list_leaving_out_a_missing_disk_is_warned_about(world, make_config, run, caplog):
