@@ -10,6 +10,7 @@ Every error names the key and the value and says what is expected.
 
 from __future__ import annotations
 
+import difflib
 import enum
 import json
 import math
@@ -23,6 +24,15 @@ from typing import Any
 from .errors import ConfigError
 
 DEFAULT_PATH = "/etc/lczfs-unlockd.toml"
+
+# OpenZFS creates keyformat=passphrase datasets with pbkdf2iters = 350,000
+# (DEFAULT_PBKDF2_ITERATIONS); 10^8 is minutes of PBKDF2-SHA1 on a slow CPU.
+DEFAULT_MAX_PBKDF2ITERS = 100_000_000
+# zfs refuses fewer (MIN_PBKDF2_ITERATIONS): a lower cap would refuse every dataset.
+MIN_PBKDF2ITERS = 100_000
+# hashlib.pbkdf2_hmac takes a C int (OverflowError above it).
+MAX_PBKDF2ITERS = 2**31 - 1
+GUID_MAX = 2**64 - 1
 
 
 class UnlockMethod(enum.Enum):
@@ -44,8 +54,8 @@ class KeystoreConfig:
     )
     keyfile: str | None = None
     tries: int = 3  # 0 = ask until the passphrase is right
-    prompt_timeout: float = 0.0  # 0 = no limit
-    token_timeout: float = 30.0
+    prompt_timeout: float = 0.0  # 0 or math.inf = no limit
+    token_timeout: float = 30.0  # 0 = do not wait for a token; math.inf = wait for ever
 
     @property
     def device(self) -> str:
@@ -65,10 +75,13 @@ class Config:
     devices: tuple[str, ...] = ()
     dev_nodes: str = "/dev/disk/by-id"
     force_import: bool = False
-    online_grace: float = 10.0
-    timeout: float = 300.0  # 0 = no limit
+    online_grace: float = 10.0  # 0 = accept DEGRADED at once; math.inf = never
+    timeout: float = 300.0  # 0 or math.inf = no limit
     datasets: tuple[str, ...] | None = None  # None = "auto"
     mask: tuple[str, ...] = ()
+    pool_guid: int | None = None  # import this pool only (zpool import by numeric id)
+    # Cap on a passphrase dataset's pbkdf2iters, which whoever holds the disk can set:
+    max_pbkdf2iters: int = DEFAULT_MAX_PBKDF2ITERS
     # From the kernel command line or the command line, not the file:
     enabled: bool = True
     dry_run: bool = False
@@ -96,18 +109,26 @@ _DURATION_PART = re.compile(r"\s*(\d+(?:\.\d+)?)\s*([a-zµ]*)", re.IGNORECASE)
 
 
 def parse_duration(value: object, key: str) -> float:
-    """A systemd time span ("10s", "5min", "1min 30s", "0") or a number of seconds."""
+    """A systemd time span ("10s", "5min", "1min 30s", "0", "infinity") or a number of seconds.
+
+    "infinity" (systemd's spelling, or a TOML ``inf``) is ``math.inf``: no limit.
+    What 0 means depends on the key (see the README's configuration table):
+    no limit for timeout and keystore.prompt_timeout, "at once" for
+    online_grace and keystore.token_timeout.
+    """
     if isinstance(value, bool):
         raise ConfigError(f'{key} = {value!r}: expected a duration such as "10s" or a number')
     if isinstance(value, int | float):
+        if value == math.inf:
+            return math.inf
         if not math.isfinite(value) or value < 0:
             raise ConfigError(f"{key} = {value!r}: a duration must be a number of seconds >= 0")
         return float(value)
     if not isinstance(value, str):
         raise ConfigError(f'{key} = {value!r}: expected a duration such as "10s" or a number')
     text = value.strip()
-    if text in ("infinity", "0"):
-        return 0.0
+    if text == "infinity":
+        return math.inf
     total, pos = 0.0, 0
     while pos < len(text):
         match = _DURATION_PART.match(text, pos)
@@ -120,24 +141,42 @@ def parse_duration(value: object, key: str) -> float:
         pos = match.end()
     if not text or pos != len(text) or not math.isfinite(total) or total > 10 * 365 * 86400:
         raise ConfigError(
-            f'{key} = {_q(value)}: not a duration; use systemd\'s syntax like "10s", "5min" or "0"'
+            f'{key} = {_q(value)}: not a duration; use systemd\'s syntax like "10s", "5min", '
+            '"0" or "infinity"'
         )
     return total
 
 
 def format_duration(seconds: float) -> str:
-    if seconds == 0:
-        return "no limit"
+    """The inverse of parse_duration: "10s", "5min", "0s", "infinity"."""
+    if seconds == math.inf:
+        return "infinity"
     if seconds >= 60 and seconds % 60 == 0:
-        return f"{seconds / 60:g}min"
-    return f"{seconds:g}s"
+        return f"{int(seconds // 60)}min"
+    # Fixed point to the microsecond (systemd's resolution): no "1e+06s".
+    return f"{seconds:.6f}".rstrip("0").rstrip(".") + "s"
+
+
+def no_limit(seconds: float) -> bool:
+    """For timeout and keystore.prompt_timeout, where 0 (like "infinity") means no limit."""
+    return seconds == 0 or seconds == math.inf
 
 
 # --- names -------------------------------------------------------------------
 
-# zfs(8)/zpool(8): names begin with a letter; these characters only.
-_POOL_NAME = re.compile(r"[A-Za-z][A-Za-z0-9_.:-]*")
-_RESERVED_POOLS = ("mirror", "raidz", "draid", "spare", "log", "cache", "special", "dedup")
+# OpenZFS zpool_name_valid() as used for create and import (isopen = B_FALSE,
+# lib/libzfs/libzfs_pool.c) on top of pool_namecheck()
+# (module/zcommon/zfs_namecheck.c):
+# - fewer than ZFS_MAX_DATASET_NAME_LEN - 2 - 2 * strlen("$ORIGIN") = 240 bytes;
+# - only [A-Za-z0-9_.: -] (a space is allowed), the first one a letter;
+# - not a name that begins with "mirror", "raidz", "draid" or "spare"
+#   (strncmp), and not exactly "log".  "logs", "cache", "special", "dedup"
+#   and "c0d0" are valid: the vdev class names are not reserved, and the
+#   old disk-like "c[0-9]" rule is gone from OpenZFS.
+_POOL_NAME = re.compile(r"[A-Za-z][A-Za-z0-9_.: -]*")
+POOL_NAME_MAX = 239
+_RESERVED_POOL_PREFIXES = ("mirror", "raidz", "draid", "spare")
+_RESERVED_POOL_NAMES = ("log",)
 _DATASET_COMPONENT = re.compile(r"[A-Za-z0-9_.: -]+")
 # dm names: no '/', and libdevmapper mangles anything outside this set.
 _DM_NAME = re.compile(r"[A-Za-z0-9#+\-.:=@_]{1,127}")
@@ -146,22 +185,45 @@ _UNIT_NAME = re.compile(
 )
 
 
-def _check_pool_name(value: str, key: str) -> None:
-    if not _POOL_NAME.fullmatch(value) or value.startswith(_RESERVED_POOLS) or len(value) > 255:
-        raise ConfigError(
-            f"{key} = {_q(value)}: not a valid pool name (a letter followed by letters, digits, "
-            '"_", "-", ".", ":")'
+def pool_name_problem(name: str) -> str | None:
+    """Why OpenZFS would refuse to import a pool of this name, or None if it would not."""
+    if not name:
+        return "the name is empty"
+    if len(name.encode()) > POOL_NAME_MAX:
+        return f"the name is too long (at most {POOL_NAME_MAX} characters)"
+    bad = sorted({c for c in name if not _POOL_NAME.fullmatch("a" + c)})
+    if bad:
+        return (
+            "invalid character "
+            + ", ".join(_q(c) for c in bad)
+            + ' (letters, digits, "_", "-", ".", ":" and space only)'
         )
+    if not _POOL_NAME.fullmatch(name):
+        return "the name must begin with a letter"
+    if name in _RESERVED_POOL_NAMES or name.startswith(_RESERVED_POOL_PREFIXES):
+        return (
+            'the name is reserved (zpool refuses names beginning with "mirror", "raidz", '
+            '"draid" or "spare", and "log")'
+        )
+    return None
+
+
+def _check_pool_name(value: str, key: str) -> None:
+    problem = pool_name_problem(value)
+    if problem is not None:
+        raise ConfigError(f"{key} = {_q(value)}: not a valid pool name: {problem}")
 
 
 def _check_dataset_in_pool(value: str, key: str, pool: str) -> None:
     parts = value.split("/")
-    if parts[0] != pool or len(value) > 255:
+    if len(value.encode()) > 255:
+        raise ConfigError(f"{key} = {_q(value)}: a dataset name is at most 255 characters")
+    if parts[0] != pool:
         raise ConfigError(
             f"{key} = {_q(value)}: the dataset is not in pool {_q(pool)}; it must be {_q(pool)} "
             f'or start with "{pool}/"'
         )
-    if any(not _DATASET_COMPONENT.fullmatch(p) for p in parts[1:]):
+    if any(not _DATASET_COMPONENT.fullmatch(p) or p in (".", "..") for p in parts[1:]):
         raise ConfigError(f"{key} = {_q(value)}: not a valid dataset name")
 
 
@@ -172,6 +234,23 @@ def _check_absolute(value: str, key: str, *, allow_root: bool = True) -> None:
         raise ConfigError(f'{key} = "/": the keystore cannot be mounted on /')
     if value != "/" and (".." in value.split("/") or os.path.normpath(value) != value):
         raise ConfigError(f'{key} = {_q(value)}: use a normalized absolute path (no "..", "//")')
+
+
+def check_real_path(path: str, key: str) -> None:
+    """Refuse a path that is not its own realpath: a symlink in it, or in a parent.
+
+    ``/var/run/bootsecrets`` with ``/var/run -> ../run`` would be mounted on
+    ``/run/bootsecrets``; mountinfo names that path, so a comparison with the
+    configured one misses the mount, and the keys stay mounted into the
+    booted system.  Checked when the configuration is read and again right
+    before mounting (the initrd's tree is not the one the file was checked in).
+    """
+    resolved = os.path.realpath(path)
+    if resolved != path:
+        raise ConfigError(
+            f"{key} = {_q(path)}: the path goes through a symbolic link and is really "
+            f"{_q(resolved)}; use {resolved}"
+        )
 
 
 # --- typed getters -----------------------------------------------------------
@@ -247,10 +326,99 @@ class _Table:
 
     def finish(self) -> None:
         if self.data:
-            name = sorted(self.data)[0]
-            raise ConfigError(
-                f"{self.key(name)}: unknown key; see the configuration reference in the README"
+            raise ConfigError(_unknown_keys_message(list(self.data), self.prefix))
+
+
+TOP_KEYS = (
+    "pool", "pool_guid", "devices", "dev_nodes", "force_import", "online_grace", "timeout",
+    "datasets", "mask", "max_pbkdf2iters", "keystore",
+)  # fmt: skip
+KEYSTORE_KEYS = (
+    "volume", "partition", "name", "mountpoint", "unlock", "keyfile", "tries",
+    "prompt_timeout", "token_timeout",
+)  # fmt: skip
+_BARE_KEY = re.compile(r"[A-Za-z0-9_-]+")
+
+
+def _show_key(name: str) -> str:
+    return name if _BARE_KEY.fullmatch(name) else _q(name)
+
+
+def _unknown_keys_message(names: Sequence[str], prefix: str) -> str:
+    """Each unknown key, with the valid key it most likely meant."""
+    here, there = (KEYSTORE_KEYS, TOP_KEYS) if prefix else (TOP_KEYS, KEYSTORE_KEYS)
+    parts = []
+    for name in sorted(names):
+        hint = ""
+        close = difflib.get_close_matches(name, here, n=1)
+        elsewhere = difflib.get_close_matches(name, there, n=1, cutoff=0.8)
+        if close:
+            hint = f" (did you mean {prefix}{close[0]}?)"
+        elif elsewhere and prefix:
+            hint = (
+                f" ({elsewhere[0]} belongs at the top of the file, before [keystore]: keys "
+                "after a [table] header belong to that table)"
             )
+        elif elsewhere:
+            hint = f" (did you mean keystore.{elsewhere[0]}, under [keystore]?)"
+        parts.append(f"{prefix}{_show_key(name)}: unknown key{hint}")
+    return "; ".join(parts) + "; see the configuration reference in the README"
+
+
+def _check_unknown_keys(data: Mapping[str, Any]) -> None:
+    """Unknown keys first: a misspelt key would otherwise be reported as a missing one."""
+    unknown = [k for k in data if k not in TOP_KEYS]
+    if unknown:
+        raise ConfigError(_unknown_keys_message(unknown, ""))
+    keystore = data.get("keystore")
+    if isinstance(keystore, dict):
+        unknown = [k for k in keystore if k not in KEYSTORE_KEYS]
+        if unknown:
+            raise ConfigError(_unknown_keys_message(unknown, "keystore."))
+
+
+def _parse_guid(value: object, key: str) -> int:
+    """A zpool GUID: unsigned 64-bit, as ``zpool get guid`` prints it (decimal).
+
+    TOML integers are signed 64-bit, so half of all GUIDs can only be written
+    as a string; both forms are accepted.
+    """
+    what = (
+        f"{key} = {value!r}: expected the pool's GUID as zpool get -H -o value guid POOL "
+        'prints it, e.g. 12345678901234567890 or "12345678901234567890"'
+    )
+    if isinstance(value, bool):
+        raise ConfigError(what)
+    if isinstance(value, str):
+        text = value.strip()
+        if not text.isascii() or not text.isdigit():
+            raise ConfigError(what)
+        value = int(text)
+    if not isinstance(value, int):
+        raise ConfigError(what)
+    if not 1 <= value <= GUID_MAX:
+        raise ConfigError(f"{key} = {value}: a pool GUID is between 1 and {GUID_MAX}")
+    return value
+
+
+_ZVOL_DEVICE = re.compile(r"/dev/zvol/(.+?)(?:-part([0-9]+))?")
+
+
+def _check_volume(value: str, key: str) -> None:
+    if not value.startswith("/"):
+        return
+    match = _ZVOL_DEVICE.fullmatch(value)
+    if match:
+        hint = f"keystore.volume = {_q(match[1])}"
+        if match[2]:
+            hint += f" and keystore.partition = {int(match[2])}"
+        raise ConfigError(
+            f"{key} = {_q(value)}: give the dataset name, not the device: {hint} "
+            "(the device is found under /dev/zvol/)"
+        )
+    raise ConfigError(
+        f"{key} = {_q(value)}: give the dataset name of the zvol, e.g. rpool/volumes/bootsecrets"
+    )
 
 
 def _parse_unlock(value: object, key: str) -> tuple[UnlockMethod, ...]:
@@ -271,6 +439,7 @@ def _parse_unlock(value: object, key: str) -> tuple[UnlockMethod, ...]:
 
 def _parse_keystore(table: _Table, pool: str) -> KeystoreConfig:
     volume = table.string("volume", required=True)
+    _check_volume(volume, table.key("volume"))
     _check_dataset_in_pool(volume, table.key("volume"), pool)
     if volume == pool:
         raise ConfigError(f"{table.key('volume')} = {_q(volume)}: name the zvol, not the pool")
@@ -282,6 +451,7 @@ def _parse_keystore(table: _Table, pool: str) -> KeystoreConfig:
         )
     mountpoint = table.string("mountpoint", KeystoreConfig.mountpoint)
     _check_absolute(mountpoint, table.key("mountpoint"), allow_root=False)
+    check_real_path(mountpoint, table.key("mountpoint"))
     unlock = KeystoreConfig.unlock
     if table.has("unlock"):
         unlock = _parse_unlock(table._take("unlock"), table.key("unlock"))
@@ -315,9 +485,11 @@ def _parse_keystore(table: _Table, pool: str) -> KeystoreConfig:
 
 def parse(data: Mapping[str, Any], source: str = DEFAULT_PATH) -> Config:
     """Build a validated Config from parsed TOML."""
+    _check_unknown_keys(data)
     top = _Table(data, "")
     pool = top.string("pool", required=True)
     _check_pool_name(pool, "pool")
+    pool_guid = _parse_guid(top._take("pool_guid"), "pool_guid") if top.has("pool_guid") else None
     devices = top.string_list("devices")
     for i, device in enumerate(devices):
         _check_absolute(device, f"devices[{i}]")
@@ -346,14 +518,18 @@ def parse(data: Mapping[str, Any], source: str = DEFAULT_PATH) -> Config:
     online_grace = top.duration("online_grace", Config.online_grace)
     timeout = top.duration("timeout", Config.timeout)
     force_import = top.boolean("force_import", Config.force_import)
+    max_pbkdf2iters = top.integer(
+        "max_pbkdf2iters", Config.max_pbkdf2iters, MIN_PBKDF2ITERS, MAX_PBKDF2ITERS
+    )
     keystore = _parse_keystore(top.table("keystore"), pool)
     if datasets is not None and keystore.volume in datasets:
         raise ConfigError(f'datasets: "{keystore.volume}" is the keystore volume, not a dataset')
     top.finish()
-    if timeout and online_grace > timeout:
+    if _grace_outlasts_timeout(online_grace, timeout):
         raise ConfigError(
             f"online_grace = {format_duration(online_grace)} is longer than timeout = "
-            f"{format_duration(timeout)}: a degraded pool would never be accepted"
+            f"{format_duration(timeout)}: a degraded pool would never be accepted (say "
+            'online_grace = "infinity" if that is what you want)'
         )
     return Config(
         pool=pool,
@@ -365,8 +541,15 @@ def parse(data: Mapping[str, Any], source: str = DEFAULT_PATH) -> Config:
         timeout=timeout,
         datasets=datasets,
         mask=mask,
+        pool_guid=pool_guid,
+        max_pbkdf2iters=max_pbkdf2iters,
         source=source,
     )
+
+
+def _grace_outlasts_timeout(online_grace: float, timeout: float) -> bool:
+    """A finite grace longer than a finite deadline: a mistake ("infinity" is a choice)."""
+    return not no_limit(timeout) and math.isfinite(online_grace) and online_grace > timeout
 
 
 def load(path: str = DEFAULT_PATH) -> Config:
@@ -465,7 +648,7 @@ def apply_cmdline(config: Config, cmdline: str) -> tuple[Config, list[str]]:
     if keystore_changes:
         changes["keystore"] = replace(config.keystore, **keystore_changes)
     new = replace(config, **changes)
-    if new.timeout and new.online_grace > new.timeout:
+    if _grace_outlasts_timeout(new.online_grace, new.timeout):
         warnings.append(
             f"online_grace ({format_duration(new.online_grace)}) is longer than timeout "
             f"({format_duration(new.timeout)}): a degraded pool will not be accepted"
@@ -492,21 +675,37 @@ def read_cmdline(path: str = "/proc/cmdline") -> str:
         return ""
 
 
+def _limit(seconds: float, zero: str) -> str:
+    if seconds == math.inf:
+        return "no limit"
+    return zero if seconds == 0 else format_duration(seconds)
+
+
 def summary(config: Config) -> Sequence[str]:
     """Human-readable lines describing what the configuration asks for (for --debug/check)."""
     ks = config.keystore
     targets = "auto (encryption roots with keylocation under the mount point)"
     if config.datasets is not None:
         targets = ", ".join(config.datasets)
+    if config.online_grace == math.inf:
+        degraded = "degraded never accepted"
+    elif config.online_grace == 0:
+        degraded = "degraded accepted at once"
+    else:
+        degraded = f"degraded accepted after {format_duration(config.online_grace)}"
     return [
-        f"pool {config.pool}: scan {config.dev_nodes}"
+        f"pool {config.pool}"
+        + (f" (GUID {config.pool_guid})" if config.pool_guid is not None else "")
+        + f": scan {config.dev_nodes}"
         + (f", wait for {', '.join(config.devices)}" if config.devices else "")
-        + f", degraded accepted after {format_duration(config.online_grace)}"
-        + f", deadline {format_duration(config.timeout)}"
+        + f", {degraded}"
+        + f", deadline {_limit(config.timeout, 'no limit')}"
         + (", force import" if config.force_import else ""),
         f"keystore {ks.device} -> {ks.mapper_path} (read-only) on {ks.mountpoint}; "
         f"unlock by {', '.join(m.value for m in ks.unlock)}"
         + (f" (key file {ks.keyfile})" if ks.keyfile else "")
-        + f", {ks.tries or 'unlimited'} tries",
-        f"keys for: {targets}",
+        + f", {ks.tries or 'unlimited'} tries"
+        + f", prompt time limit {_limit(ks.prompt_timeout, 'no limit')}"
+        + f", token wait {_limit(ks.token_timeout, 'none')}",
+        f"keys for: {targets}; passphrase keys with pbkdf2iters up to {config.max_pbkdf2iters:,}",
     ]

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+import os
 import string
 import tomllib
 
@@ -71,7 +73,8 @@ def test_whole_zvol_has_no_partition_suffix():
 @pytest.mark.parametrize(
     ("text", "seconds"),
     [("10s", 10), ("5min", 300), ("1min 30s", 90), ("500ms", 0.5), ("0", 0), ("2h", 7200),
-     (12, 12), (1.5, 1.5), ("infinity", 0), ("3", 3)],
+     (12, 12), (1.5, 1.5), ("infinity", math.inf), (" infinity ", math.inf),
+     (math.inf, math.inf), ("3", 3)],
 )  # fmt: skip
 def test_durations(text, seconds):
     assert parse_duration(text, "k") == pytest.approx(seconds)
@@ -94,7 +97,7 @@ def keystore(**kw):
         ({"pool": "rpool"}, "[keystore] is missing"),
         ({"pool": "", "keystore": {}}, "pool = ''"),
         ({"pool": "1pool", "keystore": {"volume": "1pool/v"}}, 'pool = "1pool": not a valid pool name'),
-        ({"pool": "mirror", "keystore": {"volume": "mirror/v"}}, "not a valid pool name"),
+        ({"pool": "mirror", "keystore": {"volume": "mirror/v"}}, "not a valid pool name: the name is reserved"),
         ({**MINIMAL, "colour": "red"}, "colour: unknown key"),
         (keystore(colour=1), "keystore.colour: unknown key"),
         (keystore(mountpoint="bootsecrets"), 'keystore.mountpoint = "bootsecrets": must be an absolute path'),
@@ -163,6 +166,8 @@ KEYS = [
     "timeout",
     "datasets",
     "mask",
+    "pool_guid",
+    "max_pbkdf2iters",
 ]
 KEYSTORE_KEYS = ["volume", "partition", "name", "mountpoint", "unlock", "keyfile", "tries",
                  "prompt_timeout", "token_timeout"]  # fmt: skip
@@ -291,3 +296,298 @@ def test_check_config_bad(tmp_path, capsys):
     path.write_text(EXAMPLE.replace("tries = 3", "tries = -1"))
     assert cli.main(["check-config", str(path)]) == cli.EXIT_NOTCONFIGURED
     assert "keystore.tries = -1: must be between 0 and 1000" in capsys.readouterr().err
+
+
+# --- infinity: no limit, whatever the key --------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("key", "read"),
+    [
+        ("online_grace", lambda c: c.online_grace),
+        ("timeout", lambda c: c.timeout),
+        ("keystore.prompt_timeout", lambda c: c.keystore.prompt_timeout),
+        ("keystore.token_timeout", lambda c: c.keystore.token_timeout),
+    ],
+)
+@pytest.mark.parametrize("spelling", ['"infinity"', "inf", '" infinity"'])
+def test_infinity_is_no_limit_for_every_duration(tmp_path, key, read, spelling):
+    """It used to parse to 0: online_grace accepted DEGRADED at once, a token was not waited for."""
+    path = tmp_path / "c.toml"
+    name = key.split(".")[-1]
+    top = f"{name} = {spelling}\n" if "." not in key else ""
+    ks = f"{name} = {spelling}\n" if "." in key else ""
+    path.write_text(f'pool = "rpool"\n{top}[keystore]\nvolume = "rpool/volumes/bootsecrets"\n{ks}')
+    assert read(config.load(str(path))) == math.inf
+
+
+def test_infinite_grace_is_a_choice_a_longer_finite_one_a_mistake():
+    cfg = config.parse({**MINIMAL, "online_grace": "infinity", "timeout": "5min"})
+    assert cfg.online_grace == math.inf and cfg.timeout == 300
+    assert "degraded never accepted" in config.summary(cfg)[0]
+    with pytest.raises(
+        ConfigError, match='online_grace = 10min is longer than timeout = 5min.*"infinity"'
+    ):
+        config.parse({**MINIMAL, "online_grace": "10min", "timeout": "5min"})
+    # No deadline (0 or infinity): any grace is fine.
+    for timeout in ("0", "infinity"):
+        assert (
+            config.parse({**MINIMAL, "online_grace": "1h", "timeout": timeout}).online_grace == 3600
+        )
+
+
+def test_format_duration_round_trips_and_says_infinity():
+    assert config.format_duration(math.inf) == "infinity"
+    assert config.format_duration(0) == "0s"  # not "no limit": online_grace = 0 means at once
+    assert config.format_duration(300) == "5min"
+    assert config.format_duration(1.5) == "1.5s"
+
+
+@given(st.one_of(st.just(math.inf), st.floats(min_value=0, max_value=10 * 365 * 86400)))
+def test_format_then_parse_gives_the_same_duration(seconds):
+    assert parse_duration(config.format_duration(seconds), "k") == pytest.approx(
+        seconds, rel=1e-9, abs=1e-6
+    )
+
+
+def test_cmdline_infinity():
+    cfg, warnings = config.apply_cmdline(
+        base(),
+        "rd.lczfs.online_grace=infinity rd.lczfs.token_timeout=infinity rd.lczfs.timeout=infinity",
+    )
+    assert warnings == []
+    assert cfg.online_grace == cfg.timeout == cfg.keystore.token_timeout == math.inf
+    # An infinite grace with a finite deadline is no warning either: it means "ONLINE only".
+    cfg, warnings = config.apply_cmdline(base(), "rd.lczfs.online_grace=infinity")
+    assert warnings == [] and cfg.timeout == 300
+    _, warnings = config.apply_cmdline(base(), "rd.lczfs.online_grace=10min")
+    assert warnings and "longer than timeout" in warnings[0]
+
+
+def test_summary_says_what_zero_and_infinity_mean():
+    cfg = config.parse(
+        {"pool": "rpool", "online_grace": 0, "timeout": 0,
+         "keystore": {"volume": "rpool/v", "prompt_timeout": "infinity", "token_timeout": 0}}
+    )  # fmt: skip
+    pool_line, ks_line, _ = config.summary(cfg)
+    assert "degraded accepted at once" in pool_line and "deadline no limit" in pool_line
+    assert "prompt time limit no limit" in ks_line and "token wait none" in ks_line
+    cfg = config.parse(
+        {
+            **MINIMAL,
+            "timeout": "infinity",
+            "keystore": {"volume": "rpool/v", "token_timeout": "infinity"},
+        }
+    )
+    pool_line, ks_line, _ = config.summary(cfg)
+    assert "deadline no limit" in pool_line and "token wait no limit" in ks_line
+    assert "inf" not in " ".join(config.summary(cfg)).replace("infinity", "")
+
+
+# --- pool names: OpenZFS's zpool_name_valid(isopen=B_FALSE) ---------------------------
+
+# From pool_namecheck() (module/zcommon/zfs_namecheck.c) and zpool_name_valid()
+# (lib/libzfs/libzfs_pool.c): a letter first; [A-Za-z0-9_.: -]; fewer than 240
+# bytes; exact "mirror"/"raidz"/"draid"; with isopen = B_FALSE (create,
+# import) also every name beginning with "mirror", "raidz", "draid", "spare"
+# (strncmp) and exactly "log".
+VALID_POOL_NAMES = [
+    "rpool", "tank", "logs", "log1", "LOG", "Log", "cachepool", "cache", "dedup", "dedup1",
+    "special", "specialpool", "sparse", "spar", "mirro", "raid", "draidz"[:4], "Mirror",
+    "RAIDZ", "c0t0d0", "c1", "my pool", "a", "A.b:c-d_e", "a" * 239, "z9",
+]  # fmt: skip
+INVALID_POOL_NAMES = [
+    ("mirror", "reserved"), ("mirrored", "reserved"), ("mirror-0", "reserved"),
+    ("raidz", "reserved"), ("raidz2pool", "reserved"), ("raidz1", "reserved"),
+    ("draid", "reserved"), ("draidpool", "reserved"), ("spare", "reserved"),
+    ("spares", "reserved"), ("sparepool", "reserved"), ("log", "reserved"),
+    ("1pool", "begin with a letter"), ("_x", "begin with a letter"), ("-x", "begin with a letter"),
+    (" a", "begin with a letter"), (".a", "begin with a letter"),
+    ("a/b", 'invalid character "/"'), ("a@b", 'invalid character "@"'),
+    ("a#b", 'invalid character "#"'), ("a%b", 'invalid character "%"'),
+    ("pool\u00e9", 'invalid character "\u00e9"'), ("a\nb", 'invalid character "\\n"'),
+    ("a" * 240, "too long"),
+]  # fmt: skip
+
+
+@pytest.mark.parametrize("name", VALID_POOL_NAMES)
+def test_valid_pool_names_are_accepted(name):
+    cfg = config.parse({"pool": name, "keystore": {"volume": f"{name}/v"}})
+    assert cfg.pool == name
+    assert config.pool_name_problem(name) is None
+
+
+@pytest.mark.parametrize(("name", "why"), INVALID_POOL_NAMES)
+def test_invalid_pool_names_say_why(name, why):
+    with pytest.raises(ConfigError) as info:
+        config.parse({"pool": name, "keystore": {"volume": "rpool/v"}})
+    message = str(info.value)
+    assert message.startswith("pool = ") and "not a valid pool name" in message
+    assert why in message
+    assert "\n" not in message
+
+
+@given(st.text(max_size=12))
+def test_pool_names_follow_upstream_rules(name):
+    """An independent transcription of upstream's C, character by character."""
+
+    def valid_char(c):
+        return c.isascii() and (c.isalnum() or c in "-_.: ")
+
+    upstream_ok = (
+        len(name.encode()) < 256 - 2 - 2 * len("$ORIGIN")
+        and all(valid_char(c) for c in name)
+        and name[:1].isascii() and name[:1].isalpha()
+        and name not in ("mirror", "raidz", "draid")
+        and not any(name.startswith(p) for p in ("mirror", "raidz", "draid", "spare"))
+        and name != "log"
+    )  # fmt: skip
+    assert (config.pool_name_problem(name) is None) == upstream_ok
+
+
+# --- unknown keys come first, with the key that was meant ---------------------------
+
+
+def test_misspelt_required_key_is_named_before_it_is_missing(tmp_path):
+    path = tmp_path / "c.toml"
+    path.write_text('poool = "rpool"\n[keystore]\nvolume = "rpool/volumes/bootsecrets"\n')
+    with pytest.raises(ConfigError) as info:
+        config.load(str(path))
+    message = str(info.value)
+    assert message.startswith(f"{path}: poool: unknown key (did you mean pool?)")
+    assert "is missing" not in message
+
+
+@pytest.mark.parametrize(
+    ("data", "message"),
+    [
+        ({"pool": "rpool", "keystore": {"volumne": "rpool/v"}},
+         "keystore.volumne: unknown key (did you mean keystore.volume?)"),
+        ({"pool": "rpool", "timeuot": "5s", "keystore": {"volume": "rpool/v"}},
+         "timeuot: unknown key (did you mean timeout?)"),
+        ({"pool": "rpool", "volume": "rpool/v", "keystore": {"volume": "rpool/v"}},
+         "volume: unknown key (did you mean keystore.volume, under [keystore]?)"),
+        # TOML: a key written after [keystore] belongs to the keystore table.
+        ({"keystore": {"volume": "rpool/v", "pool": "rpool"}},
+         "keystore.pool: unknown key (pool belongs at the top of the file, before [keystore]"),
+        ({**MINIMAL, "a\nb": 1}, 'unknown key; see'),
+        ({**MINIMAL, "zz": 1, "poool": 2}, "poool: unknown key (did you mean pool?); zz: unknown key;"),
+    ],
+)  # fmt: skip
+def test_unknown_keys_suggest_the_closest_valid_key(data, message):
+    with pytest.raises(ConfigError) as info:
+        config.parse(data)
+    assert message in str(info.value)
+    assert "\n" not in str(info.value)
+
+
+# --- keystore.volume is a dataset, not a device ---------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("volume", "message"),
+    [
+        ("/dev/zvol/rpool/volumes/bootsecrets",
+         'keystore.volume = "/dev/zvol/rpool/volumes/bootsecrets": give the dataset name, not the '
+         'device: keystore.volume = "rpool/volumes/bootsecrets"'),
+        ("/dev/zvol/rpool/volumes/bootsecrets-part1",
+         'keystore.volume = "rpool/volumes/bootsecrets" and keystore.partition = 1'),
+        ("/dev/sda2", "give the dataset name of the zvol, e.g. rpool/volumes/bootsecrets"),
+    ],
+)  # fmt: skip
+def test_keystore_volume_given_as_a_device(volume, message):
+    with pytest.raises(ConfigError) as info:
+        config.parse(keystore(volume=volume))
+    assert message in str(info.value)
+
+
+# --- a mount point must be its own realpath -------------------------------------------
+
+
+@pytest.fixture
+def var_run(tmp_path):
+    """tmp/run and tmp/var/run -> ../run, as dracut lays them out."""
+    root = os.path.realpath(tmp_path)
+    os.mkdir(f"{root}/run")
+    os.mkdir(f"{root}/var")
+    os.symlink("../run", f"{root}/var/run")
+    return root
+
+
+def test_mountpoint_under_a_symlinked_parent_is_refused_at_load(var_run, tmp_path):
+    path = tmp_path / "c.toml"
+    path.write_text(
+        f'pool = "rpool"\n[keystore]\nvolume = "rpool/volumes/bootsecrets"\n'
+        f'mountpoint = "{var_run}/var/run/bootsecrets"\n'
+    )
+    with pytest.raises(ConfigError) as info:
+        config.load(str(path))
+    message = str(info.value)
+    assert f'keystore.mountpoint = "{var_run}/var/run/bootsecrets"' in message
+    assert f'is really "{var_run}/run/bootsecrets"; use {var_run}/run/bootsecrets' in message
+    # The resolved path itself is fine.
+    cfg = config.parse(keystore(mountpoint=f"{var_run}/run/bootsecrets"))
+    assert cfg.keystore.mountpoint == f"{var_run}/run/bootsecrets"
+
+
+def test_check_real_path_helper_for_the_run_time_check(var_run):
+    config.check_real_path(f"{var_run}/run/bootsecrets", "keystore.mountpoint")  # absent: fine
+    config.check_real_path(f"{var_run}/run", "keystore.mountpoint")
+    with pytest.raises(ConfigError, match=r"^keystore.mountpoint = .*/var/run/bootsecrets"):
+        config.check_real_path(f"{var_run}/var/run/bootsecrets", "keystore.mountpoint")
+    # The leaf itself a symlink (to a directory someone else controls):
+    os.mkdir(f"{var_run}/elsewhere")
+    os.symlink(f"{var_run}/elsewhere", f"{var_run}/run/bootsecrets")
+    with pytest.raises(ConfigError, match=f"use {var_run}/elsewhere$"):
+        config.check_real_path(f"{var_run}/run/bootsecrets", "keystore.mountpoint")
+
+
+# --- pool_guid and max_pbkdf2iters ----------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("text", "guid"),
+    [("pool_guid = 1234567890123456789", 1234567890123456789),
+     ('pool_guid = "17868331473627374523"', 17868331473627374523),
+     ('pool_guid = "18446744073709551615"', 2**64 - 1),
+     ("pool_guid = 9223372036854775807", 2**63 - 1)],
+)  # fmt: skip
+def test_pool_guid_as_integer_or_decimal_string(tmp_path, text, guid):
+    path = tmp_path / "c.toml"
+    path.write_text(f'pool = "rpool"\n{text}\n[keystore]\nvolume = "rpool/v"\n')
+    cfg = config.load(str(path))
+    assert cfg.pool_guid == guid
+    assert f"pool rpool (GUID {guid})" in config.summary(cfg)[0]
+
+
+def test_pool_guid_default_is_none():
+    assert config.parse(MINIMAL).pool_guid is None
+
+
+@pytest.mark.parametrize(
+    ("value", "message"),
+    [(0, "pool_guid = 0: a pool GUID is between 1 and 18446744073709551615"),
+     (-5, "pool_guid = -5"), (2**64, "pool_guid = 18446744073709551616"),
+     ("0x1234", "expected the pool's GUID"), ("12 34", "expected the pool's GUID"),
+     ("", "expected the pool's GUID"), (True, "expected the pool's GUID"),
+     (1.5, "expected the pool's GUID"), ("\u0661\u0662", "expected the pool's GUID")],
+)  # fmt: skip
+def test_bad_pool_guid(value, message):
+    with pytest.raises(ConfigError) as info:
+        config.parse({**MINIMAL, "pool_guid": value})
+    assert str(info.value).startswith("pool_guid")
+    assert message in str(info.value)
+
+
+def test_max_pbkdf2iters():
+    assert config.parse(MINIMAL).max_pbkdf2iters == 100_000_000
+    cfg = config.parse({**MINIMAL, "max_pbkdf2iters": 2_000_000})
+    assert cfg.max_pbkdf2iters == 2_000_000
+    assert "pbkdf2iters up to 2,000,000" in config.summary(cfg)[2]
+    for bad, message in [
+        (99_999, "max_pbkdf2iters = 99999: must be between 100000 and 2147483647"),
+        (2**31, "max_pbkdf2iters = 2147483648: must be between"),
+        ("1e8", "max_pbkdf2iters = '1e8': expected an integer"),
+    ]:
+        with pytest.raises(ConfigError, match=f"^{message}"):
+            config.parse({**MINIMAL, "max_pbkdf2iters": bad})
