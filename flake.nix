@@ -18,8 +18,13 @@
       packagesFor =
         pkgs:
         let
-          pyzfs = pkgs.python3Packages.callPackage ./nix/pyzfs.nix { };
-          lczfs-unlockd = pkgs.python3Packages.callPackage ./nix/package.nix { inherit pyzfs; };
+          pyzfs = pkgs.python3Packages.callPackage ./nix/pyzfs.nix { inherit (pkgs) zfs; };
+          # Named explicitly: python3Packages.callPackage would fill
+          # `systemd` with the Python bindings (python3Packages.systemd).
+          lczfs-unlockd = pkgs.python3Packages.callPackage ./nix/package.nix {
+            inherit pyzfs;
+            inherit (pkgs) zfs cryptsetup systemd;
+          };
         in
         {
           inherit pyzfs lczfs-unlockd;

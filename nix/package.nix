@@ -5,8 +5,12 @@
 #   python3Packages.callPackage ./package.nix {
 #     zfs = config.boot.zfs.package;               # the ZFS that runs the system
 #     systemd = config.boot.initrd.systemd.package; # the systemd of the initrd
+#     inherit (pkgs) cryptsetup;
 #     pyzfs = python3Packages.callPackage ./pyzfs.nix { zfs = ...; };
 #   }
+#
+# Always pass zfs, systemd and cryptsetup: python3Packages.callPackage fills
+# `systemd` with the Python bindings (python3Packages.systemd) otherwise.
 {
   lib,
   stdenv,
@@ -27,66 +31,59 @@ let
   fs = lib.fileset;
   pyproject = builtins.fromTOML (builtins.readFile ../pyproject.toml);
   libc = lib.getLib stdenv.cc.libc;
+  notPython =
+    name: drv:
+    lib.assertMsg (!(drv ? pythonModule)) ''
+      lczfs-unlockd: `${name}` is the Python package ${drv.name or "?"}, not the ${name} whose
+      programs and libraries the daemon runs; pass it explicitly, e.g.
+      python3Packages.callPackage ./nix/package.nix { inherit (pkgs) ${name}; ... }'';
 in
+assert notPython "systemd" systemd;
+assert notPython "zfs" zfs;
+assert notPython "cryptsetup" cryptsetup;
 buildPythonApplication {
   pname = "lczfs-unlockd";
   inherit (pyproject.project) version;
   pyproject = true;
 
+  # Exactly what the build and its check phase read; tests/nix copies the
+  # same selection (evaluated from this expression) and runs the check
+  # phase on it.
   src = fs.toSource {
     inherit root;
     fileset = fs.unions [
       ../pyproject.toml
       ../lczfs_unlockd
+      ../units/lczfs-unlockd.service
+      ../nix/build-paths.sh
+      ../nix/install-unit.sh
+      ../tests/__init__.py
+      # tests/unit/conftest.py imports it.
+      ../tests/fakes.py
       ../tests/unit
       (fs.maybeMissing ../README.md)
       (fs.maybeMissing ../LICENSE)
-      (fs.maybeMissing ../tests/__init__.py)
       (fs.maybeMissing ../tests/conftest.py)
     ];
   };
 
-  # lczfs_unlockd/paths.py imports these names over its defaults.  The
-  # libraries are given by soname file (libfoo.so.N), as the daemon would
-  # dlopen them; the shell below finds N so a soname bump fails the build
-  # here, not the boot.
+  # lczfs_unlockd/paths.py imports these names over its defaults; the
+  # script fails the build if one of them does not exist.
   postPatch = ''
-    soname() {
-      local dir=$1 name=$2 f
-      for f in "$dir/$name".so.*; do
-        if [[ "''${f#"$dir/$name".so.}" =~ ^[0-9]+$ ]]; then
-          echo "$f"
-          return 0
-        fi
-      done
-      echo "no $name.so.N in $dir" >&2
-      return 1
-    }
-    zfslib=${lib.getLib zfs}/lib
-    cat > lczfs_unlockd/_build_paths.py <<EOF
-    """Absolute store paths, written by nix/package.nix at build time."""
+    ZPOOL=${lib.getExe' zfs "zpool"} \
+    ZFS=${lib.getExe' zfs "zfs"} \
+    SYSTEMD_ASK_PASSWORD=${lib.getExe' systemd "systemd-ask-password"} \
+    ZFS_LIBDIR=${lib.getLib zfs}/lib \
+    CRYPTSETUP_LIBDIR=${lib.getLib cryptsetup}/lib \
+    LIBC=${libc}/lib/libc.so.6 \
+    CRYPTSETUP_TOKEN_PATH=${systemd}/lib/cryptsetup \
+      bash nix/build-paths.sh
+  '';
 
-    ZPOOL = "${lib.getExe' zfs "zpool"}"
-    ZFS = "${lib.getExe' zfs "zfs"}"
-    SYSTEMD_ASK_PASSWORD = "${lib.getExe' systemd "systemd-ask-password"}"
-    LIBCRYPTSETUP = ("$(soname ${lib.getLib cryptsetup}/lib libcryptsetup)",)
-    LIBZFS_CORE = ("$(soname "$zfslib" libzfs_core)",)
-    LIBNVPAIR = ("$(soname "$zfslib" libnvpair)",)
-    LIBC = ("${libc}/lib/libc.so.6",)
-    # Where libcryptsetup should look for LUKS2 token plugins (TPM2, FIDO2,
-    # PKCS#11): systemd builds them, cryptsetup's compiled-in default is its
-    # own, empty, lib/cryptsetup.  See crypt_token_set_external_path(3).
-    CRYPTSETUP_TOKEN_PATH = "${systemd}/lib/cryptsetup"
-    EOF
-
-    # Fail here, not at boot, if a path above does not exist.
-    for p in $(grep -o '"${builtins.storeDir}/[^"]*"' lczfs_unlockd/_build_paths.py | tr -d '"'); do
-      if [ ! -e "$p" ]; then
-        echo "_build_paths.py names $p, which does not exist" >&2
-        exit 1
-      fi
-    done
-    cat lczfs_unlockd/_build_paths.py
+  # The unit, for boot.initrd.systemd.packages (and any other systemd):
+  # units/lczfs-unlockd.service with ExecStart pointing here.
+  postInstall = ''
+    bash nix/install-unit.sh $out $out/bin/lczfs-unlockd
   '';
 
   build-system = [ setuptools ];
@@ -118,6 +115,7 @@ buildPythonApplication {
 
   passthru = {
     inherit zfs systemd cryptsetup pyzfs;
+    unit = "lib/systemd/system/lczfs-unlockd.service";
   };
 
   meta = {

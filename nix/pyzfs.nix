@@ -26,51 +26,12 @@ buildPythonPackage {
   # Only the Python bindings; the rest of the ZFS tree is not built here.
   sourceRoot = "${zfs.src.name}/contrib/pyzfs";
 
-  # The metadata is templated by ZFS's configure (@VERSION@); we do not run
-  # configure, so fill it in.  Older releases ship setup.py.in, newer ones
-  # pyproject.toml.in.  Then pin the shared libraries: pyzfs hands cffi the
-  # short names "zfs_core"/"nvpair", and cffi resolves short names through
-  # ctypes.util.find_library, which runs ldconfig and gcc; the initrd has
-  # neither.  We write the absolute path of the soname file instead.
+  # ZFS's configure templates the metadata (@VERSION@, and since 2.2
+  # @abs_top_srcdir@); we do not run configure, so nix/pyzfs-patch.sh fills
+  # them in and pins the shared libraries by absolute soname path.  The
+  # same script is rehearsed by tests/nix on the real contrib/pyzfs.
   postPatch = ''
-    pyversion=${lczfsLib.pep440Version zfs.version}
-    if [ -e pyproject.toml.in ]; then
-      substitute pyproject.toml.in pyproject.toml --replace-fail @VERSION@ "$pyversion"
-    elif [ -e setup.py.in ]; then
-      substitute setup.py.in setup.py --replace-fail @VERSION@ "$pyversion"
-    else
-      echo "contrib/pyzfs has neither pyproject.toml.in nor setup.py.in" >&2
-      exit 1
-    fi
-
-    # libfoo.so.N (the soname), not the linker name or the full version.
-    soname() {
-      local f
-      for f in ${libdir}/"$1".so.*; do
-        if [[ "''${f#${libdir}/$1.so.}" =~ ^[0-9]+$ ]]; then
-          echo "$f"
-          return 0
-        fi
-      done
-      echo "no $1.so.N in ${libdir}" >&2
-      return 1
-    }
-    libzfs_core=$(soname libzfs_core)
-    libnvpair=$(soname libnvpair)
-
-    found=0
-    while IFS= read -r -d "" f; do
-      substituteInPlace "$f" --replace-fail 'LIBRARY = "zfs_core"' "LIBRARY = \"$libzfs_core\""
-      found=$((found + 1))
-    done < <(find . -path '*/bindings/libzfs_core.py' -print0)
-    while IFS= read -r -d "" f; do
-      substituteInPlace "$f" --replace-fail 'LIBRARY = "nvpair"' "LIBRARY = \"$libnvpair\""
-      found=$((found + 1))
-    done < <(find . -path '*/bindings/libnvpair.py' -print0)
-    if [ "$found" -lt 2 ]; then
-      echo "pyzfs bindings not found where expected; cannot pin libzfs_core/libnvpair" >&2
-      exit 1
-    fi
+    bash ${./pyzfs-patch.sh} ${lczfsLib.pep440Version zfs.version} ${libdir}
   '';
 
   build-system = [ setuptools ];

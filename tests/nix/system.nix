@@ -1,0 +1,152 @@
+# Whole NixOS systems with the lczfs-unlockd module, evaluated against a real
+# nixpkgs tree with nixos/lib/eval-config.nix.  tests/nix/test_system.py
+# calls this once per batch of variants and asserts on the JSON it returns.
+#
+#   nix-instantiate --eval --strict --json tests/nix/system.nix \
+#     --arg nixpkgs /path/to/nixpkgs --argstr variants '{"name": {...}}' \
+#     [--argstr flakeModule /nix/store/...-source/nix/module.nix]
+#   nix-instantiate tests/nix/system.nix -A drvs ...   (writes the .drv files)
+#
+# A variant: { config = <NixOS options as JSON>; via = "path" | "flake";
+#              full = <instantiate initrd and toplevel>;
+#              newTpm2 = null | <declare boot.initrd.systemd.tpm2.enable, as NixOS >= 24.11> }
+{
+  nixpkgs,
+  variants,
+  flakeModule ? "",
+  repo ? ../..,
+}:
+
+let
+  lib = import (nixpkgs + "/lib");
+  byPath = repo + "/nix/module.nix";
+
+  # nixpkgs' hackage-packages.nix is missing from the tree (see its README);
+  # shellcheck-minimal is the one Haskell package a system needs, for
+  # writeShellApplication's check.  A compiler for no platform turns that
+  # check off.
+  noShellcheck = {
+    nixpkgs.overlays = [
+      (final: prev: {
+        shellcheck-minimal = (prev.writeText "shellcheck-stub" "") // {
+          compiler.meta.platforms = [ ];
+        };
+      })
+    ];
+  };
+
+  # A realistic host: systemd initrd, ZFS root on the encrypted dataset.
+  base = {
+    system.stateVersion = "24.05";
+    networking.hostId = "8425e349";
+    boot.initrd.systemd.enable = lib.mkDefault true;
+    boot.loader.systemd-boot.enable = true;
+    boot.loader.efi.canTouchEfiVariables = true;
+    boot.zfs.devNodes = "/dev/disk/by-id";
+    boot.zfs.forceImportRoot = false;
+    fileSystems."/" = {
+      device = "rpool/crypt/local/root";
+      fsType = "zfs";
+    };
+    fileSystems."/nix" = {
+      device = "rpool/crypt/local/nix";
+      fsType = "zfs";
+    };
+    fileSystems."/boot" = {
+      device = "/dev/disk/by-uuid/ABCD-1234";
+      fsType = "vfat";
+    };
+  };
+
+  newTpm2Module = enable: {
+    options.boot.initrd.systemd.tpm2.enable = lib.mkOption {
+      type = lib.types.bool;
+      default = enable;
+    };
+  };
+
+  evalVariant =
+    name: v:
+    let
+      module =
+        if (v.via or "path") == "flake" then
+          (if flakeModule == "" then throw "variant ${name}: no flakeModule given" else /. + flakeModule)
+        else
+          byPath;
+      sys = import (nixpkgs + "/nixos/lib/eval-config.nix") {
+        system = "x86_64-linux";
+        modules =
+          [
+            module
+            noShellcheck
+            base
+            v.config
+          ]
+          ++ lib.optional ((v.newTpm2 or null) != null) (newTpm2Module v.newTpm2);
+      };
+      config = sys.config;
+      pkgs = sys.pkgs;
+      cfg = config.boot.initrd.lczfs-unlockd;
+      initrd = config.boot.initrd.systemd;
+      failed = map (a: a.message) (lib.filter (a: !a.assertion) config.assertions);
+      unit = initrd.units."lczfs-unlockd.service";
+      configFile = initrd.contents."/etc/lczfs-unlockd.toml".source;
+      result =
+        {
+          inherit failed;
+          warnings = config.warnings;
+        }
+        // lib.optionalAttrs (failed == [ ]) {
+          # The drop-in NixOS writes over the package's unit.
+          dropin = unit.text;
+          unitWantedBy = unit.wantedBy;
+          unitOverrideStrategy = unit.overrideStrategy or "asDropinIfExists";
+          packageUnit = "${cfg.package}/${cfg.package.passthru.unit}";
+          initrdPackages = map toString initrd.packages;
+          # pkgs.formats.toml's generator is a derivation (json2toml at build
+          # time); its input is this JSON.
+          configJSON = configFile.value;
+          configBuilder = configFile.buildCommand;
+          configNativeInputs = map (d: d.pname or d.name) configFile.nativeBuildInputs;
+          storePaths = map toString initrd.storePaths;
+          availableKernelModules = config.boot.initrd.availableKernelModules;
+          kernelModules = config.boot.initrd.kernelModules;
+          kernelParams = config.boot.kernelParams;
+          tokenPlugins = cfg.tokenPlugins;
+          settings = cfg.settings;
+          importUnit = initrd.units."zfs-import-rpool.service".text or null;
+          initrdSystemd = toString initrd.package;
+          zfs = toString config.boot.zfs.package;
+          zfsVersion = config.boot.zfs.package.version;
+          python = pkgs.python3.pythonVersion;
+          package = {
+            drvPath = cfg.package.drvPath;
+            systemd = toString cfg.package.passthru.systemd;
+            zfs = toString cfg.package.passthru.zfs;
+            cryptsetup = toString cfg.package.passthru.cryptsetup;
+            pyzfs = cfg.package.passthru.pyzfs.name;
+            src = toString cfg.package.src;
+            postPatch = cfg.package.postPatch;
+            postInstall = cfg.package.postInstall;
+          };
+        }
+        // lib.optionalAttrs (failed == [ ] && (v.full or false)) {
+          initrd = config.system.build.initialRamdisk.drvPath;
+          toplevel = config.system.build.toplevel.drvPath;
+        };
+    in
+    {
+      inherit sys result;
+    };
+
+  parsed = builtins.fromJSON variants;
+  evaluated = lib.mapAttrs evalVariant parsed;
+in
+{
+  results = lib.mapAttrs (_: e: e.result) evaluated;
+  # For a real `nix-instantiate` (not --eval), which writes the .drv files
+  # of every full variant's toplevel (the initrd is part of it).
+  drvs = lib.mapAttrs (_: e: e.sys.config.system.build.toplevel) (
+    lib.filterAttrs (name: _: parsed.${name}.full or false) evaluated
+  );
+}

@@ -1,0 +1,483 @@
+"""Whole NixOS systems with the module, evaluated against a real nixpkgs.
+
+Each variant is a realistic host (systemd initrd, ZFS root on
+rpool/crypt/local/root, networking.hostId; tests/nix/system.nix) plus the
+module's options.  All variants are evaluated by two nix-instantiate calls
+run side by side (working configurations, and the ones that must be refused);
+"full" variants have their initrd and toplevel instantiated (.drv files
+written).  The module comes by path and, for one variant, through the
+flake's nixosModules.default with nixpkgs overridden by the same tree.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import tomllib
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from .nixtools import ROOT, Nixpkgs, eval_systems, nix_ok, run_nix
+
+ARCH = "x86_64-linux"
+KEYFILE = "/etc/lczfs-unlockd/keystore.key"
+VENV_BIN = Path(__file__).resolve().parents[2] / ".venv" / "bin"
+
+
+def lczfs(**settings: Any) -> dict[str, Any]:
+    """A configuration in the new form: settings with pool and keystore volume."""
+    extra = settings.pop("_module", {})
+    keystore = {"volume": "rpool/volumes/bootsecrets", **settings.pop("keystore", {})}
+    return {
+        "boot": {
+            "initrd": {
+                "lczfs-unlockd": {
+                    "enable": True,
+                    "settings": {"pool": "rpool", "keystore": keystore, **settings},
+                    **extra,
+                }
+            }
+        }
+    }
+
+
+def merge(a: dict[str, Any], b: dict[str, Any]) -> dict[str, Any]:
+    out = dict(a)
+    for k, v in b.items():
+        out[k] = merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
+
+
+WORKING: dict[str, dict[str, Any]] = {
+    "default": {"full": True, "config": lczfs()},
+    "flake": {"full": True, "via": "flake", "config": lczfs()},
+    # The option names before `settings`: still accepted, with a warning each.
+    "legacy": {
+        "config": {
+            "boot": {
+                "initrd": {
+                    "lczfs-unlockd": {
+                        "enable": True,
+                        "pool": "rpool",
+                        "devNodes": "/dev/disk/by-partuuid",
+                        "onlineGrace": "15s",
+                        "forceImport": True,
+                        "keystore": {
+                            "volume": "rpool/volumes/bootsecrets",
+                            "promptTimeout": "2min",
+                            "tokenTimeout": 20,
+                            "tokenPlugins": ["fido2"],
+                        },
+                        "settings": {"keystore": {"tries": 5}},
+                    }
+                }
+            }
+        }
+    },
+    "tokens": {
+        "full": True,
+        "config": lczfs(
+            keystore={"unlock": ["token", "passphrase"]},
+            _module={"tokenPlugins": ["tpm2", "fido2", "pkcs11"]},
+        ),
+    },
+    "passphrase-only": {"config": lczfs(keystore={"unlock": ["passphrase"]})},
+    "keyfile": {
+        "full": True,
+        "config": merge(
+            lczfs(keystore={"unlock": ["keyfile"], "keyfile": KEYFILE}),
+            {"boot": {"initrd": {"secrets": {KEYFILE: "/etc/secrets/keystore.key"}}}},
+        ),
+    },
+    "datasets": {
+        "config": lczfs(
+            datasets=["rpool/crypt", "rpool/crypt/local"],
+            devices=["/dev/disk/by-id/nvme-A-part2", "/dev/disk/by-id/nvme-B-part2"],
+            mask=["systemd-cryptsetup@secretsroot.service"],
+        )
+    },
+    "dry-run": {
+        "full": True,
+        "config": lczfs(_module={"dryRun": True, "debug": True}),
+    },
+    # Keys the module does not declare (new daemon keys) pass through.
+    "freeform": {
+        "config": lczfs(
+            pool_guid="1234567890123456789",
+            max_pbkdf2iters=1000000,
+            keystore={"some_future_key": True},
+        )
+    },
+    # NixOS >= 24.11 has boot.initrd.systemd.tpm2.enable; it wins over the
+    # old enableTpm2 (still true here) when it exists.
+    "tpm2-new-off": {"newTpm2": False, "config": lczfs()},
+    "tpm2-new-on": {"newTpm2": True, "config": lczfs()},
+    "tpm2-old-off": {
+        "config": merge(lczfs(), {"boot": {"initrd": {"systemd": {"enableTpm2": False}}}})
+    },
+}
+
+# Configurations that cannot work, and a piece of the assertion message.
+REFUSED: dict[str, tuple[dict[str, Any], str]] = {
+    "scripted-initrd": (
+        merge(lczfs(), {"boot": {"initrd": {"systemd": {"enable": False}}}}),
+        "boot.initrd.systemd.enable = true",
+    ),
+    "not-a-pool": (lczfs(pool="rpool/crypt"), "is not a pool name"),
+    "volume-outside": (
+        lczfs(keystore={"volume": "tank/bootsecrets"}),
+        'settings.keystore.volume = "tank/bootsecrets" must be a zvol inside the pool',
+    ),
+    "mountpoint-relative": (
+        lczfs(keystore={"mountpoint": "bootsecrets"}),
+        "cannot work as the\ndirectory of a ZFS keylocation",
+    ),
+    "mountpoint-sysroot": (
+        lczfs(keystore={"mountpoint": "/sysroot/bootsecrets"}),
+        "is inside /sysroot",
+    ),
+    "datasets-outside": (
+        lczfs(datasets=["rpool/crypt", "tank/crypt"]),
+        '"tank/crypt", which is not a dataset',
+    ),
+    "datasets-empty": (lczfs(datasets=[]), "datasets is an empty list"),
+    "unlock-empty": (lczfs(keystore={"unlock": []}), "keystore.unlock is empty"),
+    "keyfile-unset": (
+        lczfs(keystore={"unlock": ["keyfile"]}),
+        "keystore.keyfile is not\nset",
+    ),
+    "keyfile-not-in-initrd": (
+        lczfs(keystore={"keyfile": KEYFILE}),
+        f'boot.initrd.secrets."{KEYFILE}" = /path/on/the/build/host',
+    ),
+    "keyfile-in-keystore": (
+        merge(
+            lczfs(keystore={"keyfile": "/bootsecrets/k"}),
+            {"boot": {"initrd": {"secrets": {"/bootsecrets/k": "/etc/k"}}}},
+        ),
+        "which is empty until the keystore is open",
+    ),
+    "tpm2-plugin-without-tpm2": (
+        merge(
+            lczfs(_module={"tokenPlugins": ["tpm2"]}),
+            {"boot": {"initrd": {"systemd": {"enableTpm2": False}}}},
+        ),
+        'contains "tpm2" but boot.initrd.systemd.enableTpm2\nis false',
+    ),
+}
+
+
+@pytest.fixture(scope="session")
+def flake_eval(nixpkgs: Nixpkgs) -> dict[str, Any]:
+    """The flake's outputs, evaluated the way a flake user gets them."""
+    base = [
+        "nix",
+        "eval",
+        "--impure",  # lib.fileset needs it on Nix < 2.14 (see shared/nixpkgs/README.md)
+        "--no-write-lock-file",
+        "--override-input",
+        "nixpkgs",
+        nixpkgs.flake_ref(),
+        "--json",
+    ]
+    ref = f"git+file://{ROOT}"
+    module = json.loads(
+        nix_ok([*base, f"{ref}#nixosModules", "--apply", "ms: builtins.mapAttrs (_: toString) ms"])
+    )
+    packages = json.loads(
+        nix_ok(
+            [
+                *base,
+                f"{ref}#packages.{ARCH}",
+                "--apply",
+                "ps: { drv = ps.default.drvPath; systemd = ps.default.passthru.systemd.name;"
+                " systemdPath = toString ps.default.passthru.systemd;"
+                " zfs = ps.default.passthru.zfs.name; postPatch = ps.default.postPatch;"
+                " pyzfs = ps.pyzfs.drvPath; initrdEnv = ps.initrd-env.drvPath; }",
+            ]
+        )
+    )
+    return {"modules": module, "packages": packages}
+
+
+@pytest.fixture(scope="session")
+def systems(nixpkgs: Nixpkgs, flake_eval: dict[str, Any]) -> dict[str, Any]:
+    refused = {name: {"config": cfg} for name, (cfg, _) in REFUSED.items()}
+    return eval_systems(nixpkgs, [WORKING, refused], flake_module=flake_eval["modules"]["default"])
+
+
+def effective_unit(*texts: str) -> dict[str, dict[str, list[str]]]:
+    """systemd's reading of a unit plus drop-ins: repeated keys add up, an empty value resets."""
+    unit: dict[str, dict[str, list[str]]] = {}
+    for text in texts:
+        section = ""
+        for raw in text.splitlines():
+            line = raw.strip()
+            if not line or line.startswith(("#", ";")):
+                continue
+            if line.startswith("["):
+                section = line.strip("[]")
+                continue
+            key, _, value = line.partition("=")
+            values = unit.setdefault(section, {}).setdefault(key, [])
+            if value == "":
+                values.clear()
+            elif key in ("Before", "After", "Wants", "Requires", "Conflicts", "WantedBy"):
+                values.extend(value.split())
+            else:
+                values.append(value)
+    return unit
+
+
+@pytest.fixture(scope="session")
+def shipped_unit(workdir: Path) -> Iterator[Path]:
+    """units/lczfs-unlockd.service as the package installs it (nix/install-unit.sh)."""
+    out = workdir / "unit-out"
+    subprocess.run(
+        ["bash", str(ROOT / "nix" / "install-unit.sh"), str(out), "/EXE"],
+        cwd=ROOT,
+        check=True,
+    )
+    yield out / "lib" / "systemd" / "system" / "lczfs-unlockd.service"
+
+
+def toml_of(result: dict[str, Any], tmp: Path) -> Path:
+    """pkgs.formats.toml's build step (json2toml of remarshal, as nixpkgs pins it) on its input."""
+    src = tmp / "value.json"
+    dst = tmp / "lczfs-unlockd.toml"
+    src.write_text(result["configJSON"])
+    assert result["configBuilder"].strip() == 'json2toml "$valuePath" "$out"'
+    assert result["configNativeInputs"] == ["remarshal"]
+    json2toml = VENV_BIN / "json2toml"
+    if not json2toml.exists():
+        pytest.fail("json2toml missing: remarshal belongs in requirements-dev.txt")
+    subprocess.run([str(json2toml), str(src), str(dst)], check=True)
+    return dst
+
+
+# --- the working systems ---------------------------------------------------
+
+
+@pytest.mark.parametrize("name", sorted(WORKING))
+def test_system_evaluates_without_failed_assertions(systems: dict[str, Any], name: str) -> None:
+    result = systems[name]
+    assert result["failed"] == []
+    if WORKING[name].get("full"):
+        assert result["initrd"].endswith(".drv") and Path(result["initrd"]).is_file()
+        assert result["toplevel"].endswith(".drv") and Path(result["toplevel"]).is_file()
+    own = [w for w in result["warnings"] if "lczfs" in w]
+    if name == "legacy":
+        assert len(own) == 8, own
+        assert all("has been renamed to `boot.initrd.lczfs-unlockd." in w for w in own), own
+    else:
+        assert own == []
+
+
+def test_flake_module_is_the_repositorys_module_file(flake_eval: dict[str, Any]) -> None:
+    for path in flake_eval["modules"].values():
+        assert path.startswith("/nix/store/") and path.endswith("/nix/module.nix")
+        assert Path(path).read_text() == (ROOT / "nix" / "module.nix").read_text()
+
+
+def test_flake_and_path_module_give_the_same_initrd_settings(systems: dict[str, Any]) -> None:
+    assert systems["flake"]["settings"] == systems["default"]["settings"]
+    assert systems["flake"]["configJSON"] == systems["default"]["configJSON"]
+
+
+def test_flake_package_uses_systemd_itself_not_its_python_bindings(
+    flake_eval: dict[str, Any],
+) -> None:
+    """Issue 8, failure 4: python3Packages.callPackage filled in python3.11-systemd."""
+    pkgs = flake_eval["packages"]
+    assert pkgs["systemd"].startswith("systemd-"), pkgs["systemd"]
+    assert (
+        f"SYSTEMD_ASK_PASSWORD={pkgs['systemdPath']}/bin/systemd-ask-password"
+        in (pkgs["postPatch"])
+    )
+    assert pkgs["zfs"].startswith("zfs-user-"), pkgs["zfs"]
+    for key in ("drv", "pyzfs", "initrdEnv"):
+        assert pkgs[key].endswith(".drv")
+
+
+def test_package_refuses_the_python_bindings_of_systemd(nixpkgs: Nixpkgs) -> None:
+    expr = (
+        f"let pkgs = import {nixpkgs.tree} {{ }}; in "
+        f"(pkgs.python3Packages.callPackage {ROOT}/nix/package.nix {{"
+        " pyzfs = null; inherit (pkgs) zfs cryptsetup; }).drvPath"
+    )
+    proc = run_nix(["nix-instantiate", "--eval", "--expr", expr])
+    assert proc.returncode != 0
+    assert "`systemd` is the Python package python3.11-systemd" in proc.stderr, proc.stderr
+
+
+def test_unit_is_the_packages_with_a_drop_in(systems: dict[str, Any], shipped_unit: Path) -> None:
+    result = systems["default"]
+    package = result["packageUnit"].removesuffix("/lib/systemd/system/lczfs-unlockd.service")
+    assert package in result["initrdPackages"]
+    assert result["unitOverrideStrategy"] == "asDropinIfExists"
+    # The drop-in only adds what NixOS needs; everything else is the file's.
+    dropin = effective_unit(result["dropin"])
+    assert set(dropin) == {"Unit", "Service", "Install"}
+    assert dropin["Unit"] == {"Before": ["zfs-import-rpool.service"]}
+    assert set(dropin["Service"]) == {"Environment", "ExecStart"}
+    assert sorted(result["unitWantedBy"]) == ["initrd.target", "zfs-import-rpool.service"]
+
+    unit = effective_unit(shipped_unit.read_text(), result["dropin"])
+    service = unit["Service"]
+    env = next(p for p in result["storePaths"] if p.endswith("-lczfs-unlockd-initrd-env-0.1.0"))
+    assert service["ExecStart"] == [f"{env}/bin/lczfs-unlockd"]
+    assert service["Type"] == ["notify"]
+    assert service["RemainAfterExit"] == ["yes"]
+    assert service["KeyringMode"] == ["shared"]
+    assert unit["Unit"]["DefaultDependencies"] == ["no"]
+    before = unit["Unit"]["Before"]
+    for needed in ("zfs-import-rpool.service", "sysroot.mount", "initrd-root-fs.target"):
+        assert needed in before
+    # NixOS's own import of the root pool exists and is ordered after us by
+    # our Before=; it wants us through the WantedBy above.
+    assert result["importUnit"] is not None
+    assert "lczfs" not in result["importUnit"]
+
+
+def test_initrd_config_file_is_read_back_by_the_daemon(
+    systems: dict[str, Any], tmp_path: Path
+) -> None:
+    from lczfs_unlockd import config
+
+    loaded = config.load(str(toml_of(systems["default"], tmp_path)))
+    assert loaded.pool == "rpool"
+    assert loaded.keystore.device == "/dev/zvol/rpool/volumes/bootsecrets-part1"
+    assert loaded.keystore.mountpoint == "/bootsecrets"
+    assert loaded.keystore.keyfile is None
+    assert loaded.datasets is None  # "auto"
+    assert loaded.dev_nodes == "/dev/disk/by-id"
+    assert loaded.force_import is False  # boot.zfs.forceImportRoot = false in system.nix
+    assert loaded.timeout == 300.0
+    assert [m.value for m in loaded.keystore.unlock] == ["token", "keyfile", "passphrase"]
+
+
+def test_keyfile_through_initrd_secrets(systems: dict[str, Any], tmp_path: Path) -> None:
+    from lczfs_unlockd import config
+
+    loaded = config.load(str(toml_of(systems["keyfile"], tmp_path)))
+    assert loaded.keystore.keyfile == KEYFILE
+    assert [m.value for m in loaded.keystore.unlock] == ["keyfile"]
+
+
+def test_datasets_devices_and_mask(systems: dict[str, Any], tmp_path: Path) -> None:
+    from lczfs_unlockd import config
+
+    loaded = config.load(str(toml_of(systems["datasets"], tmp_path)))
+    assert loaded.datasets == ("rpool/crypt", "rpool/crypt/local")
+    assert loaded.devices == ("/dev/disk/by-id/nvme-A-part2", "/dev/disk/by-id/nvme-B-part2")
+    assert loaded.mask == ("systemd-cryptsetup@secretsroot.service",)
+
+
+def test_legacy_option_names_give_the_same_file(systems: dict[str, Any], tmp_path: Path) -> None:
+    from lczfs_unlockd import config
+
+    result = systems["legacy"]
+    assert result["tokenPlugins"] == ["fido2"]
+    loaded = config.load(str(toml_of(result, tmp_path)))
+    assert loaded.dev_nodes == "/dev/disk/by-partuuid"
+    assert loaded.online_grace == 15.0
+    assert loaded.force_import is True
+    assert loaded.keystore.prompt_timeout == 120.0
+    assert loaded.keystore.token_timeout == 20.0
+    assert loaded.keystore.tries == 5
+
+
+def test_freeform_keys_reach_the_file(systems: dict[str, Any], tmp_path: Path) -> None:
+    parsed = tomllib.loads(toml_of(systems["freeform"], tmp_path).read_text())
+    assert parsed["pool_guid"] == "1234567890123456789"
+    assert parsed["max_pbkdf2iters"] == 1000000
+    assert parsed["keystore"]["some_future_key"] is True
+    assert parsed["keystore"]["volume"] == "rpool/volumes/bootsecrets"
+
+
+def test_unset_keys_are_left_out_of_the_file(systems: dict[str, Any]) -> None:
+    written = json.loads(systems["default"]["configJSON"])
+    assert "keyfile" not in written["keystore"]
+    assert systems["default"]["settings"]["keystore"]["keyfile"] is None
+    # Module-only options never reach the daemon's file.
+    for key in ("tokenPlugins", "dryRun", "debug", "enable", "package"):
+        assert key not in written
+
+
+def test_store_paths_and_kernel_modules(systems: dict[str, Any]) -> None:
+    result = systems["default"]
+    paths = result["storePaths"]
+    systemd, zfs = result["initrdSystemd"], result["zfs"]
+    assert result["package"]["systemd"] == systemd
+    assert result["package"]["zfs"] == zfs
+    assert result["package"]["pyzfs"] == f"python{result['python']}-pyzfs-{result['zfsVersion']}"
+    for path in (
+        f"{zfs}/bin/zpool",
+        f"{zfs}/bin/zfs",
+        f"{systemd}/bin/systemd-ask-password",
+        f"{systemd}/lib/cryptsetup/libcryptsetup-token-systemd-tpm2.so",
+    ):
+        assert path in paths
+    # The paths pinned in _build_paths.py are the ones put in the initrd.
+    post_patch = result["package"]["postPatch"]
+    libdir = next(v for v in post_patch.split() if v.startswith("CRYPTSETUP_LIBDIR="))
+    assert libdir.removeprefix("CRYPTSETUP_LIBDIR=") in paths
+    assert f"ZPOOL={zfs}/bin/zpool" in post_patch
+    assert f"CRYPTSETUP_TOKEN_PATH={systemd}/lib/cryptsetup" in post_patch
+    for module in ("dm_mod", "dm_crypt", "cryptd", "ext4", "aes", "xts", "sha256"):
+        assert module in result["availableKernelModules"]
+    assert "dm_mod" in result["kernelModules"]
+    assert "zfs" in result["kernelModules"]
+    assert result["kernelParams"] == [p for p in result["kernelParams"] if "lczfs" not in p]
+
+
+def test_token_plugins(systems: dict[str, Any]) -> None:
+    result = systems["tokens"]
+    systemd = result["initrdSystemd"]
+    paths = result["storePaths"]
+    for plugin in ("tpm2", "fido2", "pkcs11"):
+        assert f"{systemd}/lib/cryptsetup/libcryptsetup-token-systemd-{plugin}.so" in paths
+    assert any(p.endswith("/lib/libfido2.so.1") for p in paths)
+    assert any(p.endswith("/lib/libp11-kit.so.0") for p in paths)
+    # Without "token" as unlock method no plugin of ours is added (systemd's
+    # initrd module adds tpm2 and fido2 itself when cryptsetup is enabled).
+    ours = systems["passphrase-only"]["storePaths"]
+    assert not any(p.endswith("libcryptsetup-token-systemd-pkcs11.so") for p in ours)
+    assert not any(p.endswith("/lib/libp11-kit.so.0") for p in ours)
+
+
+@pytest.mark.parametrize(
+    ("name", "plugins"),
+    [
+        ("default", ["tpm2"]),
+        ("tpm2-new-on", ["tpm2"]),
+        ("tpm2-new-off", []),
+        ("tpm2-old-off", []),
+    ],
+)
+def test_tpm2_default_follows_either_option_name(
+    systems: dict[str, Any], name: str, plugins: list[str]
+) -> None:
+    """Issue 8, failure 5: boot.initrd.systemd.tpm2 does not exist on 24.05."""
+    assert systems[name]["tokenPlugins"] == plugins
+
+
+def test_dry_run_and_debug_reach_the_kernel_command_line(systems: dict[str, Any]) -> None:
+    params = systems["dry-run"]["kernelParams"]
+    assert "rd.lczfs.dry_run=1" in params
+    assert "rd.lczfs.debug" in params
+    assert systems["dry-run"]["configJSON"] == systems["default"]["configJSON"]
+
+
+# --- the refused ones ------------------------------------------------------
+
+
+@pytest.mark.parametrize("name", sorted(REFUSED))
+def test_configuration_that_cannot_work_is_refused(systems: dict[str, Any], name: str) -> None:
+    _, needle = REFUSED[name]
+    failed = systems[name]["failed"]
+    assert any(needle in message for message in failed), failed
+    assert "initrd" not in systems[name]
