@@ -10,6 +10,7 @@ The answer travels on the program's stdout pipe straight into a bytearray.
 from __future__ import annotations
 
 import math
+import os
 
 from . import paths
 from .errors import PromptError
@@ -17,6 +18,42 @@ from .process import run_secret
 from .secretbuf import wipe
 
 MAX_PASSPHRASE = 4096
+
+# systemd's cescape(): these get a letter, other bytes below 0x20 or from 0x7f
+# on a 3-digit octal escape (src/basic/escape.c).
+_CESCAPE = {
+    0x07: "\\a",
+    0x08: "\\b",
+    0x0C: "\\f",
+    0x0A: "\\n",
+    0x0D: "\\r",
+    0x09: "\\t",
+    0x0B: "\\v",
+    0x5C: "\\\\",
+    0x22: '\\"',
+    0x27: "\\'",
+}
+
+
+def _cescape(text: str) -> str:
+    return "".join(
+        _CESCAPE.get(b) or (f"\\{b:03o}" if b < 0x20 or b >= 0x7F else chr(b))
+        for b in os.fsencode(text)
+    )
+
+
+def cryptsetup_ident(device: str) -> str:
+    """The ``--id`` systemd-cryptsetup gives a passphrase prompt for ``device``.
+
+    ``"cryptsetup:" + cescape(source device)`` (systemd's
+    src/cryptsetup/cryptsetup.c, get_password()): agents written for crypttab
+    volumes, such as clevis-luks-askpass, answer only ``Id=cryptsetup:*`` and
+    take the rest as the LUKS device to unlock.  The escaping also keeps a
+    newline out of the ask file, which systemd-ask-password writes verbatim.
+    Only for passphrases: such an agent would answer a PIN prompt carrying
+    this id with the volume's passphrase.
+    """
+    return "cryptsetup:" + _cescape(device)
 
 
 class SystemdAskPassword:
@@ -26,6 +63,9 @@ class SystemdAskPassword:
     def argv(
         self, prompt: str, *, ident: str, timeout: float, keyname: str | None, accept_cached: bool
     ) -> list[str]:
+        # Written verbatim into the ask file too: control characters escaped
+        # the way cryptsetup_ident() escapes them (it has none left to escape).
+        ident = "".join(c if c.isprintable() else _cescape(c) for c in ident)
         argv = [self.program, f"--id={ident}"]
         if keyname:
             argv.append(f"--keyname={keyname}")
@@ -35,7 +75,10 @@ class SystemdAskPassword:
         ]
         if accept_cached and keyname:
             argv.append("--accept-cached")
-        argv += ["--", prompt]
+        # systemd-ask-password writes the prompt verbatim into the ask file
+        # that every agent parses: a newline in it would add a line (a second
+        # Socket=, say) of the caller's choosing.
+        argv += ["--", "".join(c if c.isprintable() else f"\\x{ord(c):02x}" for c in prompt)]
         return argv
 
     def ask(

@@ -23,6 +23,7 @@ import errno
 import logging
 import os
 import threading
+from dataclasses import dataclass
 from types import TracebackType
 from typing import TYPE_CHECKING
 
@@ -30,6 +31,7 @@ from . import paths
 from .errors import (
     KeystoreError,
     NoTokenError,
+    NoUsableKeyslotError,
     PinRefusedError,
     PinRequiredError,
     WrongKeyError,
@@ -65,6 +67,20 @@ CRYPT_TOKEN_INACTIVE = 1
 # ... and these two an enrolled token whose type has no handler (no plugin).
 CRYPT_TOKEN_INTERNAL_UNKNOWN = 3
 CRYPT_TOKEN_EXTERNAL_UNKNOWN = 5
+# enum crypt_keyslot_info
+CRYPT_SLOT_INVALID = 0
+CRYPT_SLOT_INACTIVE = 1
+CRYPT_SLOT_ACTIVE = 2
+CRYPT_SLOT_ACTIVE_LAST = 3
+CRYPT_SLOT_UNBOUND = 4  # LUKS2: holds a key, but not this volume's
+# enum crypt_keyslot_priority: CRYPT_ANY_SLOT skips IGNORE slots
+CRYPT_SLOT_PRIORITY_INVALID = -1
+CRYPT_SLOT_PRIORITY_IGNORE = 0
+# crypt_persistent_flags_get(): enum crypt_flags_type and the requirement bits
+CRYPT_FLAGS_REQUIREMENTS = 1
+CRYPT_REQUIREMENT_OFFLINE_REENCRYPT = 1 << 0
+CRYPT_REQUIREMENT_ONLINE_REENCRYPT = 1 << 1
+CRYPT_REQUIREMENT_UNKNOWN = 1 << 31  # a requirement this libcryptsetup does not know
 
 _LEVEL_NAMES = {
     CRYPT_LOG_NORMAL: "normal",
@@ -90,10 +106,35 @@ _LOG_CALLBACK = ctypes.CFUNCTYPE(None, ctypes.c_int, ctypes.c_char_p, ctypes.c_v
 
 _last_error = threading.local()
 
+# libcryptsetup's messages quote the header (types, names): at most this many
+# characters of one reach a message of ours, escaped.
+MAX_REASON = 200
+
 
 def last_error() -> str:
-    """The last error libcryptsetup logged in this thread (it never holds key material)."""
+    """The last error libcryptsetup logged in this thread during the current
+    call (it never holds key material)."""
     return str(getattr(_last_error, "text", ""))
+
+
+def _begin() -> ctypes.CDLL:
+    """The library, with the last error of an earlier call forgotten.
+
+    Called before each operation, so that a message built from last_error()
+    never carries the text of a previous, unrelated failure.
+    """
+    lib = _library()
+    _last_error.text = ""
+    return lib
+
+
+def _reason(fallback: str = "see the libcryptsetup messages above") -> str:
+    """libcryptsetup's last error of this call, bounded and escaped for a message."""
+    text = last_error()
+    if not text:
+        return fallback
+    text = _printable(text)
+    return text if len(text) <= MAX_REASON else text[: MAX_REASON - 3] + "..."
 
 
 def _log_message(level: int, message: bytes | None, _usrptr: int | None) -> None:
@@ -175,6 +216,14 @@ def _declare(lib: ctypes.CDLL) -> None:
     lib.crypt_deactivate_by_name.restype = c_int
     lib.crypt_status.argtypes = [cd, c_char_p]
     lib.crypt_status.restype = c_int
+    lib.crypt_keyslot_max.argtypes = [c_char_p]
+    lib.crypt_keyslot_max.restype = c_int
+    lib.crypt_keyslot_status.argtypes = [cd, c_int]
+    lib.crypt_keyslot_status.restype = c_int
+    lib.crypt_keyslot_get_priority.argtypes = [cd, c_int]
+    lib.crypt_keyslot_get_priority.restype = c_int
+    lib.crypt_persistent_flags_get.argtypes = [cd, c_int, ctypes.POINTER(ctypes.c_uint32)]
+    lib.crypt_persistent_flags_get.restype = c_int
 
 
 def _library() -> ctypes.CDLL:
@@ -294,6 +343,10 @@ def _key_buffer(key: bytearray) -> ctypes.Array[ctypes.c_char]:
     return (ctypes.c_char * len(key)).from_buffer(key)
 
 
+def _slots(slots: list[int]) -> str:
+    return ("key slot " if len(slots) == 1 else "key slots ") + ", ".join(map(str, slots))
+
+
 def _flags(read_only: bool) -> int:
     return CRYPT_ACTIVATE_READONLY if read_only else 0
 
@@ -346,7 +399,7 @@ class LuksVolume:
 
     def tokens(self) -> list[Token]:
         """The enrolled LUKS2 tokens, and whether libcryptsetup can use each type."""
-        lib = _library()
+        lib = _begin()
         cd = self._handle()
         if self._luks_type != CRYPT_LUKS2:
             return []  # LUKS1 has no tokens: crypt_token_max() is -EINVAL
@@ -372,7 +425,7 @@ class LuksVolume:
     def activate_by_token(
         self, name: str | None, pin: bytearray | None, *, read_only: bool
     ) -> None:
-        lib = _library()
+        lib = _begin()
         cd = self._handle()
         pin_buf = None if pin is None else _key_buffer(pin)
         try:
@@ -438,7 +491,7 @@ class LuksVolume:
     def activate_by_passphrase(
         self, name: str | None, passphrase: bytearray, *, read_only: bool
     ) -> None:
-        lib = _library()
+        lib = _begin()
         cd = self._handle()
         buf = _key_buffer(passphrase)
         try:
@@ -452,14 +505,18 @@ class LuksVolume:
         if r >= 0:
             log.debug("a passphrase unlocked key slot %d of %s", r, self.device)
             return
-        if -r == errno.EPERM:
+        if -r == errno.EPERM or (-r == errno.ENOENT and self._keyslot_problem() is None):
+            # -ENOENT: libcryptsetup 2.6 says so instead of -EPERM when an
+            # unbound or ignored slot sits beside the ones that refused it.
             raise WrongKeyError(
                 f"no key slot of {self.device} accepts this passphrase", errno=errno.EPERM
             )
+        if -r == errno.ENOENT:
+            raise self._no_usable_keyslot("a passphrase")
         raise self._activation_error("a passphrase", name, -r)
 
     def activate_by_keyfile(self, name: str | None, path: str, *, read_only: bool) -> None:
-        lib = _library()
+        lib = _begin()
         cd = self._handle()
         r = int(
             lib.crypt_activate_by_keyfile_device_offset(
@@ -470,12 +527,14 @@ class LuksVolume:
             log.debug("key file %s unlocked key slot %d of %s", path, r, self.device)
             return
         code = -r
-        if code == errno.EPERM:
+        if code == errno.EPERM or (code == errno.ENOENT and self._keyslot_problem() is None):
             raise WrongKeyError(
                 f"no key slot of {self.device} accepts the key file {path}: "
                 "check keystore.keyfile or add it with cryptsetup luksAddKey",
-                errno=code,
+                errno=errno.EPERM,
             )
+        if code == errno.ENOENT:
+            raise self._no_usable_keyslot(f"the key file {path}")
         if code == errno.EINVAL and not os.access(path, os.R_OK):
             # libcryptsetup says only "Failed to open key file." with -EINVAL.
             raise KeystoreError(
@@ -484,6 +543,54 @@ class LuksVolume:
                 errno=errno.ENOENT if not os.path.lexists(path) else errno.EACCES,
             )
         raise self._activation_error(f"key file {path}", name, code)
+
+    def _keyslot_problem(self) -> str | None:
+        """Why no key slot can take a passphrase or key file; None if one can.
+
+        Asked of libcryptsetup (crypt_keyslot_status, crypt_keyslot_get_priority),
+        never parsed from luksDump.
+        """
+        lib = _library()
+        cd = self._handle()
+        unbound, ignored = [], []
+        for slot in range(max(int(lib.crypt_keyslot_max(self._luks_type.encode())), 0)):
+            status = int(lib.crypt_keyslot_status(cd, slot))
+            if status == CRYPT_SLOT_UNBOUND:
+                unbound.append(slot)
+            elif status in (CRYPT_SLOT_ACTIVE, CRYPT_SLOT_ACTIVE_LAST):
+                # LUKS1 has no priorities: libcryptsetup says "normal".
+                if int(lib.crypt_keyslot_get_priority(cd, slot)) == CRYPT_SLOT_PRIORITY_IGNORE:
+                    ignored.append(slot)
+                else:
+                    return None
+        parts = []
+        if ignored:
+            parts.append(
+                f"{_slots(ignored)} {'has' if len(ignored) == 1 else 'have'} priority ignore"
+            )
+        if unbound:
+            parts.append(
+                f"{_slots(unbound)} {'is' if len(unbound) == 1 else 'are'} unbound "
+                "(a key, but not this volume's)"
+            )
+        return "; ".join(parts) if parts else "it has no key slots at all"
+
+    def _no_usable_keyslot(self, method: str) -> NoUsableKeyslotError:
+        problem = self._keyslot_problem() or "libcryptsetup found none it could try"
+        if "priority ignore" in problem:
+            fix = (
+                "let a slot be used again with cryptsetup config --priority normal "
+                f"--key-slot N {self.device}"
+            )
+        else:
+            fix = (
+                "restore a header backup with cryptsetup luksHeaderRestore, "
+                "or use an unlock method whose key slot still exists"
+            )
+        return NoUsableKeyslotError(
+            f"no key slot of {self.device} can take {method}: {problem}: {fix}",
+            errno=errno.ENOKEY,
+        )
 
     def _activation_error(self, method: str, name: str | None, code: int) -> KeystoreError:
         if name is None:
@@ -497,7 +604,7 @@ class LuksVolume:
         elif code == errno.ENOMEM:
             hint = "not enough memory for the key derivation: free memory or lower the pbkdf cost"
         else:
-            hint = last_error() or "see the libcryptsetup messages above"
+            hint = _reason()
         return KeystoreError(f"{what}: {_strerror(code)}: {hint}", errno=code)
 
 
@@ -506,15 +613,18 @@ class LibCryptsetup:
 
     def open(self, device: str) -> LuksVolume:
         """Load the LUKS1/LUKS2 header of ``device``; the caller closes it."""
-        lib = _library()
+        lib = _begin()
         cd = _c_crypt_device_p()
         r = int(lib.crypt_init(ctypes.byref(cd), os.fsencode(device)))
         if r < 0:
             raise _open_error(device, -r)
         try:
+            # Looked at before crypt_load(), which rewrites a destroyed primary
+            # LUKS2 header from the secondary copy when the device is writable.
+            probe = _probe_header(device)
             r = int(lib.crypt_load(cd, None, None))  # NULL: any LUKS version
             if r < 0:
-                raise _load_error(device, -r)
+                raise _load_error(device, -r, probe)
             raw_type = lib.crypt_get_type(cd)
             luks_type = str(raw_type.decode()) if raw_type else ""
             if luks_type not in (CRYPT_LUKS1, CRYPT_LUKS2):
@@ -523,15 +633,21 @@ class LibCryptsetup:
                     "check keystore.volume and keystore.partition",
                     errno=errno.EINVAL,
                 )
+            if luks_type == CRYPT_LUKS2:
+                problem = _requirements_error(lib, cd, device)
+                if problem is not None:
+                    raise problem
         except BaseException:
             lib.crypt_free(cd)
             raise
         log.debug("loaded %s header of %s", luks_type, device)
+        if probe.secondary is not None and not probe.primary:
+            _report_primary_damage(device, probe.secondary)
         return LuksVolume(device, cd, luks_type)
 
     def status(self, name: str) -> MappingState:
         """State of ``/dev/mapper/<name>``; INVALID when device-mapper is unusable."""
-        return MappingState(int(_library().crypt_status(None, os.fsencode(name))))
+        return MappingState(int(_begin().crypt_status(None, os.fsencode(name))))
 
     def deactivate(self, name: str, *, deferred: bool = False) -> None:
         """Remove ``/dev/mapper/<name>``; a mapping that does not exist is fine.
@@ -539,7 +655,7 @@ class LibCryptsetup:
         ``deferred``: if it is still open, let the kernel remove it when the
         last user closes it (CRYPT_DEACTIVATE_DEFERRED).
         """
-        lib = _library()
+        lib = _begin()
         if self.status(name) is MappingState.INACTIVE:
             return
         flags = CRYPT_DEACTIVATE_DEFERRED if deferred else 0
@@ -552,7 +668,7 @@ class LibCryptsetup:
         elif code == errno.ENODEV:
             hint = "device-mapper does not know it or is not usable"
         else:
-            hint = last_error() or "see the libcryptsetup messages above"
+            hint = _reason()
         raise KeystoreError(
             f"cannot deactivate /dev/mapper/{name}: {_strerror(code)}: {hint}", errno=code
         )
@@ -571,24 +687,123 @@ def _open_error(device: str, code: int) -> KeystoreError:
 
 
 # LUKS1/LUKS2 primary header magic, and LUKS2's secondary header magic.
-_LUKS_MAGICS = (b"LUKS\xba\xbe", b"SKUL\xba\xbe")
+_PRIMARY_MAGIC = b"LUKS\xba\xbe"
+_SECONDARY_MAGIC = b"SKUL\xba\xbe"
+# Where libcryptsetup looks for LUKS2's secondary header when the primary one
+# is unreadable: right after a primary header of each size LUKS2 allows,
+# 16 KiB to 4 MiB (lib/luks2/luks2_disk_metadata.c; "Trying to read
+# secondary LUKS2 header at offset 0x4000" ... 0x400000 in its debug log).
+_SECONDARY_OFFSETS = tuple(16 * 1024 << i for i in range(9))
 
 
-def _has_luks_magic(device: str) -> bool:
+@dataclass(frozen=True)
+class _HeaderProbe:
+    primary: bool  # LUKS magic at offset 0
+    damaged_mark: bool  # LUKS2's secondary magic at offset 0 (never written there)
+    secondary: int | None  # offset of a LUKS2 secondary binary header, when primary is False
+
+
+def _read_at(fd: int, offset: int) -> bytes:
     try:
-        with open(device, "rb") as f:
-            return f.read(6) in _LUKS_MAGICS
+        return os.pread(fd, 8, offset)  # magic and big-endian version
     except OSError:
-        return False
+        return b""
 
 
-def _load_error(device: str, code: int) -> KeystoreError:
-    if code == errno.EINVAL and _has_luks_magic(device):
+def _probe_header(device: str) -> _HeaderProbe:
+    """What the device holds where LUKS headers go: at most 10 reads of 8 bytes."""
+    try:
+        fd = os.open(device, os.O_RDONLY | os.O_CLOEXEC)
+    except OSError:
+        return _HeaderProbe(primary=False, damaged_mark=False, secondary=None)
+    try:
+        first = _read_at(fd, 0)[:6]
+        if first == _PRIMARY_MAGIC:
+            return _HeaderProbe(primary=True, damaged_mark=False, secondary=None)
+        for offset in _SECONDARY_OFFSETS:
+            if _read_at(fd, offset) == _SECONDARY_MAGIC + b"\x00\x02":
+                return _HeaderProbe(primary=False, damaged_mark=False, secondary=offset)
+        return _HeaderProbe(primary=False, damaged_mark=first == _SECONDARY_MAGIC, secondary=None)
+    finally:
+        os.close(fd)
+
+
+def _size(offset: int) -> str:
+    return f"{offset // (1024 * 1024)} MiB" if offset >= 1024 * 1024 else f"{offset // 1024} KiB"
+
+
+def _report_primary_damage(device: str, secondary: int) -> None:
+    """libcryptsetup loaded the secondary LUKS2 header: say so, it would not."""
+    if _probe_header(device).primary:
+        log.warning(
+            "the primary LUKS2 header of %s was destroyed; libcryptsetup restored it from "
+            "the secondary copy at %s: find out what overwrote it, and renew your header "
+            "backup (cryptsetup luksHeaderBackup)",
+            device,
+            _size(secondary),
+        )
+    else:
+        log.warning(
+            "the primary LUKS2 header of %s is destroyed; libcryptsetup uses the secondary "
+            "copy at %s: repair it with cryptsetup repair %s where the device is writable",
+            device,
+            _size(secondary),
+            device,
+        )
+
+
+def _requirements_error(lib: ctypes.CDLL, cd: ctypes.c_void_p, device: str) -> KeystoreError | None:
+    """Refuse, before anything is asked, a LUKS2 header this daemon must not open.
+
+    libcryptsetup 2.6 loads such headers (and even checks a passphrase
+    against them); the requirements only stop some operations later.
+    """
+    flags = ctypes.c_uint32()
+    r = int(lib.crypt_persistent_flags_get(cd, CRYPT_FLAGS_REQUIREMENTS, ctypes.byref(flags)))
+    if r < 0:
+        log.debug("cannot read the requirements of %s: %s", device, _strerror(-r))
+        return None
+    reencrypt = CRYPT_REQUIREMENT_OFFLINE_REENCRYPT | CRYPT_REQUIREMENT_ONLINE_REENCRYPT
+    if flags.value & reencrypt:
+        # Activating it means crash recovery (a write) and a reencryption-aware
+        # mapping, and its key slots change under us: not for a read-only keystore.
         return KeystoreError(
-            f"the LUKS header of {device} is damaged ({last_error() or 'invalid header'}): "
+            f"{device} is in the middle of a LUKS2 reencryption (interrupted, or only "
+            "initialised with --init-only): finish it from a rescue system with "
+            f"cryptsetup reencrypt --resume-only {device}, then boot again",
+            errno=errno.ETXTBSY,
+        )
+    if flags.value & CRYPT_REQUIREMENT_UNKNOWN:
+        return _unknown_requirement_error(device)
+    return None
+
+
+def _unknown_requirement_error(device: str) -> KeystoreError:
+    return KeystoreError(
+        f"the LUKS2 header of {device} requires a feature this libcryptsetup does not "
+        "know (written by a newer cryptsetup, or tampered with): put a cryptsetup that "
+        "knows it in the initrd, or check the header with cryptsetup luksDump",
+        errno=errno.ETXTBSY,
+    )
+
+
+def _load_error(device: str, code: int, probe: _HeaderProbe) -> KeystoreError:
+    if probe.secondary is not None:
+        return KeystoreError(
+            f"the primary LUKS2 header of {device} is destroyed and libcryptsetup could not "
+            f"use the secondary copy at {_size(probe.secondary)} either "
+            f"({_reason('invalid header')}): try cryptsetup repair {device}, or restore a "
+            "header backup with cryptsetup luksHeaderRestore",
+            errno=code,
+        )
+    if code == errno.EINVAL and (probe.primary or probe.damaged_mark):
+        return KeystoreError(
+            f"the LUKS header of {device} is damaged ({_reason('invalid header')}): "
             "restore it from a backup with cryptsetup luksHeaderRestore",
             errno=code,
         )
+    if code == errno.ETXTBSY:
+        return _unknown_requirement_error(device)
     if code == errno.EINVAL:
         return KeystoreError(
             f"{device} is not a LUKS device: check keystore.volume and keystore.partition",

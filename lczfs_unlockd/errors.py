@@ -94,3 +94,14 @@ class Interrupted(BaseException):
 
     def __str__(self) -> str:
         return self.message
+
+
+class NoUsableKeyslotError(KeystoreError):
+    """No key slot of the header can take a passphrase or key file at all.
+
+    Every slot is unbound (holds no key of this volume), has priority
+    ``ignore``, or there is none: asking again cannot help, another unlock
+    method (or a header backup) may.
+    """
+
+    errno = _errno.ENOKEY
