@@ -19,6 +19,16 @@ from .secretbuf import wipe
 
 MAX_PASSPHRASE = 4096
 
+# The prompt's --id: "cryptsetup:<device>" is what systemd-cryptsetup gives
+# a passphrase prompt ("cryptsetup:" + cescape(source device), get_password()
+# in src/cryptsetup/cryptsetup.c), and what agents written for crypttab
+# volumes answer: clevis-luks-askpass matches Id=cryptsetup:* and takes the
+# rest as the LUKS device.  systemd-ask-password writes the id verbatim into
+# the ask file every agent parses, so it is escaped here exactly as systemd
+# escapes it: a newline cannot add a line, and "cryptsetup:<device>" comes out
+# byte for byte as systemd-cryptsetup's.  (systemd asks token PINs with no id
+# at all: an agent must not answer a PIN prompt with the volume's passphrase.)
+#
 # systemd's cescape(): these get a letter, other bytes below 0x20 or from 0x7f
 # on a 3-digit octal escape (src/basic/escape.c).
 _CESCAPE = {
@@ -42,20 +52,6 @@ def _cescape(text: str) -> str:
     )
 
 
-def cryptsetup_ident(device: str) -> str:
-    """The ``--id`` systemd-cryptsetup gives a passphrase prompt for ``device``.
-
-    ``"cryptsetup:" + cescape(source device)`` (systemd's
-    src/cryptsetup/cryptsetup.c, get_password()): agents written for crypttab
-    volumes, such as clevis-luks-askpass, answer only ``Id=cryptsetup:*`` and
-    take the rest as the LUKS device to unlock.  The escaping also keeps a
-    newline out of the ask file, which systemd-ask-password writes verbatim.
-    Only for passphrases: such an agent would answer a PIN prompt carrying
-    this id with the volume's passphrase.
-    """
-    return "cryptsetup:" + _cescape(device)
-
-
 class SystemdAskPassword:
     def __init__(self, program: str | None = None) -> None:
         self.program = program or paths.SYSTEMD_ASK_PASSWORD
@@ -63,10 +59,7 @@ class SystemdAskPassword:
     def argv(
         self, prompt: str, *, ident: str, timeout: float, keyname: str | None, accept_cached: bool
     ) -> list[str]:
-        # Written verbatim into the ask file too: control characters escaped
-        # the way cryptsetup_ident() escapes them (it has none left to escape).
-        ident = "".join(c if c.isprintable() else _cescape(c) for c in ident)
-        argv = [self.program, f"--id={ident}"]
+        argv = [self.program, f"--id={_cescape(ident)}"]
         if keyname:
             argv.append(f"--keyname={keyname}")
         argv += [
