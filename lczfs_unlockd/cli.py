@@ -14,9 +14,9 @@ import sys
 import time
 from collections.abc import Sequence
 
-from . import __version__, config
+from . import __version__, config, libc
 from . import log as logsetup
-from .errors import ConfigError
+from .errors import ConfigError, UnlockError
 from .notify import SystemdNotifier
 from .unlock import Ports, Report, Unlocker
 
@@ -101,7 +101,10 @@ def _finish(report: Report, notifier: SystemdNotifier) -> int:
     summary = report.summary
     if report.ok:
         log.info("%s", summary)
-        notifier.notify(f"READY=1\nSTATUS={summary}")
+        # Separate datagrams: whatever the status says, READY=1 must arrive
+        # (systemd drops a notification it cannot take whole).
+        notifier.notify(f"STATUS={summary}")
+        notifier.notify("READY=1")
         return 0
     log.error("%s", summary)
     notifier.notify(f"STATUS={summary}\nERRNO={report.errno}")
@@ -116,12 +119,17 @@ def main(argv: Sequence[str] | None = None) -> int:
         argv = argv[1:]
     args = _parser().parse_args(argv)
     logsetup.setup(debug=args.debug)
+    try:
+        libc.forbid_core_dumps()  # before anything could hold a key
+    except UnlockError as exc:
+        log.warning("%s: a core dump could contain key material", exc)
     notifier = SystemdNotifier()
     cmdline = config.read_cmdline(args.kernel_cmdline)
     if config.disabled_on_cmdline(cmdline):
         text = "disabled by rd.lczfs=0 on the kernel command line; nothing done"
         log.info("%s", text)
-        notifier.notify(f"READY=1\nSTATUS={text}")
+        notifier.notify(f"STATUS={text}")
+        notifier.notify("READY=1")
         return 0
     try:
         cfg = config.load(args.config)

@@ -11,10 +11,9 @@ import ctypes
 import errno
 import logging
 import os
-from functools import cache
 
-from . import paths
-from .errors import KeystoreError, TeardownError
+from . import libc
+from .errors import KeystoreError, TeardownError, UnlockError
 
 log = logging.getLogger("lczfs_unlockd.mounts")
 
@@ -32,21 +31,11 @@ UMOUNT_NOFOLLOW = 8
 FSTYPES = ("ext4", "ext2", "vfat", "xfs", "btrfs")
 
 
-@cache
 def _libc() -> ctypes.CDLL:
-    for name in paths.LIBC:
-        try:
-            libc = ctypes.CDLL(name, use_errno=True)
-        except OSError:
-            continue
-        libc.mount.argtypes = (
-            ctypes.c_char_p, ctypes.c_char_p, ctypes.c_char_p, ctypes.c_ulong, ctypes.c_char_p,
-        )  # fmt: skip
-        libc.mount.restype = ctypes.c_int
-        libc.umount2.argtypes = (ctypes.c_char_p, ctypes.c_int)
-        libc.umount2.restype = ctypes.c_int
-        return libc
-    raise KeystoreError(f"cannot load the C library ({', '.join(paths.LIBC)})")
+    try:
+        return libc.libc()
+    except UnlockError as exc:
+        raise KeystoreError(str(exc)) from None
 
 
 def _unescape(field: str) -> str:
