@@ -544,8 +544,9 @@ class LuksVolume:
             )
         raise self._activation_error(f"key file {path}", name, code)
 
-    def _keyslot_problem(self) -> str | None:
-        """Why no key slot can take a passphrase or key file; None if one can.
+    def _unusable_keyslots(self) -> tuple[list[int], list[int]] | None:
+        """(unbound, ignored) key slots when no slot can take a passphrase or
+        key file; None when one can.
 
         Asked of libcryptsetup (crypt_keyslot_status, crypt_keyslot_get_priority),
         never parsed from luksDump.
@@ -563,6 +564,14 @@ class LuksVolume:
                     ignored.append(slot)
                 else:
                     return None
+        return unbound, ignored
+
+    def _keyslot_problem(self) -> str | None:
+        """Why no key slot can take a passphrase or key file; None if one can."""
+        slots = self._unusable_keyslots()
+        if slots is None:
+            return None
+        unbound, ignored = slots
         parts = []
         if ignored:
             parts.append(
@@ -576,11 +585,12 @@ class LuksVolume:
         return "; ".join(parts) if parts else "it has no key slots at all"
 
     def _no_usable_keyslot(self, method: str) -> NoUsableKeyslotError:
+        slots = self._unusable_keyslots()
         problem = self._keyslot_problem() or "libcryptsetup found none it could try"
-        if "priority ignore" in problem:
+        if slots is not None and slots[1]:
             fix = (
-                "let a slot be used again with cryptsetup config --priority normal "
-                f"--key-slot N {self.device}"
+                "let the slot be used again with cryptsetup config --priority normal "
+                f"--key-slot {slots[1][0]} {self.device}"
             )
         else:
             fix = (

@@ -124,7 +124,7 @@ def luks1_no_slots(tmp_path: Path) -> Path:
         (only_unbound, "key slot 1 is unbound (a key, but not this volume's)",
          "restore a header backup with cryptsetup luksHeaderRestore"),
         (only_ignored, "key slot 0 has priority ignore",
-         "let a slot be used again with cryptsetup config --priority normal --key-slot N "),
+         "let the slot be used again with cryptsetup config --priority normal --key-slot 0 "),
         (no_slots, "it has no key slots at all",
          "restore a header backup with cryptsetup luksHeaderRestore"),
         (luks1_no_slots, "it has no key slots at all",
