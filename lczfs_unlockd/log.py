@@ -5,6 +5,11 @@ line gets an sd-daemon priority prefix (``<3>`` error ... ``<7>`` debug) so
 ``journalctl -u lczfs-unlockd -p warning`` works, and journald strips it
 before the console sees the line.  On a terminal the prefix is left out.
 
+Every message is escaped (:func:`text.escape`): it often quotes what the
+disk says (zpool's stderr, label fields), and a newline in it would start a
+journal entry of its own; a record is always one line, a traceback (only
+with --debug) one line per frame.
+
 Nothing logged here ever contains key material: callers pass names, paths
 and numbers only.
 """
@@ -16,8 +21,12 @@ import logging
 import os
 import sys
 import time
+import traceback
 from collections.abc import Callable, Iterator
+from types import TracebackType
 from typing import TextIO
+
+from .text import escape
 
 log = logging.getLogger("lczfs_unlockd")
 
@@ -44,19 +53,47 @@ def _is_journal_stream(stream: TextIO) -> bool:
     return st.st_dev == int(dev) and st.st_ino == int(ino)
 
 
+ExcInfo = tuple[type[BaseException], BaseException, TracebackType | None]
+
+
+def traceback_lines(exc_info: ExcInfo) -> list[str]:
+    """A traceback as lines, each exception's text escaped onto its own line.
+
+    ``formatException`` would put an exception message's newlines (zpool's
+    stderr) into the output as they are.
+    """
+    lines: list[str] = []
+
+    def add(te: traceback.TracebackException) -> None:
+        if te.__cause__ is not None:
+            add(te.__cause__)
+            lines.append("The above exception was the direct cause of the following exception:")
+        elif te.__context__ is not None and not te.__suppress_context__:
+            add(te.__context__)
+            lines.append("During handling of the above exception, another exception occurred:")
+        if te.stack:
+            lines.append("Traceback (most recent call last):")
+            for chunk in te.stack.format():
+                lines.extend(escape(line) for line in chunk.rstrip("\n").split("\n"))
+        lines.extend(escape(chunk.rstrip("\n")) for chunk in te.format_exception_only())
+
+    add(traceback.TracebackException(*exc_info))
+    return lines
+
+
 class _Formatter(logging.Formatter):
     def __init__(self, prefix: bool) -> None:
         super().__init__()
         self.prefix = prefix
 
     def format(self, record: logging.LogRecord) -> str:
-        message = record.getMessage()
-        if record.exc_info and log.isEnabledFor(logging.DEBUG):
-            message += "\n" + self.formatException(record.exc_info)
+        lines = [escape(record.getMessage())]
+        if record.exc_info and record.exc_info[0] is not None and log.isEnabledFor(logging.DEBUG):
+            lines += traceback_lines(record.exc_info)
         if self.prefix:
             priority = _PRIORITY.get(record.levelno, 6)
-            return "\n".join(f"<{priority}>{line}" for line in message.splitlines() or [""])
-        return message
+            return "\n".join(f"<{priority}>{line}" for line in lines)
+        return "\n".join(lines)
 
 
 def setup(*, debug: bool, stream: TextIO | None = None) -> None:
