@@ -35,6 +35,9 @@ from .text import bound, escape
 log = logging.getLogger("lczfs_unlockd.notify")
 
 NOTIFY_MAX = 4096  # systemd's NOTIFY_BUFFER_MAX (PIPE_BUF): longer datagrams are dropped
+# A datagram socket's queue is bounded (net.unix.max_dgram_qlen); if PID 1
+# stops reading, a send blocks.  A status must never hold up a teardown.
+SEND_TIMEOUT = 10.0
 # The STATUS= value, in bytes of UTF-8: a status plus every other field this
 # daemon sends (READY=1, ERRNO=, EXTEND_TIMEOUT_USEC=) always fit in one datagram.
 STATUS_MAX = 3584
@@ -122,6 +125,7 @@ class SystemdNotifier:
             return
         self._address = address
         self._socket = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC)
+        self._socket.settimeout(SEND_TIMEOUT)
         # A datagram socket blocks when the receiver's queue is full (10
         # datagrams by default); a notification must never hang the unlock.
         self._socket.settimeout(SEND_TIMEOUT)

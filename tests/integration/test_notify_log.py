@@ -248,3 +248,21 @@ def test_a_traceback_keeps_its_frames_but_not_the_exception_newlines(journal):
     assert "<3>RuntimeError: zpool said:\\nline two" in lines
     assert any("The above exception was the direct cause" in line for line in lines)
     assert sum(line.startswith("<3>Traceback") for line in lines) == 2
+
+
+def test_a_reader_that_stopped_cannot_block_the_daemon(systemd, monkeypatch):
+    """A full queue (PID 1 not reading) costs at most SEND_TIMEOUT, then a warning."""
+    from lczfs_unlockd import notify
+
+    path, sock = systemd
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    monkeypatch.setattr(notify, "SEND_TIMEOUT", 0.2)
+    notifier = SystemdNotifier(path)
+    import time
+
+    start = time.monotonic()
+    for _ in range(2000):
+        notifier.send(STATUS="x" * 3000)
+        if time.monotonic() - start > 0.15:
+            break
+    assert time.monotonic() - start < 5
