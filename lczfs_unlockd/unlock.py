@@ -30,6 +30,7 @@ from .errors import (
     KeyLoadError,
     KeystoreError,
     NoTokenError,
+    NoUsableKeyslotError,
     PinRefusedError,
     PinRequiredError,
     PoolError,
@@ -691,10 +692,12 @@ class Unlocker:
         with self._extending():  # a person is typing
             return self.ports.askpass.ask(
                 prompt,
-                # systemd-cryptsetup's own form, so every agent that answers
-                # crypttab prompts (clevis' askpass matches "cryptsetup:")
-                # answers ours.
-                ident=f"cryptsetup:{device}",
+                # A passphrase prompt in systemd-cryptsetup's own form, so
+                # every agent that answers crypttab prompts (clevis' askpass
+                # matches "cryptsetup:") answers ours.  Not a PIN prompt:
+                # systemd gives those no such id, and an agent answering a
+                # PIN with the volume's passphrase burns TPM lockout tries.
+                ident=f"cryptsetup:{device}" if passphrase else f"lczfs-unlockd:{device}",
                 timeout=ks.prompt_timeout,
                 # A passphrase is shared with systemd-cryptsetup through the
                 # kernel keyring (typed once for several volumes); a PIN is not.
@@ -723,16 +726,22 @@ class Unlocker:
 
     def _try_passphrase(self, luks: LuksDevice, device: str, reasons: list[str]) -> bool:
         ks = self.config.keystore
-        return self._ask_until_right(
-            device,
-            reasons,
-            kind="passphrase",
-            prompt=f"Please enter the passphrase for keystore {ks.volume}:",
-            activate=lambda passphrase: luks.activate_by_passphrase(
-                ks.name, passphrase, read_only=True
-            ),
-            wrong=(WrongKeyError,),
-        )
+        try:
+            return self._ask_until_right(
+                device,
+                reasons,
+                kind="passphrase",
+                prompt=f"Please enter the passphrase for keystore {ks.volume}:",
+                activate=lambda passphrase: luks.activate_by_passphrase(
+                    ks.name, passphrase, read_only=True
+                ),
+                wrong=(WrongKeyError,),
+            )
+        except NoUsableKeyslotError as exc:
+            # No slot can take a passphrase at all: asking again cannot help.
+            reasons.append(f"passphrase: {exc}")
+            log.warning("no passphrase can open %s: %s", device, exc)
+            return False
 
     def _ask_until_right(
         self,

@@ -115,6 +115,7 @@ class World:
     answers: list[str] = field(default_factory=list)  # what the person types, in order
     prompts: list[tuple[str, bool]] = field(default_factory=list)  # (prompt, accept_cached)
     keynames: list[str | None] = field(default_factory=list)
+    idents: list[str] = field(default_factory=list)  # the prompts' --id
     notifications: list[str] = field(default_factory=list)
     events: list[str] = field(default_factory=list)
     time: float = 0.0
@@ -562,6 +563,7 @@ class FakeAskPassword:
     ) -> bytearray:
         self.w.prompts.append((prompt, accept_cached))
         self.w.keynames.append(keyname)
+        self.w.idents.append(ident)
         self.w.hook("ask")
         if not self.w.answers:
             raise PromptError("no passphrase was entered (Timer expired)")

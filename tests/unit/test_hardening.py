@@ -269,3 +269,35 @@ def test_sigterm_status_says_what_was_left_behind(world, make_config, run):
     assert isinstance(report.error, Interrupted)
     assert "left behind:" in report.summary
     assert "nothing is left open" not in report.summary
+
+
+# --- password agents ---------------------------------------------------------------
+
+
+def test_passphrase_prompt_has_systemd_cryptsetups_id_and_a_pin_prompt_does_not(
+    world, make_config, run
+):
+    from tests.fakes import Token
+
+    world.tokens = [Token(pin="1234")]
+    world.answers = ["1234"]
+    assert run(make_config()).ok
+    world.tokens = []
+    world.answers = ["luks pass"]
+    assert run(make_config()).ok
+    device = "/dev/zvol/rpool/volumes/bootsecrets-part1"
+    assert world.idents == [f"lczfs-unlockd:{device}", f"cryptsetup:{device}"]
+
+
+def test_no_usable_key_slot_moves_on_without_asking_again(world, make_config, run):
+    from lczfs_unlockd.errors import NoUsableKeyslotError
+
+    def no_slot(_w):
+        raise NoUsableKeyslotError("no key slot of the keystore can take a passphrase")
+
+    world.hooks["passphrase"] = no_slot
+    world.answers = ["luks pass", "luks pass", "luks pass"]
+    report = run(make_config(keystore={"unlock": ["passphrase"], "tries": 3}))
+    assert not report.ok
+    assert len(world.prompts) == 1  # not asked three times
+    assert "passphrase: no key slot of the keystore can take a passphrase" in str(report.error)
