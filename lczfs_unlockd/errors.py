@@ -105,3 +105,21 @@ class NoUsableKeyslotError(KeystoreError):
     """
 
     errno = _errno.ENOKEY
+
+
+class AmbiguousPoolError(PoolError):
+    """More than one importable pool carries the configured name.
+
+    A reused disk with stale labels, a USB stick with another ``rpool``:
+    retrying cannot help, and importing either could boot the wrong one.
+    """
+
+    errno = _errno.ENOTUNIQ
+
+    def __init__(self, pool: str, duplicates: tuple[str, ...] | list[str]) -> None:
+        listed = "; ".join(duplicates) if duplicates else "zpool import -d lists them"
+        super().__init__(
+            f"more than one pool named {pool} can be imported: {listed}; set pool_guid to the "
+            "GUID of the right one (zpool import shows each pool's id), or list the pool's "
+            "disks in devices, or remove the other disk"
+        )
