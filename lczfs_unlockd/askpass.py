@@ -64,7 +64,10 @@ class SystemdAskPassword:
             argv.append(f"--keyname={keyname}")
         argv += [
             "--icon=drive-harddisk",
-            f"--timeout={math.ceil(timeout)}s" if timeout else "--timeout=0",
+            # 0 and infinity both mean no limit; systemd spells that 0.
+            f"--timeout={math.ceil(timeout)}s"
+            if timeout and math.isfinite(timeout)
+            else "--timeout=0",
         ]
         if accept_cached and keyname:
             argv.append("--accept-cached")

@@ -131,3 +131,16 @@ def test_mountinfo(tmp_path):
     )
     assert mount_points(str(info)) == ["/", "/bootsecrets", "/with space"]
     assert _unescape("a\\134b") == "a\\b"
+
+
+@pytest.mark.parametrize(
+    ("timeout", "flag"),
+    [(0.0, "--timeout=0"), (float("inf"), "--timeout=0"), (90.5, "--timeout=91s")],
+)
+def test_prompt_timeout_of_infinity_means_no_limit(timeout, flag):
+    from lczfs_unlockd.askpass import SystemdAskPassword
+
+    argv = SystemdAskPassword("systemd-ask-password").argv(
+        "Passphrase:", ident="cryptsetup:/dev/x", timeout=timeout, keyname=None, accept_cached=False
+    )
+    assert flag in argv
