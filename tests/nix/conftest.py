@@ -1,5 +1,5 @@
 """Fixtures of the Nix tests; see nixtools.py."""
 
-from .nixtools import nixpkgs, workdir
+from .nixtools import flake_eval, nixpkgs, systems, workdir
 
-__all__ = ["nixpkgs", "workdir"]
+__all__ = ["flake_eval", "nixpkgs", "systems", "workdir"]

@@ -26,10 +26,13 @@ from typing import Any
 
 import pytest
 
+from .variants import REFUSED, WORKING
+
 ROOT = Path(__file__).resolve().parents[2]
 DEFAULT_TREE = ROOT.parent / "shared" / "nixpkgs"
 CACHE = Path(os.environ.get("LCZFS_NIX_CACHE", "/var/cache/lczfs-nix"))
 SYSTEM_NIX = Path(__file__).with_name("system.nix")
+ARCH = "x86_64-linux"
 
 
 def missing(reason: str) -> None:
@@ -204,3 +207,42 @@ def eval_systems(
 def workdir() -> Iterator[Path]:
     with tempfile.TemporaryDirectory(prefix="lczfs-nix-") as tmp:
         yield Path(tmp)
+
+
+@pytest.fixture(scope="session")
+def flake_eval(nixpkgs: Nixpkgs) -> dict[str, Any]:
+    """The flake's outputs, evaluated the way a flake user gets them."""
+    base = [
+        "nix",
+        "eval",
+        "--impure",  # lib.fileset needs it on Nix < 2.14 (see shared/nixpkgs/README.md)
+        "--no-write-lock-file",
+        "--override-input",
+        "nixpkgs",
+        nixpkgs.flake_ref(),
+        "--json",
+    ]
+    ref = f"git+file://{ROOT}"
+    module = json.loads(
+        nix_ok([*base, f"{ref}#nixosModules", "--apply", "ms: builtins.mapAttrs (_: toString) ms"])
+    )
+    packages = json.loads(
+        nix_ok(
+            [
+                *base,
+                f"{ref}#packages.{ARCH}",
+                "--apply",
+                "ps: { drv = ps.default.drvPath; systemd = ps.default.passthru.systemd.name;"
+                " systemdPath = toString ps.default.passthru.systemd;"
+                " zfs = ps.default.passthru.zfs.name; postPatch = ps.default.postPatch;"
+                " pyzfs = ps.pyzfs.drvPath; initrdEnv = ps.initrd-env.drvPath; }",
+            ]
+        )
+    )
+    return {"modules": module, "packages": packages}
+
+
+@pytest.fixture(scope="session")
+def systems(nixpkgs: Nixpkgs, flake_eval: dict[str, Any]) -> dict[str, Any]:
+    refused = {name: {"config": cfg} for name, (cfg, _) in REFUSED.items()}
+    return eval_systems(nixpkgs, [WORKING, refused], flake_module=flake_eval["modules"]["default"])

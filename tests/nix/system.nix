@@ -25,14 +25,17 @@ let
   # shellcheck-minimal is the one Haskell package a system needs, for
   # writeShellApplication's check.  A compiler for no platform turns that
   # check off.
-  noShellcheck = {
-    nixpkgs.overlays = [
-      (final: prev: {
-        shellcheck-minimal = (prev.writeText "shellcheck-stub" "") // {
-          compiler.meta.platforms = [ ];
-        };
-      })
-    ];
+  noShellcheck = final: prev: {
+    shellcheck-minimal = (prev.writeText "shellcheck-stub" "") // {
+      compiler.meta.platforms = [ ];
+    };
+  };
+
+  # One package set for all variants (nixpkgs.pkgs): the packages are
+  # evaluated once per batch instead of once per variant.
+  pkgs = import nixpkgs {
+    system = "x86_64-linux";
+    overlays = [ noShellcheck ];
   };
 
   # A realistic host: systemd initrd, ZFS root on the encrypted dataset.
@@ -75,17 +78,16 @@ let
           byPath;
       sys = import (nixpkgs + "/nixos/lib/eval-config.nix") {
         system = "x86_64-linux";
+        inherit pkgs;
         modules =
           [
             module
-            noShellcheck
             base
             v.config
           ]
           ++ lib.optional ((v.newTpm2 or null) != null) (newTpm2Module v.newTpm2);
       };
       config = sys.config;
-      pkgs = sys.pkgs;
       cfg = config.boot.initrd.lczfs-unlockd;
       initrd = config.boot.initrd.systemd;
       failed = map (a: a.message) (lib.filter (a: !a.assertion) config.assertions);

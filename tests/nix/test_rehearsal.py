@@ -1,0 +1,407 @@
+"""Build rehearsals: what each derivation's build would run, run on the host.
+
+Nix cannot build here (no binary cache), so the steps of every derivation
+the project defines are reproduced with the same inputs where the host has
+them, and with the same shell files where Nix runs shell
+(nix/build-paths.sh, nix/install-unit.sh, nix/pyzfs-patch.sh):
+
+- nix/package.nix: its check phase (pytest tests/unit) on exactly the files
+  its fileset selects, as Nix copied them to the store during evaluation;
+- nix/pyzfs.nix: the patch script on the real contrib/pyzfs of OpenZFS
+  releases (Debian's orig tarballs), then a wheel built from the result;
+- nix/tests/unlock.nix: the test script type-checked the way nixpkgs' test
+  driver does it (nixos/lib/testing/driver.nix), and linted with pyflakes.
+"""
+
+from __future__ import annotations
+
+import ast
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tarfile
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from .nixtools import CACHE, ROOT, Nixpkgs, missing, nix_ok
+
+VENV_BIN = ROOT / ".venv" / "bin"
+PYTHON = sys.executable
+HOST_LIB = Path("/usr/lib/x86_64-linux-gnu")
+
+
+@pytest.fixture(scope="module")
+def package_src(systems: dict[str, Any]) -> Path:
+    """The package's `src` (its fileset), copied to the store by evaluation."""
+    src = Path(systems["default"]["package"]["src"])
+    assert src.is_dir(), f"{src}: the package source was not copied to the store"
+    return src
+
+
+def _host_inputs(tmp: Path) -> dict[str, str]:
+    """The host's counterparts of the store paths postPatch gets; stubs where missing."""
+
+    def program(name: str, *candidates: str) -> str:
+        for c in candidates:
+            if Path(c).exists():
+                return c
+        stub = tmp / "stub-bin" / name
+        stub.parent.mkdir(parents=True, exist_ok=True)
+        stub.write_text("#!/bin/sh\nexit 1\n")
+        stub.chmod(0o755)
+        return str(stub)
+
+    return {
+        "ZPOOL": program("zpool", "/usr/sbin/zpool", "/sbin/zpool"),
+        "ZFS": program("zfs", "/usr/sbin/zfs", "/sbin/zfs"),
+        "SYSTEMD_ASK_PASSWORD": program("systemd-ask-password", "/usr/bin/systemd-ask-password"),
+        "ZFS_LIBDIR": str(HOST_LIB),
+        "CRYPTSETUP_LIBDIR": str(HOST_LIB),
+        "LIBC": str(HOST_LIB / "libc.so.6"),
+        "CRYPTSETUP_TOKEN_PATH": str(HOST_LIB / "cryptsetup"),
+    }
+
+
+def _bash(script: Path, *args: str, cwd: Path, env: dict[str, str] | None = None) -> str:
+    proc = subprocess.run(
+        ["bash", str(script), *args],
+        cwd=cwd,
+        env={**os.environ, **(env or {})},
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    assert proc.returncode == 0, f"{script.name} failed:\n{proc.stdout}\n{proc.stderr}"
+    return proc.stdout
+
+
+# --- nix/package.nix -------------------------------------------------------
+
+
+def test_package_check_phase_passes_on_exactly_its_fileset(
+    package_src: Path, tmp_path: Path
+) -> None:
+    """Issue 8, failure 1: the fileset had tests/unit but not tests/fakes.py."""
+    build = tmp_path / "source"
+    shutil.copytree(package_src, build, symlinks=True)
+    for p in [build, *build.rglob("*")]:
+        p.chmod(p.stat().st_mode | 0o200)  # the store copy is read-only; the build's is not
+    # postPatch, then postInstall (into a scratch $out), then pytestCheckHook
+    # with the flags of nix/package.nix.
+    _bash(build / "nix" / "build-paths.sh", cwd=build, env=_host_inputs(tmp_path))
+    _bash(build / "nix" / "install-unit.sh", str(tmp_path / "out"), "/EXE", cwd=build)
+    proc = subprocess.run(
+        [PYTHON, "-m", "pytest", "tests/unit", "-m", "not vm", "-p", "no:cacheprovider", "-q"],
+        cwd=build,
+        env={**os.environ, "HOME": "/homeless-shelter", "PYTHONDONTWRITEBYTECODE": "1"},
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    tail = "\n".join(proc.stdout.splitlines()[-40:])
+    assert proc.returncode == 0, f"the package's check phase fails:\n{tail}\n{proc.stderr[-2000:]}"
+    assert " passed" in tail
+
+
+def test_build_paths_refuses_a_systemd_without_its_programs(tmp_path: Path) -> None:
+    """Issue 8, failure 4 as the build would see it: python3.11-systemd has no bin/."""
+    (tmp_path / "lczfs_unlockd").mkdir()
+    python_systemd = tmp_path / "python3.11-systemd-235"
+    (python_systemd / "lib" / "python3.11").mkdir(parents=True)
+    env = {
+        **_host_inputs(tmp_path),
+        "SYSTEMD_ASK_PASSWORD": f"{python_systemd}/bin/systemd-ask-password",
+        "CRYPTSETUP_TOKEN_PATH": f"{python_systemd}/lib/cryptsetup",
+    }
+    proc = subprocess.run(
+        ["bash", str(ROOT / "nix" / "build-paths.sh")],
+        cwd=tmp_path,
+        env={**os.environ, **env},
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    assert proc.returncode != 0
+    assert f"names {python_systemd}/bin/systemd-ask-password, which does not exist" in proc.stderr
+
+
+def test_build_paths_pins_sonames(tmp_path: Path) -> None:
+    (tmp_path / "lczfs_unlockd").mkdir()
+    _bash(ROOT / "nix" / "build-paths.sh", cwd=tmp_path, env=_host_inputs(tmp_path))
+    namespace: dict[str, Any] = {}
+    exec((tmp_path / "lczfs_unlockd" / "_build_paths.py").read_text(), namespace)
+    assert namespace["LIBZFS_CORE"] == (str(HOST_LIB / "libzfs_core.so.3"),)
+    assert namespace["LIBNVPAIR"] == (str(HOST_LIB / "libnvpair.so.3"),)
+    assert namespace["LIBCRYPTSETUP"] == (str(HOST_LIB / "libcryptsetup.so.12"),)
+
+
+# --- nix/pyzfs.nix ---------------------------------------------------------
+
+
+def _zfs_orig_tarballs() -> list[Path]:
+    """Debian's orig tarballs of OpenZFS (upstream release tarballs), cached.
+
+    Only the orig tarball is used; a mirror missing the .dsc or the Debian
+    tarball (seen for bookworm-backports) does not matter.
+    """
+    cache = CACHE / "zfs-src"
+    cache.mkdir(parents=True, exist_ok=True)
+    releases = ("bookworm", "bookworm-backports")
+    stamp = cache / "fetched"
+    found = sorted(cache.glob("zfs-linux_*.orig.tar.gz"))
+    if stamp.is_file() and len(found) >= len(releases):
+        return found
+    errors = []
+    for release in releases:
+        before = set(cache.glob("*.orig.tar.*"))
+        proc = subprocess.run(
+            ["apt-get", "source", "-q", "--download-only", f"zfs-linux/{release}"],
+            cwd=cache,
+            capture_output=True,
+            text=True,
+            check=False,
+        )
+        if proc.returncode != 0 and not set(cache.glob("*.orig.tar.*")) - before:
+            errors.append(f"zfs-linux/{release}: {proc.stderr.strip()[-800:]}")
+    found = sorted(cache.glob("zfs-linux_*.orig.tar.gz"))
+    if len(found) < len(releases):
+        missing(
+            "apt-get source zfs-linux failed (scripts/setup-host adds the deb-src entries):\n"
+            + "\n".join(errors)
+        )
+    stamp.write_text("")
+    return found
+
+
+@pytest.fixture(scope="module")
+def zfs_sources(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """version -> an unpacked contrib/pyzfs of that OpenZFS release."""
+    out: dict[str, Path] = {}
+    base = tmp_path_factory.mktemp("zfs-src")
+    for tarball in _zfs_orig_tarballs():
+        version = tarball.name.removeprefix("zfs-linux_").removesuffix(".orig.tar.gz")
+        with tarfile.open(tarball) as tar:
+            top = tar.next()
+            assert top is not None
+            prefix = top.name.split("/")[0] + "/contrib/pyzfs"
+            members = [m for m in tar.getmembers() if m.name.startswith(prefix)]
+            tar.extractall(base / version, members=members)
+        out[version] = base / version / prefix
+    assert out, "no OpenZFS source found"
+    return out
+
+
+def _series(version: str) -> str:
+    return ".".join(version.split(".")[:2])
+
+
+def test_rehearsed_zfs_releases_bracket_the_ones_nixpkgs_ships(
+    nixpkgs: Nixpkgs, zfs_sources: dict[str, Path]
+) -> None:
+    """Debian carries 2.1.x and 2.3.x; nixos-24.05 ships 2.1.x and 2.2.x."""
+    shipped = json.loads(
+        nix_ok(
+            [
+                "nix-instantiate",
+                "--eval",
+                "--strict",
+                "--json",
+                "--expr",
+                f"let p = import {nixpkgs.tree} {{ }}; in [ p.zfs.version p.zfs_2_1.version ]",
+            ]
+        )
+    )
+    rehearsed = sorted({_series(v) for v in zfs_sources})
+    for version in shipped:
+        series = _series(version)
+        assert rehearsed[0] <= series <= rehearsed[-1], (shipped, rehearsed)
+
+
+def _patched_copy(src: Path, dest: Path, version: str, script: Path) -> Path:
+    shutil.copytree(src, dest)
+    _bash(script, version, str(HOST_LIB), cwd=dest)
+    return dest
+
+
+@pytest.mark.parametrize("which", ["oldest", "newest"])
+def test_pyzfs_patch_and_wheel_on_real_openzfs(
+    zfs_sources: dict[str, Path], tmp_path: Path, which: str
+) -> None:
+    """Issue 8, failure 2: only @VERSION@ was substituted, setup.py also has @abs_top_srcdir@."""
+    versions = sorted(zfs_sources, key=lambda v: [int(x) for x in v.split(".")])
+    version = versions[0] if which == "oldest" else versions[-1]
+    work = _patched_copy(
+        zfs_sources[version], tmp_path / "pyzfs", version, ROOT / "nix" / "pyzfs-patch.sh"
+    )
+    setup = (work / "setup.py").read_text()
+    assert "@" not in setup.replace("support@clusterhq.com", "")
+    wheels = tmp_path / "wheels"
+    proc = subprocess.run(
+        [
+            PYTHON,
+            "-m",
+            "pip",
+            "wheel",
+            "--no-deps",
+            "--no-build-isolation",
+            "-q",
+            "-w",
+            str(wheels),
+            ".",
+        ],
+        cwd=work,
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    assert proc.returncode == 0, f"pyzfs {version} does not build:\n{proc.stderr[-3000:]}"
+    (wheel,) = wheels.glob(f"pyzfs-{version}-*.whl")
+    # pythonImportsCheck, from the wheel alone, with the pinned sonames.
+    target = tmp_path / "site"
+    subprocess.run(
+        [PYTHON, "-m", "pip", "install", "-q", "--no-deps", "--target", str(target), str(wheel)],
+        check=True,
+    )
+    check = (
+        "import sys; sys.path.insert(0, sys.argv[1]); import libzfs_core;"
+        " from libzfs_core.bindings import libzfs_core as z, libnvpair as n;"
+        " assert libzfs_core.__file__.startswith(sys.argv[1]), libzfs_core.__file__;"
+        " print(z.LIBRARY, n.LIBRARY)"
+    )
+    out = subprocess.run(
+        [PYTHON, "-c", check, str(target)], capture_output=True, text=True, check=True
+    ).stdout.split()
+    assert out == [str(HOST_LIB / "libzfs_core.so.3"), str(HOST_LIB / "libnvpair.so.3")]
+
+
+def test_pyzfs_version_only_substitution_fails_on_newer_openzfs(
+    zfs_sources: dict[str, Path], tmp_path: Path
+) -> None:
+    """The rehearsal does catch failure 2: the old postPatch on a release with @abs_top_srcdir@."""
+    newest = max(zfs_sources, key=lambda v: [int(x) for x in v.split(".")])
+    work = tmp_path / "pyzfs"
+    shutil.copytree(zfs_sources[newest], work)
+    template = (work / "setup.py.in").read_text()
+    if "@abs_top_srcdir@" not in template:
+        pytest.skip(f"OpenZFS {newest} has no @abs_top_srcdir@")
+    (work / "setup.py").write_text(template.replace("@VERSION@", newest))
+    proc = subprocess.run(
+        [
+            PYTHON,
+            "-m",
+            "pip",
+            "wheel",
+            "--no-deps",
+            "--no-build-isolation",
+            "-q",
+            "-w",
+            str(tmp_path),
+            ".",
+        ],
+        cwd=work,
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    assert proc.returncode != 0
+    assert "@abs_top_srcdir@/contrib/pyzfs" in proc.stdout + proc.stderr
+
+
+# --- nix/tests/unlock.nix --------------------------------------------------
+
+
+def _vm_test(nixpkgs: Nixpkgs) -> dict[str, Any]:
+    expr = (
+        f"let t = import {ROOT}/nix/tests/unlock.nix {{ lczfsModule = {{ }}; }} "
+        f"{{ lib = import {nixpkgs.tree}/lib; pkgs = {{ }}; }}; in "
+        "{ inherit (t) testScript; nodes = builtins.attrNames t.nodes; }"
+    )
+    return json.loads(nix_ok(["nix-instantiate", "--eval", "--strict", "--json", "--expr", expr]))
+
+
+def _driver_type_check(nixpkgs: Nixpkgs, script: str, nodes: list[str], tmp: Path) -> str:
+    """nixos/lib/testing/driver.nix: prepend file, machine and vlan names, script; mypy."""
+    prepend = (nixpkgs.tree / "nixos" / "lib" / "test-script-prepend.py").read_text()
+    # One node: also "machine" (nodeHostNames); here the node is called that.
+    names = sorted(set(nodes) | ({"machine"} if len(nodes) == 1 else set()))
+    typed = tmp / "testScriptWithTypes"
+    typed.write_text(prepend + " ".join(f"{n}: Machine;" for n in names) + "\n" + "\n" + script)
+    # The driver's build has test_driver installed (py.typed), whose own
+    # imports mypy does not report there; the same here.
+    config = tmp / "mypy.ini"
+    config.write_text(
+        "[mypy]\n"
+        "[mypy-test_driver.*]\nfollow_imports = silent\n"
+        "[mypy-colorama.*,ptpython.*,junit_xml.*]\nignore_missing_imports = True\n"
+    )
+    proc = subprocess.run(
+        [
+            str(VENV_BIN / "mypy"),
+            "--config-file",
+            str(config),
+            "--no-incremental",
+            "--cache-dir",
+            os.devnull,
+            "--no-implicit-optional",
+            "--pretty",
+            "--no-color-output",
+            str(typed),
+        ],
+        cwd=tmp,
+        env={**os.environ, "MYPYPATH": str(nixpkgs.tree / "nixos" / "lib" / "test-driver")},
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    return ("" if proc.returncode == 0 else "failed\n") + proc.stdout + proc.stderr
+
+
+def test_vm_test_script_passes_the_drivers_type_check(nixpkgs: Nixpkgs, tmp_path: Path) -> None:
+    """Issue 8, failure 3: `log = journal(...)` shadowed the driver's logger."""
+    vm = _vm_test(nixpkgs)
+    out = _driver_type_check(nixpkgs, vm["testScript"], vm["nodes"], tmp_path)
+    assert not out.startswith("failed"), out
+
+
+def test_driver_type_check_catches_the_shadowed_log(nixpkgs: Nixpkgs, tmp_path: Path) -> None:
+    vm = _vm_test(nixpkgs)
+    broken = vm["testScript"].replace("journal_text", "log")
+    out = _driver_type_check(nixpkgs, broken, vm["nodes"], tmp_path)
+    assert out.startswith("failed")
+    assert 'variable has type "AbstractLogger"' in out
+
+
+def _driver_symbols(nixpkgs: Nixpkgs) -> list[str]:
+    """generate-driver-symbols, read from the driver's source (Driver.test_symbols)."""
+    source = (nixpkgs.tree / "nixos/lib/test-driver/test_driver/driver.py").read_text()
+    for node in ast.walk(ast.parse(source)):
+        if (
+            isinstance(node, ast.Assign)
+            and isinstance(node.targets[0], ast.Name)
+            and node.targets[0].id == "general_symbols"
+            and isinstance(node.value, ast.Call)
+        ):
+            return [k.arg for k in node.value.keywords if k.arg]
+    raise AssertionError("general_symbols not found in the test driver")
+
+
+def test_vm_test_script_passes_the_drivers_lint(nixpkgs: Nixpkgs, tmp_path: Path) -> None:
+    pyflakes = VENV_BIN / "pyflakes"
+    if not pyflakes.exists():
+        pytest.fail("pyflakes missing: it belongs in requirements-dev.txt")
+    vm = _vm_test(nixpkgs)
+    script = tmp_path / "test-script"
+    script.write_text(vm["testScript"])
+    builtins = ",".join([*vm["nodes"], *_driver_symbols(nixpkgs)])
+    proc = subprocess.run(
+        [str(pyflakes), str(script)],
+        env={**os.environ, "PYFLAKES_BUILTINS": builtins},
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    assert proc.returncode == 0, proc.stdout + proc.stderr

@@ -1,0 +1,150 @@
+"""The NixOS configurations tests/nix evaluates (see system.nix for the host around them)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+KEYFILE = "/etc/lczfs-unlockd/keystore.key"
+
+
+def lczfs(**settings: Any) -> dict[str, Any]:
+    """A configuration in the new form: settings with pool and keystore volume."""
+    extra = settings.pop("_module", {})
+    keystore = {"volume": "rpool/volumes/bootsecrets", **settings.pop("keystore", {})}
+    return {
+        "boot": {
+            "initrd": {
+                "lczfs-unlockd": {
+                    "enable": True,
+                    "settings": {"pool": "rpool", "keystore": keystore, **settings},
+                    **extra,
+                }
+            }
+        }
+    }
+
+
+def merge(a: dict[str, Any], b: dict[str, Any]) -> dict[str, Any]:
+    out = dict(a)
+    for k, v in b.items():
+        out[k] = merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
+
+
+WORKING: dict[str, dict[str, Any]] = {
+    "default": {"full": True, "config": lczfs()},
+    "flake": {"full": True, "via": "flake", "config": lczfs()},
+    # The option names before `settings`: still accepted, with a warning each.
+    "legacy": {
+        "config": {
+            "boot": {
+                "initrd": {
+                    "lczfs-unlockd": {
+                        "enable": True,
+                        "pool": "rpool",
+                        "devNodes": "/dev/disk/by-partuuid",
+                        "onlineGrace": "15s",
+                        "forceImport": True,
+                        "keystore": {
+                            "volume": "rpool/volumes/bootsecrets",
+                            "promptTimeout": "2min",
+                            "tokenTimeout": 20,
+                            "tokenPlugins": ["fido2"],
+                        },
+                        "settings": {"keystore": {"tries": 5}},
+                    }
+                }
+            }
+        }
+    },
+    "tokens": {
+        "full": True,
+        "config": lczfs(
+            keystore={"unlock": ["token", "passphrase"]},
+            _module={"tokenPlugins": ["tpm2", "fido2", "pkcs11"]},
+        ),
+    },
+    "passphrase-only": {"config": lczfs(keystore={"unlock": ["passphrase"]})},
+    "keyfile": {
+        "full": True,
+        "config": merge(
+            lczfs(keystore={"unlock": ["keyfile"], "keyfile": KEYFILE}),
+            {"boot": {"initrd": {"secrets": {KEYFILE: "/etc/secrets/keystore.key"}}}},
+        ),
+    },
+    "datasets": {
+        "config": lczfs(
+            datasets=["rpool/crypt", "rpool/crypt/local"],
+            devices=["/dev/disk/by-id/nvme-A-part2", "/dev/disk/by-id/nvme-B-part2"],
+            mask=["systemd-cryptsetup@secretsroot.service"],
+        )
+    },
+    "dry-run": {
+        "full": True,
+        "config": lczfs(_module={"dryRun": True, "debug": True}),
+    },
+    # Keys the module does not declare (new daemon keys) pass through.
+    "freeform": {
+        "config": lczfs(
+            pool_guid="1234567890123456789",
+            max_pbkdf2iters=1000000,
+            keystore={"some_future_key": True},
+        )
+    },
+    # NixOS >= 24.11 has boot.initrd.systemd.tpm2.enable; it wins over the
+    # old enableTpm2 (still true here) when it exists.
+    "tpm2-new-off": {"newTpm2": False, "config": lczfs()},
+    "tpm2-new-on": {"newTpm2": True, "config": lczfs()},
+    "tpm2-old-off": {
+        "config": merge(lczfs(), {"boot": {"initrd": {"systemd": {"enableTpm2": False}}}})
+    },
+}
+
+# Configurations that cannot work, and a piece of the assertion message.
+REFUSED: dict[str, tuple[dict[str, Any], str]] = {
+    "scripted-initrd": (
+        merge(lczfs(), {"boot": {"initrd": {"systemd": {"enable": False}}}}),
+        "boot.initrd.systemd.enable = true",
+    ),
+    "not-a-pool": (lczfs(pool="rpool/crypt"), "is not a pool name"),
+    "volume-outside": (
+        lczfs(keystore={"volume": "tank/bootsecrets"}),
+        'settings.keystore.volume = "tank/bootsecrets" must be a zvol inside the pool',
+    ),
+    "mountpoint-relative": (
+        lczfs(keystore={"mountpoint": "bootsecrets"}),
+        "cannot work as the\ndirectory of a ZFS keylocation",
+    ),
+    "mountpoint-sysroot": (
+        lczfs(keystore={"mountpoint": "/sysroot/bootsecrets"}),
+        "is inside /sysroot",
+    ),
+    "datasets-outside": (
+        lczfs(datasets=["rpool/crypt", "tank/crypt"]),
+        '"tank/crypt", which is not a dataset',
+    ),
+    "datasets-empty": (lczfs(datasets=[]), "datasets is an empty list"),
+    "unlock-empty": (lczfs(keystore={"unlock": []}), "keystore.unlock is empty"),
+    "keyfile-unset": (
+        lczfs(keystore={"unlock": ["keyfile"]}),
+        "keystore.keyfile is not\nset",
+    ),
+    "keyfile-not-in-initrd": (
+        lczfs(keystore={"keyfile": KEYFILE}),
+        f'boot.initrd.secrets."{KEYFILE}" = /path/on/the/build/host',
+    ),
+    "keyfile-in-keystore": (
+        merge(
+            lczfs(keystore={"keyfile": "/bootsecrets/k"}),
+            {"boot": {"initrd": {"secrets": {"/bootsecrets/k": "/etc/k"}}}},
+        ),
+        "which is empty until the keystore is open",
+    ),
+    "tpm2-plugin-without-tpm2": (
+        merge(
+            lczfs(_module={"tokenPlugins": ["tpm2"]}),
+            {"boot": {"initrd": {"systemd": {"enableTpm2": False}}}},
+        ),
+        'contains "tpm2" but boot.initrd.systemd.enableTpm2\nis false',
+    ),
+}
