@@ -143,9 +143,11 @@ def nixpkgs() -> Nixpkgs:
             missing(f"{tool} is not installed (Debian: nix-bin; scripts/setup-host installs it)")
     found = _locate()
     if found is None:
+        given = os.environ.get("LCZFS_NIXPKGS")
+        where = f"LCZFS_NIXPKGS={given}" if given else f"the default {DEFAULT_TREE}"
         missing(
-            "no nixpkgs tree: set LCZFS_NIXPKGS to a nixpkgs directory or tarball "
-            f"(default {DEFAULT_TREE}, which does not hold one)"
+            f"no nixpkgs tree: {where} is neither a nixpkgs directory nor a tarball of one "
+            "(nor a directory holding exactly one); set LCZFS_NIXPKGS"
         )
         raise AssertionError  # unreachable: missing() raises
     tree = _unpack(found) if found.is_file() else found

@@ -17,11 +17,20 @@ from typing import Any
 
 import pytest
 
+from .nixtools import missing
+
 ROOT = Path(__file__).resolve().parents[2]
 LIB = ROOT / "nix" / "lib.nix"
 NIX_INSTANTIATE = shutil.which("nix-instantiate")
 
-pytestmark = pytest.mark.skipif(NIX_INSTANTIATE is None, reason="nix-instantiate is not installed")
+
+@pytest.fixture(autouse=True)
+def _nix_instantiate() -> None:
+    if NIX_INSTANTIATE is None:
+        missing(
+            "nix-instantiate is not installed (Debian: nix-bin; scripts/setup-host installs it)"
+        )
+
 
 NIX_FILES = sorted(p for p in [ROOT / "flake.nix", *(ROOT / "nix").rglob("*.nix")] if p.is_file())
 
