@@ -103,11 +103,11 @@ def _finish(report: Report, notifier: SystemdNotifier) -> int:
         log.info("%s", summary)
         # Separate datagrams: whatever the status says, READY=1 must arrive
         # (systemd drops a notification it cannot take whole).
-        notifier.notify(f"STATUS={summary}")
-        notifier.notify("READY=1")
+        notifier.send(STATUS=summary)
+        notifier.send(READY=1)
         return 0
     log.error("%s", summary)
-    notifier.notify(f"STATUS={summary}\nERRNO={report.errno}")
+    notifier.send(STATUS=summary, ERRNO=report.errno)
     return EXIT_FAILURE
 
 
@@ -128,14 +128,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     if config.disabled_on_cmdline(cmdline):
         text = "disabled by rd.lczfs=0 on the kernel command line; nothing done"
         log.info("%s", text)
-        notifier.notify(f"STATUS={text}")
-        notifier.notify("READY=1")
+        notifier.send(STATUS=text)
+        notifier.send(READY=1)
         return 0
     try:
         cfg = config.load(args.config)
     except ConfigError as exc:
         log.error("%s", exc)
-        notifier.notify(f"STATUS=failed: {exc}\nERRNO={exc.errno}")
+        notifier.send(STATUS=f"failed: {exc}", ERRNO=exc.errno)
         return EXIT_NOTCONFIGURED
     cfg, warnings = config.apply_cmdline(cfg, cmdline)
     for warning in warnings:

@@ -169,8 +169,9 @@ class AskPassword(Protocol):
 
 
 class Notifier(Protocol):
-    def notify(self, message: str) -> None:
-        """Send one sd_notify datagram (``KEY=value`` lines)."""
+    def send(self, **fields: str | int) -> None:
+        """Send sd_notify fields, e.g. ``send(STATUS=text, ERRNO=5)``; each value
+        is one field (free text escaped, so it can never become another)."""
 
 
 class Filesystem(Protocol):

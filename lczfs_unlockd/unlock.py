@@ -207,7 +207,7 @@ class Unlocker:
     # --- reporting -----------------------------------------------------------
 
     def _status(self, text: str) -> None:
-        self.ports.notifier.notify(f"STATUS={text}")
+        self.ports.notifier.send(STATUS=text)
 
     def _checkpoint(self) -> None:
         self.signals.checkpoint()
@@ -232,7 +232,7 @@ class Unlocker:
 
         def extend() -> None:
             if self.signals.pending is None:
-                self.ports.notifier.notify(f"EXTEND_TIMEOUT_USEC={EXTEND_USEC}")
+                self.ports.notifier.send(EXTEND_TIMEOUT_USEC=EXTEND_USEC)
 
         def beat() -> None:
             while not stop.wait(HEARTBEAT):
@@ -498,8 +498,10 @@ class Unlocker:
                 text = f"waiting for {c.pool}: pool is {scan.state}" + (
                     f", missing {', '.join(scan.missing)}" if scan.missing else ""
                 )
-                if scan.state == "DEGRADED":
+                if scan.state == "DEGRADED" and math.isfinite(c.online_grace):
                     text += f"; accepted after {format_duration(c.online_grace)}"
+                elif scan.state == "DEGRADED":
+                    text += "; not accepted (online_grace = infinity)"
             left = self._pool_left(start)
             if left is not None and left <= 0:
                 raise PoolError(self._pool_missing_message(missing_devices, scan))

@@ -574,8 +574,8 @@ class FakeNotifier:
     def __init__(self, world: World) -> None:
         self.w = world
 
-    def notify(self, message: str) -> None:
-        self.w.notifications.append(message)
+    def send(self, **fields: str | int) -> None:
+        self.w.notifications.append("\n".join(f"{k}={v}" for k, v in fields.items()))
 
 
 class FakeFilesystem:

@@ -301,3 +301,16 @@ def test_no_usable_key_slot_moves_on_without_asking_again(world, make_config, ru
     assert not report.ok
     assert len(world.prompts) == 1  # not asked three times
     assert "passphrase: no key slot of the keystore can take a passphrase" in str(report.error)
+
+
+def test_infinite_grace_never_accepts_degraded(world, make_config, run):
+    world.mirror = True
+    world.disks = {"/dev/disk/by-id/a": True, "/dev/disk/by-id/b": False}
+    report = run(make_config(devices=[], online_grace="infinity", timeout="10s"))
+    assert isinstance(report.error, PoolError)
+    assert "it is DEGRADED" in str(report.error)
+    assert any(
+        "pool is DEGRADED, missing b; not accepted (online_grace = infinity)" in n
+        for n in world.notifications
+    ), world.notifications
+    assert not world.imported
