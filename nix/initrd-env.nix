@@ -91,94 +91,28 @@ let
     "wheel"
     "wheel-*"
   ];
-  rmGlobs = dir: globs: lib.concatMapStringsSep "\n" (g: ''rm -rf "${dir}"/${g}'') globs;
 in
 runCommand "lczfs-unlockd-initrd-env-${lczfs-unlockd.version}"
   {
     passthru = {
       inherit python deps;
+      # For the size rehearsal in tests/nix (nix/initrd-env.sh on the host).
+      excluded = {
+        stdlib = excludedStdlib;
+        dynload = excludedDynload;
+        sitePackages = excludedSitePackages;
+      };
       mainProgram = "lczfs-unlockd";
     };
     meta.mainProgram = "lczfs-unlockd";
   }
   ''
-    set -euo pipefail
-    mkdir -p $out/bin $out/${stdlib}
-
-    # Standard library: sources and the plain (non -O) bytecode.
-    cp -r --no-preserve=mode ${python}/${stdlib}/. $out/${stdlib}/
-    ${rmGlobs "$out/${stdlib}" excludedStdlib}
-    ${rmGlobs "$out/${stdlib}/lib-dynload" excludedDynload}
-    find $out/${stdlib} -name '*.opt-1.pyc' -delete -o -name '*.opt-2.pyc' -delete
-
-    # Python dependencies, merged into one site-packages.
-    mkdir -p $out/${python.sitePackages}
-    for dep in ${lib.concatMapStringsSep " " toString deps}; do
-      if [ -d "$dep/${python.sitePackages}" ]; then
-        cp -r --no-preserve=mode --dereference "$dep/${python.sitePackages}/." $out/${python.sitePackages}/
-      fi
-    done
-    ${rmGlobs "$out/${python.sitePackages}" excludedSitePackages}
-
-    # Extension modules must stay executable for the dynamic loader.
-    find $out -name '*.so' -exec chmod 0555 {} +
-
-    # The interpreter, copied so that Python derives its prefix from $out.
-    cp ${python}/bin/python${pyVer} $out/bin/python3
-    chmod 0555 $out/bin/python3
-
-    # As the dracut module does (dracut/90lczfs-unlockd/python-closure.py):
-    # pyzfs's C declarations parsed now, not at every boot
-    # (lczfs_unlockd/pyzfs_ffi.py, cffi's out-of-line ABI mode), so the
-    # initrd needs only cffi's C backend -- not the cffi Python package, not
-    # pycparser; and the daemon talks to PID 1 through pystemd.dbuslib
-    # without pystemd's introspection layer, so lxml goes too.
-    $out/bin/python3 -I -m lczfs_unlockd.pyzfs_ffi \
-      $out/${python.sitePackages}/lczfs_unlockd/_pyzfs_ffi.py
-    rm -rf $out/${python.sitePackages}/{cffi,pycparser,lxml}
-    rm -rf $out/${python.sitePackages}/{cffi,pycparser,lxml}-*.dist-info
-
-    cat > $out/bin/lczfs-unlockd <<EOF
-    #!$out/bin/python3 -I
-    import sys
-
-    from lczfs_unlockd.cli import main
-
-    sys.exit(main())
-    EOF
-    chmod 0555 $out/bin/lczfs-unlockd
-
-    # Smoke test: every lczfs_unlockd module and the bindings import from
-    # $out alone.  Without the prefix check a wrong prefix would silently
-    # fall back to the full ${python} and prove nothing.
-    $out/bin/python3 -I - <<EOF
-    import importlib, pkgutil, sys
-
-    import lczfs_unlockd
-
-    for info in pkgutil.walk_packages(lczfs_unlockd.__path__, "lczfs_unlockd."):
-        if not info.name.endswith("__main__"):
-            importlib.import_module(info.name)
-    import _cffi_backend, sdnotify  # noqa: F401
-    import lczfs_unlockd.paths as paths
-    from lczfs_unlockd import pyzfs_ffi, units
-
-    assert pyzfs_ffi.preload({"libnvpair": "libnvpair.so.3", "libzfs_core": "libzfs_core.so.3"})
-    import libzfs_core  # noqa: F401  (with the pre-parsed declarations)
-    units._dbuslib()
-    dropped = sorted(m for m in ("cffi", "pycparser", "lxml") if m in sys.modules)
-    assert not dropped, f"imported at run time although dropped: {dropped}"
-
-    assert sys.prefix == "$out", f"prefix is {sys.prefix}, not $out"
-    foreign = sorted(
-        f"{name}: {mod.__file__}"
-        for name, mod in list(sys.modules.items())
-        if getattr(mod, "__file__", None) and not mod.__file__.startswith("$out/")
-    )
-    assert not foreign, "imported from outside the initrd tree:\n" + "\n".join(foreign)
-    assert paths.ZPOOL.startswith("/"), paths.ZPOOL
-    print(f"initrd python tree ok: {len(sys.modules)} modules, paths from {paths.__file__}")
-    EOF
-    $out/bin/lczfs-unlockd --version
-    du -sh $out
+    PYTHON=${python} \
+    PY_VER=${pyVer} \
+    SITE_PACKAGES=${python.sitePackages} \
+    DEPS=${lib.escapeShellArg (lib.concatMapStringsSep " " toString deps)} \
+    EXCLUDED_STDLIB=${lib.escapeShellArg (toString excludedStdlib)} \
+    EXCLUDED_DYNLOAD=${lib.escapeShellArg (toString excludedDynload)} \
+    EXCLUDED_SITE=${lib.escapeShellArg (toString excludedSitePackages)} \
+      bash ${./initrd-env.sh}
   ''

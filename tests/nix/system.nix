@@ -93,6 +93,11 @@ let
       failed = map (a: a.message) (lib.filter (a: !a.assertion) config.assertions);
       unit = initrd.units."lczfs-unlockd.service";
       configFile = initrd.contents."/etc/lczfs-unlockd.toml".source;
+      # As the module calls it (its store path is in storePaths).
+      initrdEnv = pkgs.callPackage (repo + "/nix/initrd-env.nix") {
+        inherit (pkgs.python3Packages) python;
+        lczfs-unlockd = cfg.package;
+      };
       result =
         {
           inherit failed;
@@ -121,6 +126,12 @@ let
           zfs = toString config.boot.zfs.package;
           zfsVersion = config.boot.zfs.package.version;
           python = pkgs.python3.pythonVersion;
+          initrdEnv = {
+            path = toString initrdEnv;
+            deps = map (d: d.pname or d.name) initrdEnv.passthru.deps;
+            inherit (initrdEnv.passthru) excluded;
+            sitePackages = initrdEnv.passthru.python.sitePackages;
+          };
           package = {
             drvPath = cfg.package.drvPath;
             systemd = toString cfg.package.passthru.systemd;

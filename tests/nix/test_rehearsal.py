@@ -405,3 +405,141 @@ def test_vm_test_script_passes_the_drivers_lint(nixpkgs: Nixpkgs, tmp_path: Path
         check=False,
     )
     assert proc.returncode == 0, proc.stdout + proc.stderr
+
+
+# --- nix/initrd-env.nix ----------------------------------------------------
+
+DIST_PACKAGES = Path("/usr/lib/python3/dist-packages")
+# Debian's site module reads dist-packages below the prefix, Nix's
+# site-packages; nix/initrd-env.sh takes the path as a parameter.
+DEBIAN_SITE = "lib/python3/dist-packages"
+
+
+def _site_dir(base: Path, name: str) -> Path:
+    site = base / name / DEBIAN_SITE
+    site.mkdir(parents=True)
+    return base / name
+
+
+def _host_dep(base: Path, name: str) -> Path:
+    """A Nix dependency's site-packages, from the host's Debian package."""
+    dep = _site_dir(base, name)
+    module = {"python-dateutil": "dateutil"}.get(name, name)
+    # Debian's pycparser uses Debian's ply instead of its vendored copy.
+    modules = {module, "ply"} if name == "pycparser" else {module}
+    found = [p for p in DIST_PACKAGES.iterdir() if p.name.split("-")[0].split(".")[0] in modules]
+    if name == "cffi":
+        found += list(DIST_PACKAGES.glob("_cffi_backend*.so"))
+    assert found, f"{name}: not in {DIST_PACKAGES} (scripts/setup-host installs it)"
+    for p in found:
+        dest = dep / DEBIAN_SITE / p.name
+        if p.is_dir():
+            shutil.copytree(p, dest, symlinks=False)
+        else:
+            shutil.copy2(p, dest)
+    return dep
+
+
+def _pip_target(base: Path, name: str, what: Path) -> Path:
+    dep = _site_dir(base, name)
+    subprocess.run(
+        [PYTHON, "-m", "pip", "install", "-q", "--no-deps", "--no-build-isolation",
+         "--target", str(dep / DEBIAN_SITE), str(what)],
+        check=True,
+        capture_output=True,
+    )  # fmt: skip
+    # pip --target puts entry points there; a store path's site-packages has none.
+    shutil.rmtree(dep / DEBIAN_SITE / "bin", ignore_errors=True)
+    return dep
+
+
+def _elf_libraries(tree: Path) -> dict[str, int]:
+    """Shared libraries outside the tree that its ELF files need (make-initrd-ng copies them)."""
+    libs: dict[str, int] = {}
+    for f in tree.rglob("*"):
+        if not f.is_file() or f.read_bytes()[:4] != b"\x7fELF":
+            continue
+        out = subprocess.run(["ldd", str(f)], capture_output=True, text=True, check=False).stdout
+        for line in out.splitlines():
+            parts = line.split("=>")
+            if len(parts) == 2 and parts[1].strip().startswith("/"):
+                lib = Path(parts[1].split()[0]).resolve()
+                libs[str(lib)] = lib.stat().st_size
+    return libs
+
+
+def test_initrd_python_tree_builds_and_its_size(
+    systems: dict[str, Any], package_src: Path, zfs_sources: dict[str, Path], tmp_path: Path
+) -> None:
+    """nix/initrd-env.sh on Debian's Python 3.11 with the deps the Nix tree gets.
+
+    Nix cannot build the real tree here; this runs the same script (trimming,
+    pyzfs declarations, smoke test) on the host's equivalents and measures
+    the result, written to $LCZFS_NIX_CACHE/initrd-env-size.json.
+    """
+    env_info = systems["default"]["initrdEnv"]
+    deps_base = tmp_path / "deps"
+    deps: list[Path] = []
+    for name in env_info["deps"]:
+        if name == "lczfs-unlockd":
+            src = tmp_path / "lczfs-src"
+            shutil.copytree(package_src, src)
+            for p in [src, *src.rglob("*")]:
+                p.chmod(p.stat().st_mode | 0o200)
+            _bash(src / "nix" / "build-paths.sh", cwd=src, env=_host_inputs(tmp_path))
+            deps.append(_pip_target(deps_base, name, src))
+        elif name == "pyzfs":
+            newest = max(zfs_sources, key=lambda v: [int(x) for x in v.split(".")])
+            work = _patched_copy(
+                zfs_sources[newest], tmp_path / "pyzfs", newest, ROOT / "nix" / "pyzfs-patch.sh"
+            )
+            deps.append(_pip_target(deps_base, name, work))
+        else:
+            deps.append(_host_dep(deps_base, name))
+    excluded = env_info["excluded"]
+    out = tmp_path / "initrd-env"
+    version = f"{sys.version_info.major}.{sys.version_info.minor}"
+    assert version == systems["default"]["python"], "the host's Python is not nixpkgs' version"
+    log = _bash(
+        ROOT / "nix" / "initrd-env.sh",
+        cwd=tmp_path,
+        env={
+            "out": str(out),
+            "PYTHON": "/usr",
+            "PY_VER": version,
+            "SITE_PACKAGES": DEBIAN_SITE,
+            "DEPS": " ".join(map(str, deps)),
+            "EXCLUDED_STDLIB": " ".join(excluded["stdlib"]),
+            "EXCLUDED_DYNLOAD": " ".join(excluded["dynload"]),
+            "EXCLUDED_SITE": " ".join(excluded["sitePackages"]),
+        },
+    )
+    assert "initrd python tree ok" in log
+
+    # Not in the Nix tree (nixpkgs' pycparser vendors it).
+    shutil.rmtree(out / DEBIAN_SITE / "ply")
+    for info in (out / DEBIAN_SITE).glob("ply-*"):
+        shutil.rmtree(info) if info.is_dir() else info.unlink()
+    files = [f for f in out.rglob("*") if f.is_file() and not f.is_symlink()]
+    tree_bytes = sum(f.stat().st_size for f in files)
+    cpio = subprocess.run(
+        ["sh", "-c", "find . | LC_ALL=C sort | cpio -o -H newc --quiet | zstd -15 -q -c | wc -c"],
+        cwd=out,
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    libs = _elf_libraries(out)
+    report = {
+        "what": "nix/initrd-env.sh on the host (Debian Python 3.11 and packages), not a Nix build",
+        "files": len(files),
+        "tree_bytes": tree_bytes,
+        "tree_zstd15_bytes": int(cpio.stdout),
+        "elf_libraries": libs,
+        "elf_libraries_bytes": sum(libs.values()),
+        "site_packages": sorted(p.name for p in (out / DEBIAN_SITE).iterdir()),
+    }
+    (CACHE / "initrd-env-size.json").write_text(json.dumps(report, indent=2))
+    print(json.dumps({k: v for k, v in report.items() if k != "elf_libraries"}, indent=2))
+    for dropped in ("cffi", "pycparser", "lxml"):
+        assert dropped not in report["site_packages"]
