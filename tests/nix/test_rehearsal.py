@@ -314,13 +314,32 @@ def test_pyzfs_version_only_substitution_fails_on_newer_openzfs(
 # --- nix/tests/unlock.nix --------------------------------------------------
 
 
-def _vm_test(nixpkgs: Nixpkgs) -> dict[str, Any]:
-    expr = (
-        f"let t = import {ROOT}/nix/tests/unlock.nix {{ lczfsModule = {{ }}; }} "
-        f"{{ lib = import {nixpkgs.tree}/lib; pkgs = {{ }}; }}; in "
-        "{ inherit (t) testScript; nodes = builtins.attrNames t.nodes; }"
+@pytest.fixture(scope="module")
+def vm_test(nixpkgs: Nixpkgs) -> dict[str, Any]:
+    """flake.nix's checks.vm-unlock, evaluated and instantiated (tests/nix/vmtest.nix)."""
+    out = nix_ok(
+        [
+            "nix-instantiate",
+            "--eval",
+            "--strict",
+            "--json",
+            "--read-write-mode",
+            str(Path(__file__).with_name("vmtest.nix")),
+            "--arg",
+            "nixpkgs",
+            str(nixpkgs.tree),
+        ]
     )
-    return json.loads(nix_ok(["nix-instantiate", "--eval", "--strict", "--json", "--expr", expr]))
+    result: dict[str, Any] = json.loads(out)
+    return result
+
+
+def test_vm_test_evaluates_and_instantiates(vm_test: dict[str, Any]) -> None:
+    for key in ("driver", "run"):
+        assert Path(vm_test[key]).is_file(), vm_test[key]
+    # The driver's build does both checks rehearsed below.
+    assert vm_test["skipTypeCheck"] is False
+    assert vm_test["skipLint"] is False
 
 
 def _driver_type_check(nixpkgs: Nixpkgs, script: str, nodes: list[str], tmp: Path) -> str:
@@ -360,15 +379,19 @@ def _driver_type_check(nixpkgs: Nixpkgs, script: str, nodes: list[str], tmp: Pat
     return ("" if proc.returncode == 0 else "failed\n") + proc.stdout + proc.stderr
 
 
-def test_vm_test_script_passes_the_drivers_type_check(nixpkgs: Nixpkgs, tmp_path: Path) -> None:
+def test_vm_test_script_passes_the_drivers_type_check(
+    nixpkgs: Nixpkgs, vm_test: dict[str, Any], tmp_path: Path
+) -> None:
     """Issue 8, failure 3: `log = journal(...)` shadowed the driver's logger."""
-    vm = _vm_test(nixpkgs)
+    vm = vm_test
     out = _driver_type_check(nixpkgs, vm["testScript"], vm["nodes"], tmp_path)
     assert not out.startswith("failed"), out
 
 
-def test_driver_type_check_catches_the_shadowed_log(nixpkgs: Nixpkgs, tmp_path: Path) -> None:
-    vm = _vm_test(nixpkgs)
+def test_driver_type_check_catches_the_shadowed_log(
+    nixpkgs: Nixpkgs, vm_test: dict[str, Any], tmp_path: Path
+) -> None:
+    vm = vm_test
     broken = vm["testScript"].replace("journal_text", "log")
     out = _driver_type_check(nixpkgs, broken, vm["nodes"], tmp_path)
     assert out.startswith("failed")
@@ -389,11 +412,13 @@ def _driver_symbols(nixpkgs: Nixpkgs) -> list[str]:
     raise AssertionError("general_symbols not found in the test driver")
 
 
-def test_vm_test_script_passes_the_drivers_lint(nixpkgs: Nixpkgs, tmp_path: Path) -> None:
+def test_vm_test_script_passes_the_drivers_lint(
+    nixpkgs: Nixpkgs, vm_test: dict[str, Any], tmp_path: Path
+) -> None:
     pyflakes = VENV_BIN / "pyflakes"
     if not pyflakes.exists():
         pytest.fail("pyflakes missing: it belongs in requirements-dev.txt")
-    vm = _vm_test(nixpkgs)
+    vm = vm_test
     script = tmp_path / "test-script"
     script.write_text(vm["testScript"])
     builtins = ",".join([*vm["nodes"], *_driver_symbols(nixpkgs)])
