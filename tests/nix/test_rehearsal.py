@@ -107,6 +107,26 @@ def test_package_check_phase_passes_on_exactly_its_fileset(
     assert " passed" in tail
 
 
+def test_check_phase_rehearsal_catches_a_fileset_without_fakes(
+    package_src: Path, tmp_path: Path
+) -> None:
+    """Failure 1 as it was: the same check phase without tests/fakes.py."""
+    build = tmp_path / "source"
+    shutil.copytree(package_src, build, symlinks=True)
+    for p in [build, *build.rglob("*")]:
+        p.chmod(p.stat().st_mode | 0o200)
+    (build / "tests" / "fakes.py").unlink()
+    proc = subprocess.run(
+        [PYTHON, "-m", "pytest", "tests/unit", "-m", "not vm", "-p", "no:cacheprovider", "-q"],
+        cwd=build,
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    assert proc.returncode != 0
+    assert "No module named 'tests.fakes'" in proc.stdout + proc.stderr
+
+
 def test_build_paths_refuses_a_systemd_without_its_programs(tmp_path: Path) -> None:
     """Issue 8, failure 4 as the build would see it: python3.11-systemd has no bin/."""
     (tmp_path / "lczfs_unlockd").mkdir()
