@@ -152,7 +152,7 @@ def run(
         fate = _kill(child, argv)
         _close(child)
         raise CommandTimeout(
-            f'"{shlex.join(argv)}" did not finish within {limit:g} s: {fate}'
+            f'"{shlex.join(argv)}" did not finish within {limit:.1f} s: {fate}'
         ) from None
     except BaseException:
         _kill(child, argv)
