@@ -149,7 +149,18 @@ let
         };
     in
     {
-      inherit sys result;
+      inherit sys;
+      # Imported but not enabled (a flake's module on every host): only
+      # that it evaluates and adds nothing.
+      result =
+        if !cfg.enable then
+          {
+            inherit failed;
+            toplevel = config.system.build.toplevel.drvPath;
+            lczfsInInitrd = initrd.services ? lczfs-unlockd;
+          }
+        else
+          result;
     };
 
   parsed = builtins.fromJSON variants;

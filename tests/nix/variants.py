@@ -33,6 +33,8 @@ def merge(a: dict[str, Any], b: dict[str, Any]) -> dict[str, Any]:
 
 WORKING: dict[str, dict[str, Any]] = {
     "default": {"full": True, "config": lczfs()},
+    # Imported on a host that does not use it: evaluates, adds nothing.
+    "disabled": {"config": {}},
     "flake": {"full": True, "via": "flake", "config": lczfs()},
     # The option names before `settings`: still accepted, with a warning each.
     "legacy": {
