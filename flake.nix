@@ -41,7 +41,7 @@
       nixosModules.default = ./nix/module.nix;
       nixosModules.lczfs-unlockd = ./nix/module.nix;
 
-      # Pure helpers (options -> TOML, validation); evaluated by tests/nix.
+      # Pure helpers (assertions, the unit's ordering); evaluated by tests/nix.
       lib = import ./nix/lib.nix;
 
       checks = forAllSystems (

@@ -141,6 +141,7 @@ let
             src = toString cfg.package.src;
             postPatch = cfg.package.postPatch;
             postInstall = cfg.package.postInstall;
+            pytestFlags = cfg.package.pytestFlagsArray;
           };
         }
         // lib.optionalAttrs (failed == [ ] && (v.full or false)) {

@@ -83,7 +83,7 @@ def _bash(script: Path, *args: str, cwd: Path, env: dict[str, str] | None = None
 
 
 def test_package_check_phase_passes_on_exactly_its_fileset(
-    package_src: Path, tmp_path: Path
+    systems: dict[str, Any], package_src: Path, tmp_path: Path
 ) -> None:
     """Issue 8, failure 1: the fileset had tests/unit but not tests/fakes.py."""
     build = tmp_path / "source"
@@ -94,8 +94,10 @@ def test_package_check_phase_passes_on_exactly_its_fileset(
     # with the flags of nix/package.nix.
     _bash(build / "nix" / "build-paths.sh", cwd=build, env=_host_inputs(tmp_path))
     _bash(build / "nix" / "install-unit.sh", str(tmp_path / "out"), "/EXE", cwd=build)
+    flags = systems["default"]["package"]["pytestFlags"]  # pytestFlagsArray, as evaluated
+    assert "tests/unit" in flags
     proc = subprocess.run(
-        [PYTHON, "-m", "pytest", "tests/unit", "-m", "not vm", "-p", "no:cacheprovider", "-q"],
+        [PYTHON, "-m", "pytest", *flags, "-p", "no:cacheprovider", "-q"],
         cwd=build,
         env={**os.environ, "HOME": "/homeless-shelter", "PYTHONDONTWRITEBYTECODE": "1"},
         capture_output=True,
