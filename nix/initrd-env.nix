@@ -18,7 +18,7 @@
 #                               never needs, lib-dynload likewise
 #   $out/lib/python3.X/site-packages/
 #                               lczfs-unlockd and its Python dependencies
-#                               (pyzfs, cffi, pycparser, pystemd, sdnotify, ...)
+#                               (pyzfs, cffi, pycparser, pystemd, ...)
 #
 # The ELF pieces (interpreter, extension modules) keep their RUNPATHs, so
 # make-initrd-ng pulls in libpython, libffi, libcrypto, libsystemd, ... by

@@ -83,7 +83,7 @@ import lczfs_unlockd
 for info in pkgutil.walk_packages(lczfs_unlockd.__path__, "lczfs_unlockd."):
     if not info.name.endswith("__main__"):
         importlib.import_module(info.name)
-import _cffi_backend, sdnotify  # noqa: F401
+import _cffi_backend  # noqa: F401
 import lczfs_unlockd.paths as paths
 from lczfs_unlockd import pyzfs_ffi, units
 

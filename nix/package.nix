@@ -17,7 +17,6 @@
   buildPythonApplication,
   setuptools,
   pystemd,
-  sdnotify,
   pyzfs,
   pytestCheckHook,
   hypothesis,
@@ -88,9 +87,9 @@ buildPythonApplication {
 
   build-system = [ setuptools ];
 
+  # pyproject.toml's dependencies (tests/nix checks they agree), plus pyzfs.
   dependencies = [
     pystemd
-    sdnotify
     # Not in pyproject.toml on purpose (the PyPI "pyzfs" is a wrong fork);
     # brings cffi with it.
     pyzfs

@@ -142,6 +142,7 @@ let
             postPatch = cfg.package.postPatch;
             postInstall = cfg.package.postInstall;
             pytestFlags = cfg.package.pytestFlagsArray;
+            dependencies = map (d: d.pname or d.name) cfg.package.propagatedBuildInputs;
           };
         }
         // lib.optionalAttrs (failed == [ ] && (v.full or false)) {

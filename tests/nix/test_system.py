@@ -228,6 +228,13 @@ def test_unset_keys_are_left_out_of_the_file(systems: dict[str, Any]) -> None:
         assert key not in written
 
 
+def test_package_dependencies_are_pyprojects_plus_pyzfs(systems: dict[str, Any]) -> None:
+    declared = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["dependencies"]
+    names = {d.split(">")[0].split("=")[0].split("<")[0].strip().lower() for d in declared}
+    propagated = set(systems["default"]["package"]["dependencies"]) - {"python3"}
+    assert propagated == names | {"pyzfs"}
+
+
 def test_store_paths_and_kernel_modules(systems: dict[str, Any]) -> None:
     result = systems["default"]
     paths = result["storePaths"]
