@@ -72,7 +72,7 @@ def test_dracut_module_in_base_initrd(guest: Guest) -> None:
                  "etc/systemd/system/initrd.target.wants/lczfs-unlockd.service",
                  "usr/lib/python3/dist-packages/lczfs_unlockd/cli.py",
                  "usr/lib/python3/dist-packages/libzfs_core/__init__.py",
-                 "usr/lib/python3/dist-packages/pystemd/dbuslib", "sdnotify",
+                 "usr/lib/python3/dist-packages/pystemd/dbuslib", "lczfs_unlockd/text.py",
                  "libcryptsetup.so.12", "libzfs_core.so.3", "libnvpair.so.3",
                  "usr/bin/systemd-ask-password", "usr/sbin/zpool"):  # fmt: skip
         assert path in listing, path
@@ -193,10 +193,66 @@ def test_sigterm_at_prompt(boot: Boot) -> None:
     assert_clean(r)
 
 
-def test_key_formats_raw_hex_passphrase(boot: Boot) -> None:
+def test_key_formats_and_hostile_kdf_cost(boot: Boot) -> None:
+    """Auto-discovered roots: raw, hex and passphrase load; the broken key
+    files and an attacker's pbkdf2iters=2^32 are each named; none stops the rest."""
     r = boot("key-formats")
-    assert_unlocked(r, ["rpool/crypt", "rpool/fmt/raw", "rpool/fmt/hex", "rpool/fmt/pass"])
-    assert r.keystatus()["rpool/bad/missing"] == "unavailable"
+    assert "created rpool/evil with pbkdf2iters=4294967296" in r.report["journal"]["out"]
+    assert r.unit["ActiveState"] == "failed", r.describe()
+    assert r.unit["StatusErrno"] not in ("", "0"), r.unit
+    ks = r.keystatus()
+    for ds in ("rpool/crypt", "rpool/fmt/raw", "rpool/fmt/hex", "rpool/fmt/pass"):
+        assert ks.get(ds) == "available", (ds, ks.get(ds), r.journal)
+    for ds in ("rpool/evil", "rpool/bad/missing", "rpool/bad/wrong"):
+        assert ks.get(ds) == "unavailable", (ds, ks.get(ds))
+    assert (
+        "rpool/evil has pbkdf2iters=4294967296, more than max_pbkdf2iters = 100000000" in r.journal
+    ), r.journal
+    assert "Traceback" not in r.journal
+    assert r.status.startswith("failed:"), r.status
+    # Well inside one pbkdf2 call of 2^32 iterations, which is hours.
+    assert r.daemon_seconds() < 120, r.daemon_seconds()
+    assert_clean(r)
+
+
+def test_hung_zpool_ends_at_the_deadline(boot: Boot) -> None:
+    r = boot("hung-zpool")
+    assert r.unit["ActiveState"] == "failed", r.describe() + "\n" + r.journal
+    assert "did not finish within" in r.status, r.status
+    # The stand-in sleeps in D state: killed, not reaped, reported, left.
+    assert "state D" in r.journal, r.journal
+    waited = r.journal_time(r"failed:") - r.journal_time(r"importing pool rpool")
+    assert 19 <= waited <= 35, f"failed {waited:.1f} s after the pool wait started"
+    assert_clean(r)  # the report let the stand-in go and removed its device
+
+
+def test_kdf_cost_from_the_disk_is_ended_by_systemds_timeouts(boot: Boot) -> None:
+    """No EXTEND_TIMEOUT_USEC during a C call: systemd's start timeout fires,
+    SIGTERM cannot interrupt the KDF, TimeoutStopSec later SIGKILL ends it."""
+    r = boot("slow-kdf")
+    journal = str(r.report["journal"]["out"])
+    assert r.unit["Result"] == "timeout", r.describe()
+    assert r.unit["ActiveState"] == "failed", r.describe()
+    assert "start operation timed out. Terminating." in journal, journal[-3000:]
+    assert "State 'stop-sigterm' timed out. Killing." in journal, journal[-3000:]
+    assert "with signal SIGKILL" in journal, journal[-3000:]
+    assert_clean(r)
+
+
+def test_duplicate_pool_name_fails_at_once_naming_both(boot: Boot, guest: Guest) -> None:
+    r = boot("duplicate-pool")
+    assert_failed(r, r"more than one pool named rpool", r"pool_guid")
+    for disk in ("seed0", "dup0"):
+        assert f"GUID {guest.guids[disk]}" in r.journal, (disk, r.journal)
+    waited = r.journal_time(r"failed:") - r.journal_time(r"importing pool rpool")
+    assert waited < 15, f"failed only {waited:.1f} s after the pool wait started"
+    assert str(r.report["zpool_list"]["out"]).strip() == "", r.report["zpool_list"]
+
+
+def test_pool_guid_picks_the_right_pool(boot: Boot, guest: Guest) -> None:
+    r = boot("pool-guid")
+    assert_unlocked(r, SEED_CRYPT)
+    assert not any(d["name"] == "rpool/other" for d in r.report["datasets"])
 
 
 def test_mirror_online(boot: Boot) -> None:

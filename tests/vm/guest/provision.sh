@@ -1,7 +1,7 @@
 #!/bin/bash
 # Test only, runs in the provisioning initrd: create the golden pools.
 #
-# Disks (virtio serials): seed0, keys0, mirror0, mirror1, lczfsreport.
+# Disks (virtio serials): seed0, keys0, mirror0, mirror1, dup0, lczfsreport.
 # Secrets come from /etc/lczfs-provision (the harness generated them).
 # Every pool is named rpool, made, filled and exported in turn; they all get
 # the one /etc/hostid of the guest tree, so test boots import them without -f.
@@ -22,6 +22,7 @@ finish() {
     if [[ -n $REPORT ]]; then
         {
             if ((rc == 0)); then echo "LCZFSPROVISION OK"; else echo "LCZFSPROVISION FAILED rc=$rc"; fi
+            cat /tmp/guids 2>/dev/null
             zpool list 2>&1
             dmsetup ls 2>&1
         } > /tmp/status
@@ -44,12 +45,17 @@ wait_for() {
 }
 
 modprobe zfs
-for d in seed0 keys0 mirror0 mirror1 lczfsreport; do wait_for "$ID/virtio-$d"; done
+for d in seed0 keys0 mirror0 mirror1 dup0 lczfsreport; do wait_for "$ID/virtio-$d"; done
 REPORT=$(readlink -f "$ID/virtio-lczfsreport")
 
 make_pool() {
     zpool create -f -o ashift=12 -o cachefile=none \
         -O mountpoint=none -O canmount=off -O compression=lz4 -O atime=off rpool "$@"
+}
+
+export_pool() {  # export_pool DISK: record the pool's GUID for the harness, export
+    echo "guid $1 $(zpool get -H -p -o value guid rpool)" >> /tmp/guids
+    zpool export rpool
 }
 
 # The seed's keystore: zvol, GPT partition 1, LUKS2 (passphrase, key file,
@@ -116,7 +122,7 @@ open_new_keystore rpool/volumes/bootsecrets tpm
 seed_datasets
 close_keystore
 zfs list -o name,encryption,keyformat,keylocation,keystatus
-zpool export rpool
+export_pool seed0
 
 # --- keys0: the seed plus one dataset per key format and broken key files ----
 make_pool "$ID/virtio-keys0"
@@ -168,8 +174,20 @@ umount /bootsecrets
 debugfs -w -R "feature needs_recovery" /dev/mapper/secretsroot
 dumpe2fs -h /dev/mapper/secretsroot | grep -q 'features:.*needs_recovery'
 cryptsetup close secretsroot
+# A LUKS1 keystore whose key-file slot claims 2^32-1 PBKDF2 iterations, as
+# whoever holds the disk can write (LUKS1 headers have no checksum): one
+# activation is a C call of hours.  systemd's timeouts must still end it.
+zfs create -V 64M rpool/volumes/slowkdf
+wait_for /dev/zvol/rpool/volumes/slowkdf
+printf 'label: gpt\ntype=L\n' | sfdisk -q /dev/zvol/rpool/volumes/slowkdf
+wait_for /dev/zvol/rpool/volumes/slowkdf-part1
+cryptsetup luksFormat -q --type luks1 --pbkdf-force-iterations 1000 \
+    --key-file "$S/keystore.key" /dev/zvol/rpool/volumes/slowkdf-part1
+# Key slot 0 starts at byte 208; its iteration count is the big-endian u32 at +4.
+printf '\377\377\377\377' | dd of=/dev/zvol/rpool/volumes/slowkdf-part1 bs=1 seek=212 conv=notrunc,fsync status=none
+cryptsetup luksDump /dev/zvol/rpool/volumes/slowkdf-part1 | grep -q 'Iterations:.*4294967295'
 zfs list -o name,encryption,keyformat,keylocation,keystatus
-zpool export rpool
+export_pool keys0
 
 # --- mirror0 + mirror1: the seed's layout on a two-disk mirror ---------------
 make_pool mirror "$ID/virtio-mirror0" "$ID/virtio-mirror1"
@@ -177,4 +195,9 @@ open_new_keystore rpool/volumes/bootsecrets
 seed_datasets
 close_keystore
 zpool status rpool
-zpool export rpool
+export_pool mirror0
+
+# --- dup0: another pool named rpool (a reused disk, a USB stick) -------------
+make_pool "$ID/virtio-dup0"
+zfs create -o mountpoint=none rpool/other
+export_pool dup0

@@ -10,6 +10,7 @@ from collections.abc import Callable
 from dataclasses import replace
 from typing import IO
 
+from .cache import GUEST_DIR
 from .vm import Boot, Guest, toml_config
 
 KEYFILE = "/etc/lczfs-unlockd/keystore.key"
@@ -20,6 +21,22 @@ DEBUG = "rd.lczfs.debug"
 
 def _keyfile_config(**kw: object) -> str:
     return toml_config(unlock=("keyfile", "passphrase"), keyfile=KEYFILE, **kw)  # type: ignore[arg-type]
+
+
+def _dropin(name: str, text: str) -> tuple[str, bytes, int]:
+    return (f"etc/systemd/system/lczfs-unlockd.service.d/{name}.conf", text.encode(), 0o644)
+
+
+def _guest_file(name: str, dest: str, mode: int = 0o755) -> tuple[str, bytes, int]:
+    return (dest, (GUEST_DIR / name).read_bytes(), mode)
+
+
+# An attacker's dataset, written into keys0's pool before the daemon runs.
+EVIL_DATASET = (
+    _guest_file("evil-dataset.py", "usr/lib/lczfs-test/evil-dataset.py"),
+    _guest_file("lczfs-test-evil.service", "usr/lib/systemd/system/lczfs-test-evil.service", 0o644),
+    _dropin("evil", "[Unit]\nWants=lczfs-test-evil.service\nAfter=lczfs-test-evil.service\n"),
+)
 
 
 def _bad_key(which: str) -> Callable[[Guest], Boot]:
@@ -120,12 +137,53 @@ SCENARIOS: dict[str, Callable[[Guest], Boot]] = {
         disks=("keys0",),
         keyfile=True,
     ),
+    # Every key format, auto-discovered, next to the broken key files and an
+    # attacker's root with pbkdf2iters=2^32: the good ones load, each bad one
+    # is named, none stops the others.
     "key-formats": lambda g: Boot(
         "key-formats",
-        _keyfile_config(
-            datasets=["rpool/crypt", "rpool/fmt/raw", "rpool/fmt/hex", "rpool/fmt/pass"]
+        _keyfile_config(),
+        disks=("keys0",),
+        keyfile=True,
+        files=EVIL_DATASET,
+    ),
+    # A zpool import that never returns, in D state (SIGKILL cannot end it):
+    # the pool deadline still ends the run, and says so.
+    "hung-zpool": lambda g: Boot(
+        "hung-zpool",
+        _keyfile_config(devices=[SEED_PART]),
+        keyfile=True,
+        cmdline="rd.lczfs.timeout=20s",
+        files=(
+            _guest_file("zpool-hung", "usr/local/sbin/zpool"),
+            # The unkillable child keeps the unit deactivating until systemd
+            # gives up on it (twice this); the report waits for that.
+            _dropin("stop", "[Service]\nTimeoutStopSec=5s\n"),
+        ),
+    ),
+    # A KDF cost from the disk (LUKS1 key slot with 2^32-1 iterations): one C
+    # call of hours.  No EXTEND_TIMEOUT_USEC during it, so systemd's start
+    # timeout fires; SIGTERM waits for the C call; systemd's SIGKILL ends it.
+    "slow-kdf": lambda g: Boot(
+        "slow-kdf",
+        toml_config(
+            unlock=("keyfile",),
+            keyfile=KEYFILE,
+            volume="rpool/volumes/slowkdf",
+            datasets=["rpool/crypt"],
         ),
         disks=("keys0",),
+        keyfile=True,
+        files=(_dropin("timeouts", "[Service]\nTimeoutStartSec=30s\nTimeoutStopSec=10s\n"),),
+    ),
+    # A second disk carrying another pool named rpool.
+    "duplicate-pool": lambda g: Boot(
+        "duplicate-pool", _keyfile_config(), disks=("seed0", "dup0"), keyfile=True
+    ),
+    "pool-guid": lambda g: Boot(
+        "pool-guid",
+        _keyfile_config(pool_guid=g.guids["seed0"]),
+        disks=("seed0", "dup0"),
         keyfile=True,
     ),
 }

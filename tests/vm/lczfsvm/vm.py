@@ -21,7 +21,7 @@ from typing import IO, Any
 from . import build, cache, cpio, qemu
 from .cache import GUEST_DIR, log
 
-GOLDEN_DISKS = ("seed0", "keys0", "mirror0", "mirror1")
+GOLDEN_DISKS = ("seed0", "keys0", "mirror0", "mirror1", "dup0")
 DISK_SIZE = "512M"
 PROVISION_TIMEOUT = 900.0
 
@@ -93,6 +93,7 @@ class Boot:
     cmdline: str = ""
     tpm: bool = False
     keyfile: bool = False  # put the LUKS key file at /etc/lczfs-unlockd/keystore.key
+    files: Sequence[tuple[str, bytes, int]] = ()  # more initrd files: (path, content, mode)
     answers: Sequence[str] = ()  # typed at each password prompt, in order
     prompt: str = r"Please enter the (passphrase|security token PIN) for keystore [^\n]*:"
     timeout: float = 300.0  # wall clock for the whole boot
@@ -169,6 +170,8 @@ class Guest:
         self.base_initrd = build.base_initrd(self.root)
         self.golden = self._provision()
         self.secrets = Secrets(self.golden / "secrets")
+        # Each golden disk's pool GUID (zpool get guid), for pool_guid.
+        self.guids: dict[str, int] = json.loads((self.golden / "guids.json").read_text())
         self.build_seconds = time.monotonic() - start
 
     @classmethod
@@ -235,6 +238,12 @@ class Guest:
                     f"console {tmp}/run/console.log:\n{tail}"
                 )
             log(f"provisioned in {time.monotonic() - start:.0f} s")
+            guids = {
+                f[1]: int(f[2])
+                for f in (line.split() for line in status.splitlines())
+                if len(f) == 3 and f[0] == "guid" and f[2].isdigit()
+            }
+            (tmp / "guids.json").write_text(json.dumps(guids))
             for p in (initrd, report):
                 p.unlink()
 
@@ -249,6 +258,7 @@ class Guest:
             files.append(
                 ("etc/lczfs-unlockd/keystore.key", self.secrets.bytes("keystore.key"), 0o400)
             )
+        files += spec.files
         initrd = build.test_initrd(
             self.root,
             build.Overlay(
@@ -361,6 +371,7 @@ def toml_config(
     prompt_timeout: str = "0",
     token_timeout: str = "30s",
     mask: Sequence[str] = (),
+    pool_guid: int | None = None,
 ) -> str:
     """The daemon's config file, in the documented format."""
 
@@ -376,6 +387,7 @@ def toml_config(
         f"timeout = {q(timeout)}",
         f"datasets = {q(datasets if isinstance(datasets, str) else list(datasets))}",
         f"mask = {q(list(mask))}",
+        *([f"pool_guid = {q(str(pool_guid))}"] if pool_guid is not None else []),
         "",
         "[keystore]",
         f"volume = {q(volume)}",
