@@ -137,6 +137,28 @@ def main(argv: Sequence[str] | None = None) -> int:
         log.error("%s", exc)
         notifier.send(STATUS=f"failed: {exc}", ERRNO=exc.errno)
         return EXIT_NOTCONFIGURED
+    try:
+        report = _run(cfg, cmdline, args, notifier)
+    except Exception as exc:
+        # Before the sequence could start (libcryptsetup missing from the
+        # initrd, say): still a status line and an errno, not a traceback.
+        log.debug("failed before the unlock started", exc_info=True)
+        failure = (
+            exc
+            if isinstance(exc, UnlockError)
+            else UnlockError(
+                f"unexpected {type(exc).__name__}: {str(exc)[:200]} (a bug: please report it)"
+            )
+        )
+        log.error("failed: %s", failure)
+        notifier.send(STATUS=f"failed: {failure}", ERRNO=failure.errno)
+        return EXIT_FAILURE
+    return _finish(report, notifier)
+
+
+def _run(
+    cfg: config.Config, cmdline: str, args: argparse.Namespace, notifier: SystemdNotifier
+) -> Report:
     cfg, warnings = config.apply_cmdline(cfg, cmdline)
     for warning in warnings:
         log.warning("kernel command line: %s", warning)
@@ -146,14 +168,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         logsetup.setup(debug=True)
     for line in config.summary(cfg):
         log.debug("%s", line)
-    if cfg.debug or args.debug:
-        from . import cryptsetup
+    from . import cryptsetup
 
-        cryptsetup.set_debug(True)
     try:
-        report = Unlocker(cfg, real_ports(notifier)).run()
+        if cfg.debug or args.debug:
+            cryptsetup.set_debug(True)
+        return Unlocker(cfg, real_ports(notifier)).run()
     finally:
-        from . import cryptsetup
-
         cryptsetup.shutdown()
-    return _finish(report, notifier)

@@ -74,13 +74,19 @@ def _kernel_fstypes() -> list[str]:
 class LibcMounts:
     def __init__(self, mountinfo: str = "/proc/self/mountinfo") -> None:
         self.mountinfo = mountinfo
+        # Mount IDs are reused (the lowest free one): ours is the pair of
+        # the ID and the real path it was made on.
+        self._made: dict[int, str] = {}
 
     def mount(self, source: str, target: str, fstype: str = "") -> int | None:
         self._mount(source, target, fstype)
         # The topmost mount on the target's real path is the one just made.
         real = os.path.realpath(target)
         ids = [mount_id for mount_id, point in mount_table(self.mountinfo) if point == real]
-        return ids[-1] if ids else None
+        if not ids:
+            return None
+        self._made[ids[-1]] = real
+        return ids[-1]
 
     def _mount(self, source: str, target: str, fstype: str) -> None:
         libc = _libc()
@@ -128,7 +134,8 @@ class LibcMounts:
         return target in points or os.path.realpath(target) in points
 
     def mount_exists(self, mount_id: int) -> bool:
-        return any(mid == mount_id for mid, _ in mount_table(self.mountinfo))
+        point = self._made.get(mount_id)
+        return point is not None and (mount_id, point) in mount_table(self.mountinfo)
 
 
 class HostFilesystem:
@@ -161,11 +168,18 @@ class HostFilesystem:
             if not os.path.isdir(path) or os.path.islink(path):
                 raise KeystoreError(f"{path} exists and is not a directory: remove it")
             os.chmod(path, mode)
-        except OSError as exc:
-            for directory in reversed(created):
+        except BaseException as exc:
+            # Whatever stops us (SIGTERM between two mkdir calls included),
+            # nothing made here outlives the call.
+            # mkdir may have made the directory when the signal arrived:
+            # every one that was missing and exists now is ours (rmdir
+            # only ever removes an empty one).
+            for directory in missing:  # innermost first
                 with contextlib.suppress(OSError):
                     os.rmdir(directory)
-            raise KeystoreError(f"cannot create mount point {path}: {exc.strerror}") from None
+            if isinstance(exc, OSError):
+                raise KeystoreError(f"cannot create mount point {path}: {exc.strerror}") from None
+            raise
         return created
 
     def real_path(self, path: str) -> str:

@@ -107,9 +107,6 @@ def datagrams(fields: Iterable[Field]) -> Iterator[bytes]:
         yield current
 
 
-SEND_TIMEOUT = 2.0  # seconds one sd_notify datagram may wait for room
-
-
 class SystemdNotifier:
     def __init__(self, address: str | None = None) -> None:
         address = address if address is not None else os.environ.get("NOTIFY_SOCKET", "")
@@ -125,9 +122,6 @@ class SystemdNotifier:
             return
         self._address = address
         self._socket = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC)
-        self._socket.settimeout(SEND_TIMEOUT)
-        # A datagram socket blocks when the receiver's queue is full (10
-        # datagrams by default); a notification must never hang the unlock.
         self._socket.settimeout(SEND_TIMEOUT)
 
     def send(self, **fields: str | int) -> None:

@@ -147,7 +147,8 @@ class Mounts(Protocol):
         """Something is mounted on ``target`` (compared by its real path)."""
 
     def mount_exists(self, mount_id: int) -> bool:
-        """The mount with this ID is still in the mount table (wherever it is)."""
+        """The mount this adapter made with this ID is still there (the ID
+        and the mount point it was made on: IDs are reused)."""
 
 
 class Units(Protocol):

@@ -15,7 +15,9 @@ import errno
 import functools
 import logging
 import math
+import select
 import signal
+import socket
 import threading
 from collections.abc import Callable, Iterator
 from contextlib import ExitStack, contextmanager
@@ -166,6 +168,10 @@ class _Signals:
     def __init__(self) -> None:
         self.interruptible = True
         self.pending: int | None = None
+        # Written by the C-level signal handler the moment a signal arrives,
+        # even while the main thread sits in a C call and Python's handler
+        # cannot run yet: the heartbeat thread watches it.
+        self.wakeup: socket.socket | None = None
 
     def _interrupted(self) -> Interrupted:
         assert self.pending is not None
@@ -186,11 +192,28 @@ class _Signals:
             yield
             return
         old = {s: signal.signal(s, self.handler) for s in (signal.SIGTERM, signal.SIGINT)}
+        reader, writer = socket.socketpair()
+        writer.setblocking(False)
+        old_fd = signal.set_wakeup_fd(writer.fileno(), warn_on_full_buffer=False)
+        self.wakeup = reader
         try:
             yield
         finally:
+            signal.set_wakeup_fd(old_fd)
+            self.wakeup = None
+            reader.close()
+            writer.close()
             for s, h in old.items():
                 signal.signal(s, h)
+
+    def arrived(self) -> bool:
+        """A signal came, even if Python's handler has not run yet."""
+        if self.pending is not None:
+            return True
+        if self.wakeup is None:
+            return False
+        readable, _, _ = select.select([self.wakeup], [], [], 0)
+        return bool(readable)
 
 
 class Unlocker:
@@ -203,6 +226,7 @@ class Unlocker:
         self._activated = False  # this run opened the mapping
         self._created_dirs: list[str] = []  # made by this run, outermost first
         self._mount_id: int | None = None  # the keystore's mount, once mounted
+        self._mounting = False  # mount(2) was called: the path may hold our mount
 
     # --- reporting -----------------------------------------------------------
 
@@ -228,15 +252,20 @@ class Unlocker:
         once a signal arrived: EXTEND_TIMEOUT_USEC also extends the stop
         timeout, and systemd's SIGKILL must still come.
         """
-        stop = threading.Event()
+        stop_reader, stop_writer = socket.socketpair()
+        watched = [stop_reader] + ([self.signals.wakeup] if self.signals.wakeup else [])
 
-        def extend() -> None:
-            if self.signals.pending is None:
-                self.ports.notifier.send(EXTEND_TIMEOUT_USEC=EXTEND_USEC)
+        def extend() -> bool:
+            if self.signals.arrived():
+                return False  # never again in this run
+            self.ports.notifier.send(EXTEND_TIMEOUT_USEC=EXTEND_USEC)
+            return True
 
         def beat() -> None:
-            while not stop.wait(HEARTBEAT):
-                extend()
+            while True:
+                readable, _, _ = select.select(watched, [], [], HEARTBEAT)
+                if readable or not extend():
+                    return
 
         extend()
         thread = threading.Thread(target=beat, name="extend-timeout", daemon=True)
@@ -244,8 +273,10 @@ class Unlocker:
         try:
             yield
         finally:
-            stop.set()
+            stop_writer.send(b"x")
             thread.join()
+            stop_reader.close()
+            stop_writer.close()
 
     # --- the sequence ----------------------------------------------------------
 
@@ -342,8 +373,8 @@ class Unlocker:
             health = p.zpool.health(c.pool, timeout=self._call_timeout(start))
             if health is not None:
                 log.info("pool %s is already imported (%s)", c.pool, health)
-                self._check_imported_guid(start)
-                self.report.pool_imported_before = True
+                self.report.pool_imported_before = True  # not ours to export
+                self._check_imported_guid(start, imported_by_us=False)
                 return
             if c.dry_run:
                 # Registered before the import: exports only if it got imported.
@@ -379,7 +410,7 @@ class Unlocker:
                         last_error = str(exc)
                     p.clock.sleep(IMPORT_RETRY)
             if c.pool_guid is not None:
-                self._check_imported_guid(start)
+                self._check_imported_guid(start, imported_by_us=True)
             if scan is None:
                 # Imported on the strength of the devices list alone: say so
                 # if that list left out a disk the pool is missing.
@@ -418,11 +449,19 @@ class Unlocker:
             return list(c.devices if present is None else present)
         return [c.dev_nodes]
 
-    def _check_imported_guid(self, start: float) -> None:
+    def _check_imported_guid(self, start: float, *, imported_by_us: bool) -> None:
         c = self.config
         if c.pool_guid is None:
             return
         guid = self.ports.zpool.guid(c.pool, timeout=self._call_timeout(start))
+        if guid is None and imported_by_us:
+            # The scan showed that GUID under this name; someone renamed or
+            # exported it in between.  Never go on with a pool we cannot name.
+            raise PoolError(
+                f"the pool with pool_guid = {c.pool_guid} is not imported as {c.pool} after "
+                "importing it: check zpool list and the pool's name",
+                errno=errno.ENOTUNIQ,
+            )
         if guid is not None and guid != c.pool_guid:
             raise PoolError(
                 f"the imported pool {c.pool} has GUID {guid}, not pool_guid = {c.pool_guid}: "
@@ -455,7 +494,10 @@ class Unlocker:
             now = p.clock.monotonic()
             waited = now - start
             missing_devices = [d for d in c.devices if not p.fs.exists(d)]
-            if c.devices and not missing_devices:
+            # With pool_guid, never import unseen: the import by GUID would
+            # take the pool under whatever name its labels carry; the scan
+            # shows that GUID under the configured name first.
+            if c.devices and not missing_devices and c.pool_guid is None:
                 return None
             past_grace = waited >= c.online_grace
             if not missing_devices or past_grace:
@@ -659,10 +701,10 @@ class Unlocker:
         while True:
             self._checkpoint()
             try:
-                # A token may wait for its hardware or a touch (FIDO2):
-                # bounded by the plugin and token_timeout, or by a person.
-                with self._extending():
-                    luks.activate_by_token(ks.name, None, read_only=True)
+                # Not extended: besides the plugin, the call runs the key
+                # slot's KDF, whose cost is in the header whoever holds the
+                # disk can write.  Only the wait for the hardware is.
+                luks.activate_by_token(ks.name, None, read_only=True)
                 return True
             except PinRequiredError:
                 return self._try_token_pin(luks, device, reasons)
@@ -679,7 +721,8 @@ class Unlocker:
                     )  # fmt: skip
                     self._status(f"waiting for a security token for {device}")
                     announced = True
-                p.clock.sleep(TOKEN_RETRY)
+                with self._extending():  # bounded by token_timeout
+                    p.clock.sleep(TOKEN_RETRY)
             except KeystoreError as exc:
                 # A TPM2 unseal failing after a firmware update, a plugin
                 # error...: exactly when the passphrase must still work.
@@ -840,6 +883,7 @@ class Unlocker:
                 self._unmount,
                 functools.partial(self._unmount, lazy=True),
             )
+            self._mounting = True
             self._mount_id = p.mounts.mount(ks.mapper_path, ks.mountpoint, "")
 
     def _remove_created_dirs(self) -> None:
@@ -853,11 +897,12 @@ class Unlocker:
         p, mp = self.ports, self.config.keystore.mountpoint
         if self._mount_id is not None:
             return p.mounts.mount_exists(self._mount_id)
-        return p.mounts.is_mounted(mp)
+        # Someone else's mount found there is not ours to report or remove.
+        return self._mounting and p.mounts.is_mounted(mp)
 
     def _unmount(self, *, lazy: bool = False) -> None:
         p, mp = self.ports, self.config.keystore.mountpoint
-        if self._mounted() or p.mounts.is_mounted(mp):
+        if self._mounted():
             p.mounts.unmount(mp, lazy=lazy)
             if lazy:
                 log.warning("detached %s lazily: it goes away when its last user closes it", mp)

@@ -11,6 +11,7 @@ import dataclasses
 import errno
 import re
 import shlex
+import time
 from collections.abc import Sequence
 
 from . import paths
@@ -42,6 +43,7 @@ QUERY_TIMEOUT = 60.0
 # An import on real hardware can replay a log or mount nothing for a while.
 IMPORT_TIMEOUT = 300.0
 _DETAIL_MAX = 300  # characters of zpool's own text kept per pool in messages
+FOLLOW_UP_MIN = 2.0  # seconds a query after a failed import gets, however late
 
 
 def _blocks(text: str) -> list[list[str]]:
@@ -243,10 +245,17 @@ class ZpoolCli:
         # By GUID when the operator pinned it: the name alone is ambiguous
         # when a second disk carries another pool of the same name.
         argv.append(str(guid) if guid is not None else pool)
+        # One deadline for the whole call: the follow-up queries get what
+        # the import left of it (at least a moment each).
+        end = time.monotonic() + (IMPORT_TIMEOUT if timeout is None else timeout)
+
+        def left() -> float:
+            return max(end - time.monotonic(), FOLLOW_UP_MIN)
+
         result = self._run(argv, timeout, IMPORT_TIMEOUT)
         if result.returncode == 0:
             return
-        if self.health(pool, timeout=QUERY_TIMEOUT if timeout is None else timeout) is not None:
+        if self.health(pool, timeout=left()) is not None:
             return  # imported meanwhile (zfs-import-scan, udev): that is fine
         if (
             "was previously in use from another system" in result.stderr
@@ -258,7 +267,7 @@ class ZpoolCli:
                 errno=errno.EADDRINUSE,  # retrying cannot help
             )
         if "more than one matching pool" in result.stderr:
-            raise self.ambiguous(pool, sources, timeout=timeout)
+            raise self.ambiguous(pool, sources, timeout=left())
         raise PoolError(f"cannot import pool {pool}: {CommandError(result)}")
 
     def ambiguous(

@@ -497,6 +497,7 @@ class FakeCryptsetup:
 class FakeMounts:
     def __init__(self, world: World) -> None:
         self.w = world
+        self.made: dict[int, str] = {}  # mount ID -> target, as LibcMounts keeps them
 
     def mount(self, source: str, target: str, fstype: str) -> int | None:
         self.w.hook("mount")
@@ -515,6 +516,7 @@ class FakeMounts:
         self.w.mounts[target] = source
         self.w.next_mount_id += 1
         self.w.mount_ids[target] = self.w.next_mount_id
+        self.made[self.w.next_mount_id] = target
         self.w.events.append(f"mount {target}")
         return self.w.next_mount_id
 
@@ -536,7 +538,8 @@ class FakeMounts:
         return target in self.w.mounts or os.path.realpath(target) in self.w.mounts
 
     def mount_exists(self, mount_id: int) -> bool:
-        return mount_id in self.w.mount_ids.values()
+        point = self.made.get(mount_id)
+        return point is not None and self.w.mount_ids.get(point) == mount_id
 
 
 class FakeUnits:

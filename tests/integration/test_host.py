@@ -426,10 +426,10 @@ def test_slow_scan_is_cut_off_at_its_timeout(tmp_path, monkeypatch):
     stub(tmp_path, "zpool", "sleep 30\n")
     monkeypatch.setenv("PATH", f"{tmp_path}/bin:{os.environ['PATH']}")
     start = time.monotonic()
-    scan = ZpoolCli().scan("rpool", "/dev/disk/by-id", timeout=1)
+    scan = ZpoolCli().scan("rpool", ["/dev/disk/by-id"], timeout=1)
     assert time.monotonic() - start < 5
     assert scan.state is None
-    assert "did not finish within 1 s" in scan.detail
+    assert '"zpool import -d /dev/disk/by-id" did not finish within 1.0 s: killed' in scan.detail
 
 
 def test_cryptsetup_log_callback_is_detached_at_shutdown():
