@@ -17,7 +17,7 @@ import math
 import os
 import re
 import tomllib
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any
 
@@ -236,16 +236,19 @@ def _check_absolute(value: str, key: str, *, allow_root: bool = True) -> None:
         raise ConfigError(f'{key} = {_q(value)}: use a normalized absolute path (no "..", "//")')
 
 
-def check_real_path(path: str, key: str) -> None:
+def check_real_path(
+    path: str, key: str, *, realpath: Callable[[str], str] = os.path.realpath
+) -> None:
     """Refuse a path that is not its own realpath: a symlink in it, or in a parent.
 
     ``/var/run/bootsecrets`` with ``/var/run -> ../run`` would be mounted on
     ``/run/bootsecrets``; mountinfo names that path, so a comparison with the
     configured one misses the mount, and the keys stay mounted into the
     booted system.  Checked when the configuration is read and again right
-    before mounting (the initrd's tree is not the one the file was checked in).
+    before mounting (the initrd's tree is not the one the file was checked in),
+    there through the sequence's Filesystem port (``realpath``).
     """
-    resolved = os.path.realpath(path)
+    resolved = realpath(path)
     if resolved != path:
         raise ConfigError(
             f"{key} = {_q(path)}: the path goes through a symbolic link and is really "

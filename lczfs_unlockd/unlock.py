@@ -25,7 +25,7 @@ from dataclasses import dataclass, field
 from types import FrameType
 
 from . import log as logsetup
-from .config import Config, UnlockMethod, format_duration
+from .config import Config, UnlockMethod, check_real_path, format_duration, no_limit
 from .errors import (
     AmbiguousPoolError,
     Interrupted,
@@ -146,6 +146,24 @@ class Report:
         if self.already_loaded:
             parts.append(f"{_names(self.already_loaded)} already unlocked")
         return f"{'; '.join(parts)} in {self.elapsed:.1f} s; keystore closed"
+
+
+def _key_failure(d: DatasetInfo, path: str, exc: Exception) -> KeyLoadError:
+    """One dataset's key did not load: the error to report, naming the dataset."""
+    if isinstance(exc, KeyLoadError):
+        if exc.errno == errno.EACCES:  # zfs refused it: say which file and format
+            return KeyLoadError(
+                f"{exc} (key file {path}, keyformat={d.keyformat})", errno=exc.errno
+            )
+        return exc
+    if isinstance(exc, UnlockError):
+        return KeyLoadError(f"cannot load the key of {d.name}: {exc}", errno=exc.errno)
+    log.debug("unexpected error loading the key of %s", d.name, exc_info=exc)
+    return KeyLoadError(
+        f"cannot load the key of {d.name}: unexpected {type(exc).__name__} "
+        f"(key file {path}, keyformat={d.keyformat}; rd.lczfs.debug shows more)",
+        errno=errno.EIO,
+    )
 
 
 def _names(names: list[str]) -> str:
@@ -409,8 +427,7 @@ class Unlocker:
                         log.warning("import of %s failed, trying again: %s", c.pool, exc)
                         last_error = str(exc)
                     p.clock.sleep(IMPORT_RETRY)
-            if c.pool_guid is not None:
-                self._check_imported_guid(start, imported_by_us=True)
+            self._check_imported_guid(start, imported_by_us=True)
             if scan is None:
                 # Imported on the strength of the devices list alone: say so
                 # if that list left out a disk the pool is missing.
@@ -428,7 +445,7 @@ class Unlocker:
     def _pool_left(self, start: float) -> float | None:
         """Seconds left of the pool deadline (None: no deadline; the adapter's bound)."""
         c = self.config
-        if not c.timeout or not math.isfinite(c.timeout):
+        if no_limit(c.timeout):
             return None
         return max(c.timeout - (self.ports.clock.monotonic() - start), 0.0)
 
@@ -856,13 +873,7 @@ class Unlocker:
             # Checked at config load and again here, where it counts: a
             # mount point under a symlink (/var/run -> /run) is mounted
             # where mountinfo shows another path, and would outlive us.
-            real = p.fs.real_path(ks.mountpoint)
-            if real != ks.mountpoint:
-                raise KeystoreError(
-                    f"keystore.mountpoint = {ks.mountpoint} is not its own real path (it "
-                    f"resolves to {real}): use keystore.mountpoint = {real}",
-                    errno=errno.ELOOP,
-                )
+            check_real_path(ks.mountpoint, "keystore.mountpoint", realpath=p.fs.real_path)
             # Registered first, so it runs after the unmount.  A dry run
             # leaves an existing mount point exactly as it is; both remove
             # what they created, parents included, innermost first.
@@ -976,32 +987,12 @@ class Unlocker:
                 except KeyAlreadyLoadedError:
                     self.report.already_loaded.append(d.name)
                     continue
-                except KeyLoadError as exc:
-                    if exc.errno == errno.EACCES:
-                        exc = KeyLoadError(
-                            f"{exc} (key file {path}, keyformat={d.keyformat})", errno=exc.errno
-                        )
-                    log.error("%s", exc)
-                    errors.append(exc)
-                    continue
-                except UnlockError as exc:
-                    failed = KeyLoadError(
-                        f"cannot load the key of {d.name}: {exc}", errno=exc.errno
-                    )
-                    log.error("%s", failed)
-                    errors.append(failed)
-                    continue
                 except Exception as exc:
                     # Whatever one dataset's properties do to us, the other
                     # encryption roots are still loaded.
-                    log.debug("unexpected error loading the key of %s", d.name, exc_info=True)
-                    bad = KeyLoadError(
-                        f"cannot load the key of {d.name}: unexpected {type(exc).__name__} "
-                        f"(key file {path}, keyformat={d.keyformat}; rd.lczfs.debug shows more)",
-                        errno=errno.EIO,
-                    )
-                    log.error("%s", bad)
-                    errors.append(bad)
+                    failure = _key_failure(d, path, exc)
+                    log.error("%s", failure)
+                    errors.append(failure)
                     continue
                 finally:
                     wipe(material)
