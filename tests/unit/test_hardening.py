@@ -188,7 +188,7 @@ def test_mount_point_under_a_symlink_at_run_time_is_refused(world, make_config, 
     report = run(cfg)
     assert not report.ok
     assert "keystore.mountpoint" in str(report.error)
-    assert f"is really \"{real}/bootsecrets\"; use {real}/bootsecrets" in str(report.error)
+    assert f'is really "{real}/bootsecrets"; use {real}/bootsecrets' in str(report.error)
     assert not world.mounts and not world.mappings
 
 
