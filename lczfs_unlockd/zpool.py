@@ -15,7 +15,7 @@ import time
 from collections.abc import Sequence
 
 from . import paths
-from .errors import AmbiguousPoolError, KeyLoadError, PoolError
+from .errors import AmbiguousPoolError, KeyLoadError, PoolError, UnlockError
 from .ports import DatasetInfo, PoolScan
 from .process import CommandError, CommandTimeout, Result, run
 
@@ -157,8 +157,15 @@ def parse_properties(text: str) -> list[DatasetInfo]:
     ]
 
 
-def _timed_out(exc: CommandTimeout) -> PoolError:
-    return PoolError(f"{exc}; check the pool's disks (dmesg)", errno=errno.ETIMEDOUT)
+def _timed_out(
+    exc: CommandTimeout, error: type[PoolError | KeyLoadError] = PoolError
+) -> UnlockError:
+    return error(f"{exc}; check the pool's disks (dmesg)", errno=errno.ETIMEDOUT)
+
+
+def _limit(timeout: float | None, default: float) -> float:
+    """The caller's deadline for one call, or this adapter's bound for that kind of call."""
+    return default if timeout is None else timeout
 
 
 def _sources(sources: Sequence[str]) -> list[str]:
@@ -173,7 +180,7 @@ class ZpoolCli:
 
     def _run(self, argv: list[str], timeout: float | None, default: float) -> Result:
         try:
-            return run(argv, check=False, timeout=default if timeout is None else timeout)
+            return run(argv, check=False, timeout=_limit(timeout, default))
         except CommandTimeout as exc:
             raise _timed_out(exc) from None
 
@@ -207,7 +214,7 @@ class ZpoolCli:
     ) -> PoolScan:
         argv = [paths.ZPOOL, "import", *_sources(sources)]
         try:
-            result = run(argv, check=False, timeout=QUERY_TIMEOUT if timeout is None else timeout)
+            result = run(argv, check=False, timeout=_limit(timeout, QUERY_TIMEOUT))
         except CommandTimeout as exc:
             # Reading every label can take seconds on a slow machine, and
             # forever on a failing disk; the pool deadline must not wait for it.
@@ -247,7 +254,7 @@ class ZpoolCli:
         argv.append(str(guid) if guid is not None else pool)
         # One deadline for the whole call: the follow-up queries get what
         # the import left of it (at least a moment each).
-        end = time.monotonic() + (IMPORT_TIMEOUT if timeout is None else timeout)
+        end = time.monotonic() + _limit(timeout, IMPORT_TIMEOUT)
 
         def left() -> float:
             return max(end - time.monotonic(), FOLLOW_UP_MIN)
@@ -292,11 +299,9 @@ class ZpoolCli:
             argv.append("-r")
         argv += [",".join(_PROPERTIES), *names]
         try:
-            result = run(argv, check=False, timeout=QUERY_TIMEOUT if timeout is None else timeout)
+            result = run(argv, check=False, timeout=_limit(timeout, QUERY_TIMEOUT))
         except CommandTimeout as exc:
-            raise KeyLoadError(
-                f"{exc}; check the pool's disks (dmesg)", errno=errno.ETIMEDOUT
-            ) from None
+            raise _timed_out(exc, KeyLoadError) from None
         if result.returncode != 0:
             missing = re.findall(r"cannot open '([^']+)': dataset does not exist", result.stderr)
             if missing:
