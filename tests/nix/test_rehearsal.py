@@ -221,6 +221,33 @@ def _series(version: str) -> str:
     return ".".join(version.split(".")[:2])
 
 
+def _release(version: str) -> list[int]:
+    """Sort key of an OpenZFS release number."""
+    return [int(x) for x in version.split(".")]
+
+
+def _pip_wheel(source: Path, dest: Path) -> subprocess.CompletedProcess[str]:
+    """What buildPythonPackage does with setup.py: a wheel, no isolation, no deps."""
+    return subprocess.run(
+        [
+            PYTHON,
+            "-m",
+            "pip",
+            "wheel",
+            "--no-deps",
+            "--no-build-isolation",
+            "-q",
+            "-w",
+            str(dest),
+            ".",
+        ],
+        cwd=source,
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+
+
 def test_rehearsed_zfs_releases_bracket_the_ones_nixpkgs_ships(
     nixpkgs: Nixpkgs, zfs_sources: dict[str, Path]
 ) -> None:
@@ -254,7 +281,7 @@ def test_pyzfs_patch_and_wheel_on_real_openzfs(
     zfs_sources: dict[str, Path], tmp_path: Path, which: str
 ) -> None:
     """Issue 8, failure 2: only @VERSION@ was substituted, setup.py also has @abs_top_srcdir@."""
-    versions = sorted(zfs_sources, key=lambda v: [int(x) for x in v.split(".")])
+    versions = sorted(zfs_sources, key=_release)
     version = versions[0] if which == "oldest" else versions[-1]
     work = _patched_copy(
         zfs_sources[version], tmp_path / "pyzfs", version, ROOT / "nix" / "pyzfs-patch.sh"
@@ -262,24 +289,7 @@ def test_pyzfs_patch_and_wheel_on_real_openzfs(
     setup = (work / "setup.py").read_text()
     assert "@" not in setup.replace("support@clusterhq.com", "")
     wheels = tmp_path / "wheels"
-    proc = subprocess.run(
-        [
-            PYTHON,
-            "-m",
-            "pip",
-            "wheel",
-            "--no-deps",
-            "--no-build-isolation",
-            "-q",
-            "-w",
-            str(wheels),
-            ".",
-        ],
-        cwd=work,
-        capture_output=True,
-        text=True,
-        check=False,
-    )
+    proc = _pip_wheel(work, wheels)
     assert proc.returncode == 0, f"pyzfs {version} does not build:\n{proc.stderr[-3000:]}"
     (wheel,) = wheels.glob(f"pyzfs-{version}-*.whl")
     # pythonImportsCheck, from the wheel alone, with the pinned sonames.
@@ -304,31 +314,14 @@ def test_pyzfs_version_only_substitution_fails_on_newer_openzfs(
     zfs_sources: dict[str, Path], tmp_path: Path
 ) -> None:
     """The rehearsal does catch failure 2: the old postPatch on a release with @abs_top_srcdir@."""
-    newest = max(zfs_sources, key=lambda v: [int(x) for x in v.split(".")])
+    newest = max(zfs_sources, key=_release)
     work = tmp_path / "pyzfs"
     shutil.copytree(zfs_sources[newest], work)
     template = (work / "setup.py.in").read_text()
     if "@abs_top_srcdir@" not in template:
         pytest.skip(f"OpenZFS {newest} has no @abs_top_srcdir@")
     (work / "setup.py").write_text(template.replace("@VERSION@", newest))
-    proc = subprocess.run(
-        [
-            PYTHON,
-            "-m",
-            "pip",
-            "wheel",
-            "--no-deps",
-            "--no-build-isolation",
-            "-q",
-            "-w",
-            str(tmp_path),
-            ".",
-        ],
-        cwd=work,
-        capture_output=True,
-        text=True,
-        check=False,
-    )
+    proc = _pip_wheel(work, tmp_path)
     assert proc.returncode != 0
     assert "@abs_top_srcdir@/contrib/pyzfs" in proc.stdout + proc.stderr
 
@@ -536,7 +529,7 @@ def test_initrd_python_tree_builds_and_its_size(
             _bash(src / "nix" / "build-paths.sh", cwd=src, env=_host_inputs(tmp_path))
             deps.append(_pip_target(deps_base, name, src))
         elif name == "pyzfs":
-            newest = max(zfs_sources, key=lambda v: [int(x) for x in v.split(".")])
+            newest = max(zfs_sources, key=_release)
             work = _patched_copy(
                 zfs_sources[newest], tmp_path / "pyzfs", newest, ROOT / "nix" / "pyzfs-patch.sh"
             )
