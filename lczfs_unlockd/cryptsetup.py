@@ -505,14 +505,15 @@ class LuksVolume:
         if r >= 0:
             log.debug("a passphrase unlocked key slot %d of %s", r, self.device)
             return
-        if -r == errno.EPERM or (-r == errno.ENOENT and self._keyslot_problem() is None):
+        unusable = self._unusable_keyslots() if -r == errno.ENOENT else None
+        if -r == errno.EPERM or (-r == errno.ENOENT and unusable is None):
             # -ENOENT: libcryptsetup 2.6 says so instead of -EPERM when an
             # unbound or ignored slot sits beside the ones that refused it.
             raise WrongKeyError(
                 f"no key slot of {self.device} accepts this passphrase", errno=errno.EPERM
             )
-        if -r == errno.ENOENT:
-            raise self._no_usable_keyslot("a passphrase")
+        if unusable is not None:
+            raise self._no_usable_keyslot("a passphrase", unusable)
         raise self._activation_error("a passphrase", name, -r)
 
     def activate_by_keyfile(self, name: str | None, path: str, *, read_only: bool) -> None:
@@ -527,14 +528,15 @@ class LuksVolume:
             log.debug("key file %s unlocked key slot %d of %s", path, r, self.device)
             return
         code = -r
-        if code == errno.EPERM or (code == errno.ENOENT and self._keyslot_problem() is None):
+        unusable = self._unusable_keyslots() if code == errno.ENOENT else None
+        if code == errno.EPERM or (code == errno.ENOENT and unusable is None):
             raise WrongKeyError(
                 f"no key slot of {self.device} accepts the key file {path}: "
                 "check keystore.keyfile or add it with cryptsetup luksAddKey",
                 errno=errno.EPERM,
             )
-        if code == errno.ENOENT:
-            raise self._no_usable_keyslot(f"the key file {path}")
+        if unusable is not None:
+            raise self._no_usable_keyslot(f"the key file {path}", unusable)
         if code == errno.EINVAL and not os.access(path, os.R_OK):
             # libcryptsetup says only "Failed to open key file." with -EINVAL.
             raise KeystoreError(
@@ -566,11 +568,13 @@ class LuksVolume:
                     return None
         return unbound, ignored
 
-    def _keyslot_problem(self) -> str | None:
-        """Why no key slot can take a passphrase or key file; None if one can."""
-        slots = self._unusable_keyslots()
-        if slots is None:
-            return None
+    def _no_usable_keyslot(
+        self, method: str, slots: tuple[list[int], list[int]]
+    ) -> NoUsableKeyslotError:
+        """The error for a header none of whose key slots can take ``method``.
+
+        ``slots``: what _unusable_keyslots() found, (unbound, ignored).
+        """
         unbound, ignored = slots
         parts = []
         if ignored:
@@ -582,15 +586,11 @@ class LuksVolume:
                 f"{_slots(unbound)} {'is' if len(unbound) == 1 else 'are'} unbound "
                 "(a key, but not this volume's)"
             )
-        return "; ".join(parts) if parts else "it has no key slots at all"
-
-    def _no_usable_keyslot(self, method: str) -> NoUsableKeyslotError:
-        slots = self._unusable_keyslots()
-        problem = self._keyslot_problem() or "libcryptsetup found none it could try"
-        if slots is not None and slots[1]:
+        problem = "; ".join(parts) if parts else "it has no key slots at all"
+        if ignored:
             fix = (
                 "let the slot be used again with cryptsetup config --priority normal "
-                f"--key-slot {slots[1][0]} {self.device}"
+                f"--key-slot {ignored[0]} {self.device}"
             )
         else:
             fix = (
