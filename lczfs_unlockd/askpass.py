@@ -13,11 +13,12 @@ import math
 import os
 
 from . import paths
-from .errors import PromptError
+from .errors import CommandTimeout, PromptError
 from .process import run_secret
 from .secretbuf import wipe
 
 MAX_PASSPHRASE = 4096
+EXIT_MARGIN = 10.0  # seconds after its --timeout for systemd-ask-password to exit
 
 # The prompt's --id: "cryptsetup:<device>" is what systemd-cryptsetup gives
 # a passphrase prompt ("cryptsetup:" + cescape(source device), get_password()
@@ -80,12 +81,18 @@ class SystemdAskPassword:
     def ask(
         self, prompt: str, *, ident: str, timeout: float, keyname: str | None, accept_cached: bool
     ) -> bytearray:
-        returncode, secret, stderr = run_secret(
-            self.argv(
-                prompt, ident=ident, timeout=timeout, keyname=keyname, accept_cached=accept_cached
-            ),
-            limit=MAX_PASSPHRASE,
+        argv = self.argv(
+            prompt, ident=ident, timeout=timeout, keyname=keyname, accept_cached=accept_cached
         )
+        try:
+            returncode, secret, stderr = run_secret(
+                argv,
+                limit=MAX_PASSPHRASE,
+                # The program's own --timeout, and a margin for it to exit.
+                timeout=timeout + EXIT_MARGIN if timeout and math.isfinite(timeout) else None,
+            )
+        except CommandTimeout as exc:
+            raise PromptError(f"no passphrase was entered ({exc})") from None
         if returncode != 0:
             wipe(secret)
             reason = (

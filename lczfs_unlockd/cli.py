@@ -1,6 +1,7 @@
-"""Command line: run (default), check-config, --dry-run, --version.
+"""Command line: run (default), check-config, --dry-run, --version, --timings.
 
-The only place that picks exit codes and prints the final line.  Exit codes
+The only module that builds the real adapters and hands them to the
+sequence, and the only place that picks exit codes and prints the final line.  Exit codes
 follow systemd.exec(5)'s names: 0 success, 1 FAILURE, 6 NOTCONFIGURED (the
 configuration is missing or wrong).
 """
@@ -9,16 +10,19 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import json
 import logging
+import os
 import sys
 import time
 from collections.abc import Sequence
 
-from . import __version__, config, libc
+from . import __version__, config, libc, sequence
 from . import log as logsetup
 from .errors import ConfigError, UnlockError
 from .notify import SystemdNotifier
-from .unlock import Ports, Report, Unlocker
+from .ports import Ports
+from .report import Report
 
 log = logging.getLogger("lczfs_unlockd")
 
@@ -37,9 +41,9 @@ class SystemClock:
 def real_ports(notifier: SystemdNotifier) -> Ports:
     from .askpass import SystemdAskPassword
     from .cryptsetup import LibCryptsetup
-    from .mounts import HostFilesystem, LibcMounts
+    from .filesystem import HostFilesystem, LibcMounts
     from .units import SystemdUnits
-    from .zfskeys import PyzfsKeyLoader, read_key_file
+    from .zfskeys import PyzfsKeyLoader
     from .zpool import ZpoolCli
 
     return Ports(
@@ -52,7 +56,6 @@ def real_ports(notifier: SystemdNotifier) -> Ports:
         notifier=notifier,
         fs=HostFilesystem(),
         clock=SystemClock(),
-        read_key_file=lambda mp, path, dataset: read_key_file(mp, path, dataset=dataset),
     )
 
 
@@ -71,6 +74,12 @@ def _parser() -> argparse.ArgumentParser:
         "keys verified, not loaded, nothing masked)",
     )
     parser.add_argument("--debug", action="store_true", help="log more detail (never secrets)")
+    parser.add_argument(
+        "--timings",
+        metavar="PATH",
+        help="write when each step started and ended (CLOCK_MONOTONIC) and the memory in use "
+        "then to PATH as JSON, for bench/; no secrets",
+    )
     parser.add_argument(
         "--kernel-cmdline",
         default="/proc/cmdline",
@@ -118,6 +127,38 @@ def main(argv: Sequence[str] | None = None) -> int:
     if argv[:1] == ["run"]:
         argv = argv[1:]
     args = _parser().parse_args(argv)
+    if args.timings:
+        logsetup.record_timings()
+        logsetup.mark("main")  # the interpreter started and the daemon's modules are imported
+        try:
+            return _main(args)
+        finally:
+            _write_timings(args.timings)
+    return _main(args)
+
+
+def _write_timings(path: str) -> None:
+    logsetup.mark("exit")
+    out: dict[str, object] = {"events": logsetup.timings()}
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith(("VmHWM:", "VmPeak:")):
+                    key, value = line.split(":", 1)
+                    out[key] = int(value.split()[0]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    try:
+        fd = os.open(
+            path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW | os.O_CLOEXEC, 0o644
+        )
+        with os.fdopen(fd, "w") as f:
+            json.dump(out, f)
+    except OSError as exc:
+        log.warning("--timings %s: cannot write: %s", path, exc.strerror)
+
+
+def _main(args: argparse.Namespace) -> int:
     logsetup.setup(debug=args.debug)
     try:
         libc.forbid_core_dumps()  # before anything could hold a key
@@ -173,6 +214,6 @@ def _run(
     try:
         if cfg.debug or args.debug:
             cryptsetup.set_debug(True)
-        return Unlocker(cfg, real_ports(notifier)).run()
+        return sequence.run(cfg, real_ports(notifier))
     finally:
         cryptsetup.shutdown()

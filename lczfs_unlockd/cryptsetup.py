@@ -27,6 +27,7 @@ from dataclasses import dataclass
 from types import TracebackType
 from typing import TYPE_CHECKING
 
+from . import log as logsetup
 from . import paths
 from .errors import (
     KeystoreError,
@@ -428,6 +429,7 @@ class LuksVolume:
         lib = _begin()
         cd = self._handle()
         pin_buf = None if pin is None else _key_buffer(pin)
+        logsetup.mark("kdf")  # the key slot's KDF runs in this call: its cost is in the header
         try:
             r = int(
                 lib.crypt_activate_by_token_pin(
@@ -443,6 +445,7 @@ class LuksVolume:
             )
         finally:
             del pin_buf  # release the export so the caller may resize/zero it
+            logsetup.mark("kdf_done")
         if r >= 0:
             log.debug("a token of %s unlocked key slot %d", self.device, r)
             return
@@ -494,6 +497,7 @@ class LuksVolume:
         lib = _begin()
         cd = self._handle()
         buf = _key_buffer(passphrase)
+        logsetup.mark("kdf")
         try:
             r = int(
                 lib.crypt_activate_by_passphrase(
@@ -502,6 +506,7 @@ class LuksVolume:
             )
         finally:
             del buf
+            logsetup.mark("kdf_done")
         if r >= 0:
             log.debug("a passphrase unlocked key slot %d of %s", r, self.device)
             return
@@ -519,11 +524,13 @@ class LuksVolume:
     def activate_by_keyfile(self, name: str | None, path: str, *, read_only: bool) -> None:
         lib = _begin()
         cd = self._handle()
+        logsetup.mark("kdf")
         r = int(
             lib.crypt_activate_by_keyfile_device_offset(
                 cd, _name_arg(name), CRYPT_ANY_SLOT, os.fsencode(path), 0, 0, _flags(read_only)
             )
         )
+        logsetup.mark("kdf_done")
         if r >= 0:
             log.debug("key file %s unlocked key slot %d of %s", path, r, self.device)
             return

@@ -1,7 +1,8 @@
-"""The one domain error type and its subclasses.
+"""The one domain error type and its subclasses: every exception the daemon raises.
 
-Every message is lowercase, names the config key, dataset, device or path
-involved and says what to do.  ``errno`` becomes systemd's ``ERRNO=``.
+Imports nothing of the package, so every module can use it.  Every message
+is lowercase, names the config key, dataset, device or path involved and
+says what to do.  ``errno`` becomes systemd's ``ERRNO=``.
 Messages never contain key material.
 """
 
@@ -71,12 +72,51 @@ class PromptError(KeystoreError):
     errno = _errno.ECANCELED
 
 
+class NoSuchDatasetError(PoolError):
+    """``zfs get`` named a dataset (or zvol) that the imported pool does not have."""
+
+    errno = _errno.ENOENT
+
+
 class KeyLoadError(UnlockError):
     errno = _errno.EACCES
 
 
+class KeyFileError(KeyLoadError):
+    """The key file is missing, unsafe or malformed."""
+
+    errno = _errno.EINVAL
+
+
+class KeyRejectedError(KeyLoadError):
+    """ZFS says the wrapping key is wrong (lzc_load_key: EACCES)."""
+
+    errno = _errno.EACCES
+
+
+class KeyAlreadyLoadedError(KeyLoadError):
+    errno = _errno.EEXIST
+
+
 class TeardownError(UnlockError):
     errno = _errno.EBUSY
+
+
+class CommandTimeout(UnlockError):
+    """A program did not finish in time (it was killed, and reaped if it could be)."""
+
+    errno = _errno.ETIMEDOUT
+
+
+class CommandError(UnlockError):
+    """A program failed; the message holds the pasteable command line and its output."""
+
+    def __init__(self, command: str, returncode: int, detail: str) -> None:
+        message = f'"{command}" returned non-zero exit code {returncode}'
+        if detail:
+            message += f": {detail}"
+        super().__init__(message)
+        self.returncode = returncode
 
 
 class Interrupted(BaseException):

@@ -128,3 +128,41 @@ def step(
         log.debug("%s: failed after %.2f s", what, clock() - start)
         raise
     log.info("%s: done in %.2f s", what, clock() - start)
+
+
+# --- timings (--timings PATH) ---------------------------------------------------
+# When each stage of the run first happened, on CLOCK_MONOTONIC (systemd's
+# clock, so they line up with the unit's ExecMainStartTimestampMonotonic),
+# with the resident set size at that moment: what bench/ measures.  Off
+# unless asked for; names and numbers only.
+
+_timings: dict[str, dict[str, int | float]] | None = None
+
+
+def record_timings() -> None:
+    """From now on, :func:`mark` records (``--timings``)."""
+    global _timings
+    _timings = {}
+
+
+def _rss() -> int:
+    """VmRSS in bytes (0 if /proc cannot tell)."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmRSS:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    return 0
+
+
+def mark(event: str) -> None:
+    """The first time ``event`` happens in this run (later ones are not recorded)."""
+    if _timings is not None and event not in _timings:
+        _timings[event] = {"t": time.monotonic(), "rss": _rss()}
+
+
+def timings() -> dict[str, dict[str, int | float]] | None:
+    """What :func:`mark` recorded, None when not recording."""
+    return None if _timings is None else dict(_timings)

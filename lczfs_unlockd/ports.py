@@ -1,8 +1,11 @@
-"""The small interfaces the unlock sequence depends on.
+"""The small interfaces the boot steps depend on, and :class:`Ports`, the set of them.
 
-``unlock.py`` only talks to these protocols.  The real adapters live in
-``zpool.py``, ``zfskeys.py``, ``cryptsetup.py``, ``mounts.py``, ``units.py``,
-``askpass.py`` and ``notify.py``; the unit tests inject stateful fakes.
+The steps (``pool.py``, ``keystore.py``, ``mount.py``, ``keys.py``,
+``teardown.py``) only talk to these protocols.  The real adapters live in
+``zpool.py``, ``zfskeys.py``, ``cryptsetup.py``, ``filesystem.py``,
+``units.py``, ``askpass.py`` and ``notify.py``, and only ``cli.py`` builds
+them; the unit tests inject stateful fakes (``tests/fakes.py``).  Imports
+nothing of the package.
 """
 
 from __future__ import annotations
@@ -43,8 +46,9 @@ class DatasetInfo:
 
 class Zpool(Protocol):
     """The zpool/zfs programs.  Every call has a deadline (``timeout`` seconds;
-    None: the adapter's default bound) and raises PoolError/KeyLoadError,
-    ETIMEDOUT when it was overrun."""
+    None: the adapter's default bound) and raises PoolError (ETIMEDOUT when
+    it was overrun; NoSuchDatasetError when ``datasets`` names one that is
+    not there)."""
 
     def health(self, pool: str, *, timeout: float | None = None) -> str | None:
         """Health of an imported pool, or None when it is not imported."""
@@ -82,8 +86,15 @@ class Zpool(Protocol):
 
 
 class KeyLoader(Protocol):
+    """The ZFS keys: read a key file from the keystore, hand a wrapping key to ZFS."""
+
+    def read_key_file(self, mountpoint: str, path: str, *, dataset: str) -> bytearray:
+        """The contents of the key file ``path`` beneath ``mountpoint`` (the caller
+        wipes them); ``KeyFileError`` when it is missing, unsafe or too big."""
+
     def load_key(self, dataset: str, wrapping_key: bytearray, *, noop: bool) -> None:
-        """Raise ``WrongKeyError``-like ``KeyLoadError`` subclasses on failure."""
+        """``noop``: only check the key.  ``KeyRejectedError`` for a wrong key,
+        ``KeyAlreadyLoadedError``, else ``KeyLoadError``."""
 
 
 class MappingState(enum.Enum):
@@ -195,3 +206,18 @@ class Clock(Protocol):
     def monotonic(self) -> float: ...
 
     def sleep(self, seconds: float) -> None: ...
+
+
+@dataclass
+class Ports:
+    """Everything the steps talk to: built by ``cli.real_ports``, or fakes."""
+
+    zpool: Zpool
+    keys: KeyLoader
+    crypt: Cryptsetup
+    mounts: Mounts
+    units: Units
+    askpass: AskPassword
+    notifier: Notifier
+    fs: Filesystem
+    clock: Clock

@@ -9,16 +9,18 @@ in argv — and this module never logs input.
 
 from __future__ import annotations
 
-import errno as _errno
 import logging
 import math
 import os
 import shlex
 import subprocess
-from collections.abc import Sequence
+import time
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import TypeVar
 
-from .errors import UnlockError
+from . import log as logsetup
+from .errors import CommandError, CommandTimeout, UnlockError
 from .secretbuf import read_bounded, wipe
 
 log = logging.getLogger("lczfs_unlockd.process")
@@ -30,6 +32,8 @@ DEFAULT_TIMEOUT = 60.0
 # waiting for one) cannot die until the kernel lets go; we report it and
 # move on rather than wait forever.
 REAP_TIMEOUT = 5.0
+
+T = TypeVar("T")
 
 PATH = "/run/current-system/sw/bin:/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
 
@@ -45,23 +49,10 @@ class Result:
     def command(self) -> str:
         return shlex.join(self.argv)
 
-
-class CommandTimeout(UnlockError):
-    """A program did not finish in time (it was killed, and reaped if it could be)."""
-
-    errno = _errno.ETIMEDOUT
-
-
-class CommandError(UnlockError):
-    """A program failed; the message holds the pasteable command line and its stderr."""
-
-    def __init__(self, result: Result) -> None:
-        detail = result.stderr.strip() or result.stdout.strip()
-        message = f'"{result.command}" returned non-zero exit code {result.returncode}'
-        if detail:
-            message += f": {detail}"
-        super().__init__(message)
-        self.result = result
+    def error(self) -> CommandError:
+        """This failed run as an error: the pasteable command line and what it said."""
+        detail = self.stderr.strip() or self.stdout.strip()
+        return CommandError(self.command, self.returncode, detail)
 
 
 def _environment() -> dict[str, str]:
@@ -111,6 +102,7 @@ def _close(child: subprocess.Popen[bytes]) -> None:
 
 def _spawn(argv: tuple[str, ...]) -> subprocess.Popen[bytes]:
     log.debug("running %s", shlex.join(argv))
+    logsetup.mark("first_subprocess")
     try:
         return subprocess.Popen(
             argv,
@@ -130,6 +122,36 @@ def _bound(timeout: float | None) -> float:
     return max(timeout, 0.1)
 
 
+def _supervised(
+    argv: tuple[str, ...],
+    timeout: float | None,
+    collect: Callable[[subprocess.Popen[bytes], float | None], T],
+    on_error: Callable[[], None] = lambda: None,
+) -> T:
+    """Spawn ``argv`` and ``collect`` its output within ``timeout`` s (None: no limit).
+
+    A child that overruns is killed and reaped (or reported as stuck:
+    CommandTimeout says which).  On any exception (SIGTERM turned into
+    ``Interrupted`` included) the child is killed and ``on_error`` runs
+    before it propagates.
+    """
+    child = _spawn(argv)
+    try:
+        return collect(child, timeout)
+    except subprocess.TimeoutExpired:
+        fate = _kill(child, argv)
+        on_error()
+        raise CommandTimeout(
+            f'"{shlex.join(argv)}" did not finish within {timeout:.1f} s: {fate}'
+        ) from None
+    except BaseException:
+        _kill(child, argv)
+        on_error()
+        raise
+    finally:
+        _close(child)
+
+
 def run(
     argv: Sequence[str],
     *,
@@ -138,61 +160,59 @@ def run(
 ) -> Result:
     """Run ``argv`` within ``timeout`` s (DEFAULT_TIMEOUT when None).
 
-    A child that overruns is killed and reaped (or reported as stuck:
-    CommandTimeout says which).  On any exception (SIGTERM turned into
-    ``Interrupted`` included) the child is killed before it propagates.
-    Raise CommandError when it fails and ``check`` is set.
+    Raise CommandTimeout when it overran (it is killed), CommandError when
+    it fails and ``check`` is set.
     """
     argv = tuple(argv)
-    limit = _bound(timeout)
-    child = _spawn(argv)
-    try:
+
+    def collect(child: subprocess.Popen[bytes], limit: float | None) -> Result:
         out, err = child.communicate(timeout=limit)
-    except subprocess.TimeoutExpired:
-        fate = _kill(child, argv)
-        _close(child)
-        raise CommandTimeout(
-            f'"{shlex.join(argv)}" did not finish within {limit:.1f} s: {fate}'
-        ) from None
-    except BaseException:
-        _kill(child, argv)
-        _close(child)
-        raise
-    result = Result(
-        argv=argv,
-        returncode=child.returncode,
-        stdout=out.decode("utf-8", "replace"),
-        stderr=err.decode("utf-8", "replace"),
-    )
+        return Result(
+            argv=argv,
+            returncode=child.returncode,
+            stdout=out.decode("utf-8", "replace"),
+            stderr=err.decode("utf-8", "replace"),
+        )
+
+    result = _supervised(argv, _bound(timeout), collect)
     if check and result.returncode != 0:
-        raise CommandError(result)
+        raise result.error()
     return result
 
 
-def run_secret(argv: Sequence[str], *, limit: int = 4096) -> tuple[int, bytearray, str]:
+def run_secret(
+    argv: Sequence[str], *, limit: int = 4096, timeout: float | None = None
+) -> tuple[int, bytearray, str]:
     """Run a program that prints a secret (a passphrase) on stdout.
 
     The secret is read straight into a ``bytearray`` (no ``bytes``/``str``
     copy that could not be wiped) of at most ``limit`` bytes; the caller
-    zeroes it.  Returns (exit code, secret, stderr text).  No deadline of
-    its own: the program (systemd-ask-password --timeout) has one, and a
-    person may take their time; the child is killed if anything interrupts
-    the wait (SIGTERM included).
+    zeroes it.  Returns (exit code, secret, stderr text).  ``timeout``:
+    None or infinite only where a person answers with no deadline
+    (systemd-ask-password --timeout=0, as crypttab's timeout=0) -- the
+    daemon's start timeout still applies; the child is killed if anything
+    interrupts the wait (SIGTERM included).
     """
     argv = tuple(argv)
-    child = _spawn(argv)
     secret: bytearray | None = None
-    try:
+
+    def collect(child: subprocess.Popen[bytes], deadline: float | None) -> tuple[int, str]:
+        nonlocal secret
         assert child.stdout is not None and child.stderr is not None
-        secret = read_bounded(child.stdout.fileno(), limit)
+        end = None if deadline is None else time.monotonic() + deadline
+        try:
+            secret = read_bounded(child.stdout.fileno(), limit, deadline=end)
+        except TimeoutError:
+            raise subprocess.TimeoutExpired(argv, deadline or 0.0) from None
         stderr = child.stderr.read(65536).decode("utf-8", "replace")
-        returncode = child.wait()
-    except BaseException:
-        _kill(child, argv)
+        left = None if end is None else max(end - time.monotonic(), 0.0)
+        return child.wait(left), stderr
+
+    def forget() -> None:
         wipe(secret)
-        raise
-    finally:
-        _close(child)
+
+    bound = None if timeout is None or not math.isfinite(timeout) else max(timeout, 0.1)
+    returncode, stderr = _supervised(argv, bound, collect, forget)
     if secret is None:
         raise UnlockError(f"{argv[0]} printed more than {limit} bytes: refusing it as a passphrase")
     return returncode, secret, stderr

@@ -9,6 +9,8 @@ scratch buffer zeroed whatever happens.
 from __future__ import annotations
 
 import os
+import select
+import time
 
 
 def wipe(buf: bytearray | None) -> None:
@@ -17,16 +19,21 @@ def wipe(buf: bytearray | None) -> None:
         buf[:] = bytes(len(buf))
 
 
-def read_bounded(fd: int, limit: int) -> bytearray | None:
+def read_bounded(fd: int, limit: int, *, deadline: float | None = None) -> bytearray | None:
     """Read ``fd`` to its end; None if it holds more than ``limit`` bytes.
 
-    OSError propagates; the scratch buffer is wiped in every case.
+    ``deadline`` (time.monotonic()): TimeoutError if the end has not come by
+    then.  OSError propagates; the scratch buffer is wiped in every case.
     """
     scratch = bytearray(limit + 1)
     filled = 0
     try:
         with memoryview(scratch) as view:
             while filled <= limit:
+                if deadline is not None:
+                    left = deadline - time.monotonic()
+                    if left <= 0 or not select.select([fd], [], [], left)[0]:
+                        raise TimeoutError("the input did not end in time")
                 n = os.readv(fd, [view[filled:]])
                 if n == 0:
                     break

@@ -11,7 +11,6 @@ from __future__ import annotations
 import importlib
 import importlib.util
 import logging
-import string
 import sys
 from collections.abc import Sequence
 from typing import Any
@@ -24,36 +23,6 @@ log = logging.getLogger("lczfs_unlockd.units")
 _DEST = b"org.freedesktop.systemd1"
 _PATH = b"/org/freedesktop/systemd1"
 _MANAGER = b"org.freedesktop.systemd1.Manager"
-
-# systemd-escape(1): these pass through; "/" becomes "-", the rest \xNN.
-_VALID = set(string.ascii_letters + string.digits + ":_.")
-
-
-def escape(text: str) -> str:
-    """``systemd-escape TEXT``."""
-    out = []
-    for i, ch in enumerate(text):
-        if ch == "/":
-            out.append("-")
-        elif ch in _VALID and not (i == 0 and ch == "."):
-            out.append(ch)
-        else:
-            out.extend(f"\\x{b:02x}" for b in ch.encode())
-    return "".join(out)
-
-
-def escape_path(path: str) -> str:
-    """``systemd-escape --path PATH``."""
-    trimmed = "/".join(p for p in path.split("/") if p)
-    return escape(trimmed) if trimmed else "-"
-
-
-def mount_unit(path: str) -> str:
-    return f"{escape_path(path)}.mount"
-
-
-def cryptsetup_unit(name: str) -> str:
-    return f"systemd-cryptsetup@{escape(name)}.service"
 
 
 def _dbuslib() -> Any:

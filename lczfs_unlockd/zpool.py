@@ -15,9 +15,15 @@ import time
 from collections.abc import Sequence
 
 from . import paths
-from .errors import AmbiguousPoolError, KeyLoadError, PoolError, UnlockError
+from .errors import (
+    AmbiguousPoolError,
+    CommandTimeout,
+    NoSuchDatasetError,
+    PoolError,
+    UnlockError,
+)
 from .ports import DatasetInfo, PoolScan
-from .process import CommandError, CommandTimeout, Result, run
+from .process import Result, run
 
 # Properties read for every candidate dataset, in this order.
 _PROPERTIES = (
@@ -157,10 +163,8 @@ def parse_properties(text: str) -> list[DatasetInfo]:
     ]
 
 
-def _timed_out(
-    exc: CommandTimeout, error: type[PoolError | KeyLoadError] = PoolError
-) -> UnlockError:
-    return error(f"{exc}; check the pool's disks (dmesg)", errno=errno.ETIMEDOUT)
+def _timed_out(exc: CommandTimeout) -> UnlockError:
+    return PoolError(f"{exc}; check the pool's disks (dmesg)", errno=errno.ETIMEDOUT)
 
 
 def _limit(timeout: float | None, default: float) -> float:
@@ -192,7 +196,7 @@ class ZpoolCli:
             return result.stdout.strip() or None
         if "no such pool" in result.stderr:
             return None
-        raise PoolError(str(CommandError(result)))
+        raise PoolError(str(result.error()))
 
     def guid(self, pool: str, *, timeout: float | None = None) -> int | None:
         argv = [paths.ZPOOL, "get", "-H", "-p", "-o", "value", "guid", pool]
@@ -202,7 +206,7 @@ class ZpoolCli:
             return int(value)
         if "no such pool" in result.stderr:
             return None
-        raise PoolError(str(CommandError(result)))
+        raise PoolError(str(result.error()))
 
     def scan(
         self,
@@ -269,13 +273,13 @@ class ZpoolCli:
             or "hostid" in result.stderr
         ):
             raise PoolError(
-                f"cannot import pool {pool}: {CommandError(result)}; the pool was last used by "
+                f"cannot import pool {pool}: {result.error()}; the pool was last used by "
                 "another host: set force_import = true or fix /etc/hostid in the initrd",
                 errno=errno.EADDRINUSE,  # retrying cannot help
             )
         if "more than one matching pool" in result.stderr:
             raise self.ambiguous(pool, sources, timeout=left())
-        raise PoolError(f"cannot import pool {pool}: {CommandError(result)}")
+        raise PoolError(f"cannot import pool {pool}: {result.error()}")
 
     def ambiguous(
         self, pool: str, sources: Sequence[str], *, timeout: float | None = None
@@ -288,7 +292,7 @@ class ZpoolCli:
         result = self._run([paths.ZPOOL, "export", pool], timeout, QUERY_TIMEOUT)
         if result.returncode != 0:
             busy = errno.EBUSY if "busy" in result.stderr else errno.EIO
-            raise PoolError(f"cannot export pool {pool}: {CommandError(result)}", errno=busy)
+            raise PoolError(f"cannot export pool {pool}: {result.error()}", errno=busy)
 
     def datasets(
         self, names: Sequence[str], *, recursive: bool, timeout: float | None = None
@@ -301,13 +305,10 @@ class ZpoolCli:
         try:
             result = run(argv, check=False, timeout=_limit(timeout, QUERY_TIMEOUT))
         except CommandTimeout as exc:
-            raise _timed_out(exc, KeyLoadError) from None
+            raise _timed_out(exc) from None
         if result.returncode != 0:
             missing = re.findall(r"cannot open '([^']+)': dataset does not exist", result.stderr)
             if missing:
-                raise KeyLoadError(
-                    f"dataset {missing[0]} does not exist: fix datasets in the configuration",
-                    errno=errno.ENOENT,
-                )
-            raise KeyLoadError(str(CommandError(result)))
+                raise NoSuchDatasetError(f"dataset {missing[0]} does not exist")
+            raise PoolError(str(result.error()))
         return parse_properties(result.stdout)

@@ -23,8 +23,11 @@ from dataclasses import dataclass, field
 
 from lczfs_unlockd.errors import (
     AmbiguousPoolError,
+    KeyAlreadyLoadedError,
     KeyLoadError,
+    KeyRejectedError,
     KeystoreError,
+    NoSuchDatasetError,
     NoTokenError,
     PinRefusedError,
     PinRequiredError,
@@ -34,10 +37,9 @@ from lczfs_unlockd.errors import (
     UnlockError,
     WrongKeyError,
 )
-from lczfs_unlockd.ports import DatasetInfo, MappingState, PoolScan
+from lczfs_unlockd.ports import DatasetInfo, MappingState, PoolScan, Ports
 from lczfs_unlockd.ports import Token as LuksToken
-from lczfs_unlockd.unlock import Ports
-from lczfs_unlockd.zfskeys import KeyAlreadyLoadedError, KeyRejectedError, read_key_file
+from lczfs_unlockd.zfskeys import read_key_file
 
 HEX_KEY = "0123456789abcdef" * 4
 RAW_KEY = bytes(range(32))
@@ -328,14 +330,11 @@ class FakeZpool:
         self.w.zpool_calls.append(("datasets", tuple(names), timeout))
         self.w.hook("datasets")
         if not self.w.imported:
-            raise KeyLoadError(f"dataset {names[0]} does not exist", errno=errno.ENOENT)
+            raise NoSuchDatasetError(f"dataset {names[0]} does not exist")
         out = []
         for name in names:
             if name not in self.w.datasets:
-                raise KeyLoadError(
-                    f"dataset {name} does not exist: fix datasets in the configuration",
-                    errno=errno.ENOENT,
-                )
+                raise NoSuchDatasetError(f"dataset {name} does not exist")
             for ds in self.w.datasets.values():
                 if ds.name == name or (recursive and ds.name.startswith(name + "/")):
                     root = self.w.datasets.get(ds.encryption_root)
@@ -360,6 +359,9 @@ class FakeKeys:
     def __init__(self, world: World) -> None:
         self.w = world
         self.seen: list[bytes] = []
+
+    def read_key_file(self, mountpoint: str, path: str, *, dataset: str) -> bytearray:
+        return read_key_file(mountpoint, path, dataset=dataset)  # the real one: files are real
 
     def load_key(self, dataset: str, wrapping_key: bytearray, *, noop: bool) -> None:
         self.w.hook("load_key")
@@ -599,7 +601,7 @@ class FakeFilesystem:
         )
 
     def make_dirs(self, path: str, mode: int) -> list[str]:
-        from lczfs_unlockd.mounts import HostFilesystem
+        from lczfs_unlockd.filesystem import HostFilesystem
 
         return HostFilesystem().make_dirs(path, mode)
 
@@ -633,5 +635,4 @@ def fake_ports(world: World) -> Ports:
         notifier=FakeNotifier(world),
         fs=FakeFilesystem(world),
         clock=FakeClock(world),
-        read_key_file=lambda mp, path, ds: read_key_file(mp, path, dataset=ds),
     )

@@ -82,7 +82,7 @@ def _rehearse(stage: str, tmp: str, site_dirs: list[str]) -> None:
         if name.endswith(".py") and name != "__main__.py":
             __import__(f"{PACKAGE}.{name[:-3]}")
 
-    from lczfs_unlockd import cli, config, cryptsetup, mounts, process, units, zfskeys
+    from lczfs_unlockd import cli, config, cryptsetup, filesystem, keyformat, process, units, zfskeys
     from lczfs_unlockd import log as logsetup
     from lczfs_unlockd import notify as notifymod
 
@@ -137,10 +137,10 @@ def _rehearse(stage: str, tmp: str, site_dirs: list[str]) -> None:
     attempt("crypt", lambda: ports.crypt.open(os.path.join(tmp, "no-such-device")))
     missing_bus = "unix:path=" + os.path.join(tmp, "no-such-bus")
     attempt("units", lambda: units.SystemdUnits(missing_bus).unit_file_state("x.service"))
-    attempt("mounts", lambda: mounts.LibcMounts().is_mounted(tmp))
+    attempt("filesystem", lambda: filesystem.LibcMounts().is_mounted(tmp))
     # mount() without a type lists /proc/filesystems (encoding "ascii": the
     # VM test caught the closure missing encodings.ascii).
-    attempt("mounts", lambda: mounts._kernel_fstypes())
+    attempt("filesystem", lambda: filesystem._kernel_fstypes())
     attempt("fs", lambda: ports.fs.exists(tmp))
     attempt("run", lambda: process.run(["true"]))
     attempt("run", lambda: process.run(["false"]))
@@ -154,8 +154,8 @@ def _rehearse(stage: str, tmp: str, site_dirs: list[str]) -> None:
         f.write("00" * 32 + "\n")
     material = zfskeys.read_key_file(keydir, os.path.join(keydir, "k.key"), dataset="p/d")
     for fmt in ("hex", "passphrase"):
-        zfskeys.derive_wrapping_key(fmt, material, salt=1, iters=1, dataset="p/d", path="k")
-    attempt("raw", lambda: zfskeys.derive_wrapping_key("raw", material, salt=0, iters=0,
+        keyformat.derive_wrapping_key(fmt, material, salt=1, iters=1, dataset="p/d", path="k")
+    attempt("raw", lambda: keyformat.derive_wrapping_key("raw", material, salt=0, iters=0,
                                                        dataset="p/d", path="k"))  # fmt: skip
     attempt("keyfile", lambda: zfskeys.read_key_file(keydir, "/etc/passwd", dataset="p/d"))
     out = []

@@ -18,7 +18,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from lczfs_unlockd import cli, config
+from lczfs_unlockd import cli, config, sequence
 from lczfs_unlockd import log as logsetup
 from lczfs_unlockd.askpass import SystemdAskPassword
 from lczfs_unlockd.errors import (
@@ -28,11 +28,11 @@ from lczfs_unlockd.errors import (
     TeardownError,
     UnlockError,
 )
-from lczfs_unlockd.mounts import LibcMounts
+from lczfs_unlockd.filesystem import LibcMounts
 from lczfs_unlockd.notify import SystemdNotifier
 from lczfs_unlockd.process import CommandError, run, run_secret
-from lczfs_unlockd.units import SystemdUnits, escape, escape_path
-from lczfs_unlockd.unlock import Unlocker
+from lczfs_unlockd.unitnames import escape, escape_path
+from lczfs_unlockd.units import SystemdUnits
 from lczfs_unlockd.zfskeys import PyzfsKeyLoader
 from tests.fakes import fake_ports, seed_world
 
@@ -101,7 +101,7 @@ def test_dry_run_reports_to_a_real_notify_socket(notify_socket, tmp_path):
             "keystore": {"volume": "rpool/volumes/bootsecrets", "mountpoint": world.mountpoint},
         }
     )
-    report = Unlocker(dataclasses.replace(cfg, dry_run=True), ports).run()
+    report = sequence.run(dataclasses.replace(cfg, dry_run=True), ports)
     assert cli._finish(report, ports.notifier) == 0
     messages = drain(sock)
     assert "STATUS=importing pool rpool" in messages

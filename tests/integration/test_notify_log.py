@@ -20,7 +20,7 @@ from lczfs_unlockd import cli
 from lczfs_unlockd import log as logsetup
 from lczfs_unlockd.errors import KeyLoadError
 from lczfs_unlockd.notify import NOTIFY_MAX, STATUS_MAX, SystemdNotifier
-from lczfs_unlockd.unlock import Report
+from lczfs_unlockd.report import Report
 
 SYSTEMD_BUFFER = 4096
 

@@ -8,8 +8,9 @@ from typing import Any
 import pytest
 
 from lczfs_unlockd import config as configmod
+from lczfs_unlockd import sequence
 from lczfs_unlockd.config import Config
-from lczfs_unlockd.unlock import Report, Unlocker
+from lczfs_unlockd.report import Report
 from tests.fakes import World, fake_ports, seed_world
 
 
@@ -52,7 +53,7 @@ def run(world, caplog) -> Callable[[Config], Report]:
     caplog.set_level(logging.DEBUG, logger="lczfs_unlockd")
 
     def go(cfg: Config) -> Report:
-        return Unlocker(cfg, fake_ports(world)).run()
+        return sequence.run(cfg, fake_ports(world))
 
     return go
 

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from lczfs_unlockd.mounts import _unescape, mount_points
-from lczfs_unlockd.units import cryptsetup_unit, escape, escape_path, mount_unit
+from lczfs_unlockd.filesystem import _unescape, mount_points
+from lczfs_unlockd.unitnames import cryptsetup_unit, escape, escape_path, mount_unit
 from lczfs_unlockd.zpool import parse_import_listing, parse_properties
 
 ONLINE = """\

@@ -7,7 +7,7 @@ import os
 import signal
 import time
 
-from lczfs_unlockd import unlock
+from lczfs_unlockd import context
 from lczfs_unlockd.errors import AmbiguousPoolError, Interrupted, KeyLoadError, PoolError
 from tests.fakes import PASSPHRASE_KEY
 
@@ -98,7 +98,7 @@ def test_every_zpool_call_of_the_pool_step_has_a_deadline(world, make_config, ru
 
 def test_extension_only_during_waits(world, make_config, run, monkeypatch):
     """EXTEND_TIMEOUT_USEC while a wait runs; none while keys load (a long C call)."""
-    monkeypatch.setattr(unlock, "HEARTBEAT", 0.01)
+    monkeypatch.setattr(context, "HEARTBEAT", 0.01)
     during: list[list[str]] = []
 
     def slow_load(w):
@@ -115,7 +115,7 @@ def test_extension_only_during_waits(world, make_config, run, monkeypatch):
 
 def test_no_extension_once_a_signal_arrived(world, make_config, run, monkeypatch):
     """EXTEND_TIMEOUT_USEC also extends the stop timeout: after SIGTERM, never."""
-    monkeypatch.setattr(unlock, "HEARTBEAT", 0.01)
+    monkeypatch.setattr(context, "HEARTBEAT", 0.01)
     seen: list[int] = []
 
     def sigterm_then_wait(w):

@@ -16,12 +16,11 @@ import time
 
 import pytest
 
-from lczfs_unlockd import cli, unlock
+from lczfs_unlockd import cli, context, sequence
 from lczfs_unlockd import zpool as zpoolmod
 from lczfs_unlockd.errors import AmbiguousPoolError, Interrupted, KeystoreError
-from lczfs_unlockd.mounts import LibcMounts
+from lczfs_unlockd.filesystem import LibcMounts
 from lczfs_unlockd.process import Result
-from lczfs_unlockd.unlock import Unlocker
 from tests.fakes import FakeZpool, Token, fake_ports
 
 
@@ -47,7 +46,7 @@ def test_no_extend_timeout_during_a_token_activation_after_sigterm(
     handler cannot run until the C call returns, so signals.pending stays None
     and the heartbeat thread keeps sending EXTEND_TIMEOUT_USEC -- which also
     extends systemd's stop timeout, so SIGKILL never comes."""
-    monkeypatch.setattr(unlock, "HEARTBEAT", 0.02)
+    monkeypatch.setattr(context, "HEARTBEAT", 0.02)
     world.tokens = [Token()]
     marks: dict[str, int] = {}
 
@@ -74,7 +73,7 @@ def test_a_token_activation_with_a_hostile_kdf_cost_is_not_extended_forever(
     bounds that call, token_timeout only bounds the -EAGAIN retry loop.  The
     passphrase path rightly extends only around the prompt, not around
     activate_by_passphrase."""
-    monkeypatch.setattr(unlock, "HEARTBEAT", 0.02)
+    monkeypatch.setattr(context, "HEARTBEAT", 0.02)
     world.tokens = [Token()]
     marks: dict[str, int] = {}
 
@@ -113,7 +112,7 @@ def test_pool_guid_of_a_pool_with_another_name_is_refused_and_nothing_stays_impo
     world.pool = "tank"  # GUID 1111 is "tank" on disk; the config says rpool
     ports = fake_ports(world)
     ports.zpool = _ByGuidZpool(world)
-    report = Unlocker(make_config(pool_guid=1111, dry_run=True), ports).run()
+    report = sequence.run(make_config(pool_guid=1111, dry_run=True), ports)
     # guid("rpool") is None after the import, so _check_imported_guid passes;
     # the dry run's export looks for "rpool" and leaves "tank" imported.
     assert not world.imported, f"dry run left pool {world.pool} imported: {report.summary}"
@@ -165,12 +164,12 @@ def test_libcmounts_mount_exists_checks_the_mount_point_too(tmp_path):
     assert not LibcMounts(str(info)).mount_exists(29)
 
 
-# --- 4. exceptions outside Unlocker.run in cli.main (LOW) -------------------------
+# --- 4. exceptions outside sequence.run in cli.main (LOW) -------------------------
 
 
 def test_cli_failure_before_run_still_reports_status_and_errno(tmp_path, monkeypatch):
     """With rd.lczfs.debug / --debug, cryptsetup.set_debug() loads libcryptsetup
-    outside Unlocker.run: a missing library is a traceback, no STATUS=/ERRNO=."""
+    outside sequence.run: a missing library is a traceback, no STATUS=/ERRNO=."""
     from lczfs_unlockd import cryptsetup, libc
 
     sock_path = str(tmp_path / "notify")
@@ -248,7 +247,7 @@ def test_directories_made_before_an_interruption_are_removed(
 
     monkeypatch.setattr(os, "mkdir", mkdir)
     world.answers = ["luks pass"]
-    report = Unlocker(make_config(keystore={"mountpoint": mp}), fake_ports(world)).run()
+    report = sequence.run(make_config(keystore={"mountpoint": mp}), fake_ports(world))
     monkeypatch.setattr(os, "mkdir", real_mkdir)
     assert isinstance(report.error, Interrupted)
     left = [p for p in made if os.path.exists(p)]

@@ -9,15 +9,15 @@ import signal
 
 import pytest
 
+from lczfs_unlockd import sequence
 from lczfs_unlockd.errors import Interrupted, KeyLoadError, PoolError, TeardownError, UnlockError
-from lczfs_unlockd.unlock import Unlocker
 from tests.fakes import HEX_KEY, PASSPHRASE_KEY, RAW_KEY, Dataset, Token, fake_ports
 
 CRYPT_UNIT = r"systemd-cryptsetup@lczfs\x2dkeystore.service"
 
 
 def mount_unit_of(path: str) -> str:
-    from lczfs_unlockd.units import mount_unit
+    from lczfs_unlockd.unitnames import mount_unit
 
     return mount_unit(path)
 
@@ -635,21 +635,21 @@ def test_key_buffers_are_wiped(world, make_config):
     world.answers = ["luks pass"]
     ports = fake_ports(world)
     handed_out: list[bytearray] = []
-    real_ask, real_read = ports.askpass.ask, ports.read_key_file
+    real_ask, real_read = ports.askpass.ask, ports.keys.read_key_file
 
     def ask(*a, **kw):
         buf = real_ask(*a, **kw)
         handed_out.append(buf)
         return buf
 
-    def read(*a):
-        buf = real_read(*a)
+    def read(*a, **kw):
+        buf = real_read(*a, **kw)
         handed_out.append(buf)
         return buf
 
     ports.askpass.ask = ask
-    ports.read_key_file = read
-    assert Unlocker(make_config(), ports).run().ok
+    ports.keys.read_key_file = read
+    assert sequence.run(make_config(), ports).ok
     assert len(handed_out) == 2
     assert all(not any(buf) for buf in handed_out)
     assert ports.keys.seen  # the fake saw the real key while it was live
@@ -711,7 +711,7 @@ def test_token_without_plugin_is_named_in_the_failure(world, make_config, run, c
     assert (
         "token: token 0 (systemd-fido2): no plugin /plugins/libcryptsetup-token-systemd-fido2.so"
     ) in str(report.error)
-    assert "keystore.tokenPlugins" in str(report.error)
+    assert "put that token plugin into the initrd" in str(report.error)
 
 
 def test_token_without_plugin_beside_a_usable_one_is_warned_about(world, make_config, run, caplog):

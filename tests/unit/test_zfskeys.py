@@ -6,14 +6,10 @@ import os
 
 import pytest
 
+from lczfs_unlockd.errors import KeyFileError
+from lczfs_unlockd.keyformat import _wipe_immutable, derive_wrapping_key, key_file_path
 from lczfs_unlockd.secretbuf import read_bounded, wipe
-from lczfs_unlockd.zfskeys import (
-    KeyFileError,
-    _wipe_immutable,
-    derive_wrapping_key,
-    key_file_path,
-    read_key_file,
-)
+from lczfs_unlockd.zfskeys import read_key_file
 
 # Known answers.  The PBKDF2 vectors were computed with OpenSSL's CLI, not
 # with Python:

@@ -1,7 +1,7 @@
-"""mount(2)/umount2(2) through libc, and /proc/self/mountinfo.
+"""The file system: mount(2)/umount2(2) through libc, /proc/self/mountinfo, directories.
 
-No mount(8) is needed in the initrd.  The keystore is always mounted
-read-only, nodev, nosuid, noexec.
+The Mounts and Filesystem ports.  No mount(8) is needed in the initrd.  The
+keystore is always mounted read-only, nodev, nosuid, noexec.
 """
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ import os
 from . import libc
 from .errors import KeystoreError, TeardownError, UnlockError
 
-log = logging.getLogger("lczfs_unlockd.mounts")
+log = logging.getLogger("lczfs_unlockd.filesystem")
 
 # <linux/mount.h>
 MS_RDONLY = 1

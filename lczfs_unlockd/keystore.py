@@ -1,0 +1,335 @@
+"""Step 2, the keystore: find its zvol, open the LUKS volume read-only, close it at the end.
+
+The unlock methods are tried in ``keystore.unlock`` order: a LUKS2 token
+(TPM2, FIDO2, PKCS#11: waited for up to ``token_timeout`` while its
+hardware is absent, its PIN asked for), the key file, the passphrase
+(asked through systemd's password agents, ``tries`` times).  Any failure
+of one method falls through to the next, and the error names each.
+Secrets are wiped after every try.  ``cryptsetup.py`` is the binding;
+the policy is here.
+"""
+
+from __future__ import annotations
+
+import errno
+import functools
+import logging
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+
+from .config import UnlockMethod, format_duration
+from .context import Context
+from .errors import (
+    KeystoreError,
+    NoSuchDatasetError,
+    NoTokenError,
+    NoUsableKeyslotError,
+    PinRefusedError,
+    PinRequiredError,
+    PoolError,
+    PromptError,
+    WrongKeyError,
+)
+from .ports import LuksDevice, MappingState
+from .secretbuf import wipe
+
+log = logging.getLogger("lczfs_unlockd")
+
+ZVOL_WAIT = 30.0  # udev creates /dev/zvol/... shortly after import
+PARTITION_WAIT = 5.0  # after the zvol node, its partitions follow
+DEVICE_POLL = 0.1
+TOKEN_RETRY = 0.5
+AMBIGUOUS_TRIES = 3  # a token PIN refused for a reason that may not be the PIN
+
+
+@contextmanager
+def opened(ctx: Context) -> Iterator[str]:
+    """Wait for the keystore's zvol, open it read-only; close it again at the end.
+
+    Yields the mapping's path.  A mapping that was already open is used; a
+    real run closes it at the end whoever opened it (nothing may see the
+    keys after us), a dry run leaves it as it was found.
+    """
+    device = _wait_for_device(ctx)
+    try:
+        _open(ctx, device)
+        yield ctx.config.keystore.mapper_path
+    finally:
+        ks = ctx.config.keystore
+        ctx.guarded(
+            f"close {ks.mapper_path}",
+            functools.partial(_close_mapping, ctx),
+            functools.partial(_close_mapping, ctx, deferred=True),
+        )
+
+
+def _wait_for_device(ctx: Context) -> str:
+    c, p = ctx.config, ctx.ports
+    ks = c.keystore
+    with ctx.step(f"waiting for keystore {ks.device}", "keystore_device"), ctx.extending():
+        base = f"/dev/zvol/{ks.volume}"
+        if not p.fs.exists(base):
+            # A wrong volume name fails at once instead of after ZVOL_WAIT.
+            try:
+                p.zpool.datasets([ks.volume], recursive=False)
+            except NoSuchDatasetError:
+                raise KeystoreError(
+                    f"keystore.volume = {ks.volume}: no such zvol in pool {c.pool} "
+                    "(zfs list -t volume shows the ones there are)",
+                    errno=errno.ENOENT,
+                ) from None
+            except PoolError as exc:
+                raise KeystoreError(
+                    f"cannot look up keystore.volume = {ks.volume}: {exc}", errno=exc.errno
+                ) from None
+        start = p.clock.monotonic()
+        base_seen: float | None = None
+        while not p.fs.exists(ks.device):
+            now = p.clock.monotonic()
+            if base_seen is None and ks.partition and p.fs.exists(base):
+                base_seen = now
+            if base_seen is not None and now - base_seen >= PARTITION_WAIT:
+                raise KeystoreError(
+                    f"{base} has no partition {ks.partition}: check keystore.partition "
+                    "(0 = the whole zvol) against the zvol's partition table",
+                    errno=errno.ENOENT,
+                )
+            if now - start >= ZVOL_WAIT:
+                raise KeystoreError(
+                    f"{ks.device} did not appear within {format_duration(ZVOL_WAIT)} after "
+                    f"importing {c.pool}: check keystore.volume and keystore.partition, and "
+                    "that udev's ZFS rules (60-zvol.rules, zvol_id) are in the initrd",
+                    errno=errno.ENOENT,
+                )
+            ctx.checkpoint()
+            p.clock.sleep(DEVICE_POLL)
+        return ks.device
+
+
+def _open(ctx: Context, device: str) -> None:
+    p, ks = ctx.ports, ctx.config.keystore
+    with ctx.step(f"opening keystore {device} read-only as {ks.mapper_path}", "keystore_open"):
+        if p.crypt.status(ks.name) in (MappingState.ACTIVE, MappingState.BUSY):
+            log.warning(
+                "%s is already open (a crypttab entry?); using it%s",
+                ks.mapper_path,
+                "" if ctx.config.dry_run else ", and closing it at the end",
+            )
+            ctx.report.keystore_method = "already open"
+            return
+        luks = p.crypt.open(device)
+        try:
+            ctx.state.activated = True  # from here on, a mapping may be ours
+            ctx.report.keystore_method = _unlock(ctx, luks, device)
+        finally:
+            luks.close()
+        log.info("keystore opened with %s", ctx.report.keystore_method)
+
+
+def _unlock(ctx: Context, luks: LuksDevice, device: str) -> str:
+    ks = ctx.config.keystore
+    reasons: list[str] = []
+    for method in ks.unlock:
+        ctx.checkpoint()
+        if method is UnlockMethod.TOKEN:
+            if _try_token(ctx, luks, device, reasons):
+                return "token"
+        elif method is UnlockMethod.KEYFILE:
+            if ks.keyfile is None:
+                continue
+            try:
+                luks.activate_by_keyfile(ks.name, ks.keyfile, read_only=True)
+                return "key file"
+            except KeystoreError as exc:
+                log.warning("key file %s did not open the keystore: %s", ks.keyfile, exc)
+                reasons.append(f"key file {ks.keyfile}: {exc}")
+        elif method is UnlockMethod.PASSPHRASE and _try_passphrase(ctx, luks, device, reasons):
+            return "passphrase"
+    raise KeystoreError(
+        f"cannot open keystore {device}: " + "; ".join(reasons or ["no unlock method left"]),
+        errno=errno.EPERM,
+    )
+
+
+def _try_token(ctx: Context, luks: LuksDevice, device: str, reasons: list[str]) -> bool:
+    """Tokens, falling back to the next method on any token failure.
+
+    Only -EAGAIN (the token's hardware is not there yet) is waited for,
+    up to keystore.token_timeout; "no usable token" (no plugin, no
+    matching token) falls through at once.
+    """
+    p, ks = ctx.ports, ctx.config.keystore
+    tokens = luks.tokens()
+    if not tokens:
+        reasons.append("token: none enrolled")
+        log.info("no LUKS2 token enrolled on %s", device)
+        return False
+    unusable = [t for t in tokens if t.unusable]
+    for t in unusable:
+        log.warning("%s of %s cannot be used: %s", t.describe(), device, t.unusable)
+    if len(unusable) == len(tokens):
+        reasons.append(
+            "token: "
+            + "; ".join(f"{t.describe()}: {t.unusable}" for t in unusable)
+            + " (put that token plugin into the initrd)"
+        )
+        return False
+    start = p.clock.monotonic()
+    announced = False
+    while True:
+        ctx.checkpoint()
+        try:
+            # Not extended: besides the plugin, the call runs the key
+            # slot's KDF, whose cost is in the header whoever holds the
+            # disk can write.  Only the wait for the hardware is.
+            luks.activate_by_token(ks.name, None, read_only=True)
+            return True
+        except PinRequiredError:
+            return _try_token_pin(ctx, luks, device, reasons)
+        except NoTokenError as exc:
+            waited = p.clock.monotonic() - start
+            if exc.errno != errno.EAGAIN or waited >= ks.token_timeout:
+                reasons.append(f"token: {exc}")
+                log.warning("no token could open %s: %s", device, exc)
+                return False
+            if not announced:
+                log.info(
+                    "waiting up to %s for a security token for %s (keystore.token_timeout)",
+                    format_duration(ks.token_timeout), device,
+                )  # fmt: skip
+                ctx.status(f"waiting for a security token for {device}")
+                announced = True
+            with ctx.extending():  # bounded by token_timeout
+                p.clock.sleep(TOKEN_RETRY)
+        except KeystoreError as exc:
+            # A TPM2 unseal failing after a firmware update, a plugin
+            # error...: exactly when the passphrase must still work.
+            reasons.append(f"token: {exc}")
+            log.warning("token did not open %s: %s", device, exc)
+            return False
+
+
+def _ask(ctx: Context, prompt: str, device: str, *, kind: str, first: bool) -> bytearray:
+    ks = ctx.config.keystore
+    ctx.status(f"asking for the {kind} of keystore {device}")
+    passphrase = kind == "passphrase"
+    with ctx.extending():  # a person is typing
+        return ctx.ports.askpass.ask(
+            prompt,
+            # A passphrase prompt in systemd-cryptsetup's own form, so
+            # every agent that answers crypttab prompts (clevis' askpass
+            # matches "cryptsetup:") answers ours.  Not a PIN prompt:
+            # systemd gives those no such id, and an agent answering a
+            # PIN with the volume's passphrase burns TPM lockout tries.
+            ident=f"cryptsetup:{device}" if passphrase else f"lczfs-unlockd:{device}",
+            timeout=ks.prompt_timeout,
+            # A passphrase is shared with systemd-cryptsetup through the
+            # kernel keyring (typed once for several volumes); a PIN is not.
+            keyname="cryptsetup" if passphrase else None,
+            accept_cached=first and passphrase,
+        )
+
+
+def _try_token_pin(ctx: Context, luks: LuksDevice, device: str, reasons: list[str]) -> bool:
+    ks = ctx.config.keystore
+    try:
+        return _ask_until_right(
+            ctx,
+            device,
+            reasons,
+            kind="token PIN",
+            prompt=f"Please enter the security token PIN for keystore {ks.volume}:",
+            activate=lambda pin: luks.activate_by_token(ks.name, pin, read_only=True),
+            # WrongKeyError (-EPERM) is no PIN problem: the token's key
+            # opens no key slot, whatever the PIN; it falls through.
+            wrong=(PinRequiredError,),
+            ambiguous=PinRefusedError,
+        )
+    except KeystoreError as exc:
+        reasons.append(f"token: {exc}")
+        log.warning("token did not open %s: %s", device, exc)
+        return False
+
+
+def _try_passphrase(ctx: Context, luks: LuksDevice, device: str, reasons: list[str]) -> bool:
+    ks = ctx.config.keystore
+    try:
+        return _ask_until_right(
+            ctx,
+            device,
+            reasons,
+            kind="passphrase",
+            prompt=f"Please enter the passphrase for keystore {ks.volume}:",
+            activate=lambda passphrase: luks.activate_by_passphrase(
+                ks.name, passphrase, read_only=True
+            ),
+            wrong=(WrongKeyError,),
+        )
+    except NoUsableKeyslotError as exc:
+        # No slot can take a passphrase at all: asking again cannot help.
+        reasons.append(f"passphrase: {exc}")
+        log.warning("no passphrase can open %s: %s", device, exc)
+        return False
+
+
+def _ask_until_right(
+    ctx: Context,
+    device: str,
+    reasons: list[str],
+    *,
+    kind: str,
+    prompt: str,
+    activate: Callable[[bytearray], None],
+    wrong: tuple[type[KeystoreError], ...],
+    ambiguous: type[KeystoreError] | None = None,
+) -> bool:
+    """Ask and try up to keystore.tries times; the answer is wiped after each try.
+
+    An ``ambiguous`` refusal (the answer may be right and something else
+    broken) is given AMBIGUOUS_TRIES in a row at most, even with tries = 0.
+    """
+    tries = ctx.config.keystore.tries
+    of = f" of {tries}" if tries else ""
+    attempt = 0
+    refused = 0
+    while tries == 0 or attempt < tries:
+        ctx.checkpoint()
+        attempt += 1
+        try:
+            secret = _ask(ctx, prompt, device, kind=kind, first=attempt == 1)
+        except PromptError as exc:
+            reasons.append(f"{kind}: {exc}")
+            return False
+        try:
+            activate(secret)
+            return True
+        except wrong as exc:
+            if ambiguous is not None and isinstance(exc, ambiguous):
+                refused += 1
+                log.warning("%s (try %d%s)", exc, attempt, of)
+                if refused >= AMBIGUOUS_TRIES:
+                    reasons.append(f"{kind}: refused {refused} times in a row: {exc}")
+                    return False
+            else:
+                refused = 0
+                log.warning("wrong %s for keystore %s (try %d%s)", kind, device, attempt, of)
+            ctx.status(f"wrong {kind} for keystore {device} (try {attempt}{of})")
+        finally:
+            wipe(secret)
+    reasons.append(f"{kind}: wrong {tries} times")
+    return False
+
+
+def ours(ctx: Context) -> bool:
+    """The mapping is ours to close: a real run closes any, a dry run only its own."""
+    return ctx.state.activated or not ctx.config.dry_run
+
+
+def _close_mapping(ctx: Context, *, deferred: bool = False) -> None:
+    p, ks = ctx.ports, ctx.config.keystore
+    if ours(ctx) and p.crypt.status(ks.name) in (MappingState.ACTIVE, MappingState.BUSY):
+        p.crypt.deactivate(ks.name, deferred=deferred)
+        if deferred:
+            log.warning("%s will be removed when its last user closes it", ks.mapper_path)
+        else:
+            log.info("closed %s", ks.mapper_path)
