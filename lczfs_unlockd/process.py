@@ -34,6 +34,7 @@ DEFAULT_TIMEOUT = 60.0
 REAP_TIMEOUT = 5.0
 
 T = TypeVar("T")
+STDERR_LIMIT = 65536  # what run_secret keeps of a prompt program's stderr
 
 PATH = "/run/current-system/sw/bin:/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
 
@@ -202,9 +203,13 @@ def run_secret(
         end = None if deadline is None else time.monotonic() + deadline
         try:
             secret = read_bounded(child.stdout.fileno(), limit, deadline=end)
+            # Its stderr ends when the program (and whatever inherited it) does.
+            err = read_bounded(child.stderr.fileno(), STDERR_LIMIT, deadline=end)
         except TimeoutError:
             raise subprocess.TimeoutExpired(argv, deadline or 0.0) from None
-        stderr = child.stderr.read(65536).decode("utf-8", "replace")
+        stderr = (
+            "(more on stderr than it could say)" if err is None else err.decode(errors="replace")
+        )
         left = None if end is None else max(end - time.monotonic(), 0.0)
         return child.wait(left), stderr
 

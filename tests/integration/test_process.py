@@ -82,3 +82,42 @@ def test_the_daemon_forbids_core_dumps():
         [sys.executable, "-c", code], capture_output=True, text=True, check=True
     ).stdout
     assert out.strip() == "0"
+
+
+# --- run_secret: the prompt's pipe has a deadline too ------------------------
+
+
+def test_a_secret_program_that_never_answers_is_killed_at_its_deadline():
+    start = time.monotonic()
+    with pytest.raises(CommandTimeout, match="within 0.5 s: killed"):
+        process.run_secret(["sleep", "30"], timeout=0.5)
+    assert time.monotonic() - start < 3
+    with pytest.raises(ChildProcessError):
+        os.waitpid(-1, os.WNOHANG)  # reaped
+
+
+def test_a_secret_program_that_closes_stdout_but_does_not_exit_is_killed():
+    """The answer arrived, the program hangs on: the wait for its exit has the deadline."""
+    with pytest.raises(CommandTimeout):
+        process.run_secret(["sh", "-c", "printf pw; exec >&-; sleep 30"], timeout=0.5)
+
+
+def test_a_secret_is_read_whole_within_its_deadline():
+    code, secret, _ = process.run_secret(["printf", "pass word"], timeout=5)
+    assert (code, bytes(secret)) == (0, b"pass word")
+
+
+def test_a_prompt_that_outlives_its_deadline_is_a_prompt_error(monkeypatch, tmp_path):
+    """systemd-ask-password not exiting after its --timeout: PromptError, the next method runs."""
+    from lczfs_unlockd import askpass
+    from lczfs_unlockd.errors import PromptError
+
+    stuck = tmp_path / "ask"
+    stuck.write_text("#!/bin/sh\nsleep 30\n")
+    stuck.chmod(0o755)
+    monkeypatch.setattr(askpass, "EXIT_MARGIN", 0.2)
+    agent = askpass.SystemdAskPassword(program=str(stuck))
+    start = time.monotonic()
+    with pytest.raises(PromptError, match="no passphrase was entered .*did not finish within"):
+        agent.ask("pw?", ident="cryptsetup:/dev/x", timeout=0.3, keyname=None, accept_cached=False)
+    assert time.monotonic() - start < 3

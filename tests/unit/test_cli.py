@@ -85,3 +85,65 @@ def test_version(capsys):
         cli.main(["--version"])
     assert info.value.code == 0
     assert capsys.readouterr().out.startswith("lczfs-unlockd 0.1.0")
+
+
+# --- --timings: the bench's hook ------------------------------------------------
+
+
+def test_timings_record_every_step_in_boot_order(world, wired, tmp_path):
+    import json
+
+    cfg, cmdline = wired
+    world.answers = ["luks pass"]
+    out = tmp_path / "timing.json"
+    args = ["--config", str(cfg), "--kernel-cmdline", str(cmdline), "--timings", str(out)]
+    assert cli.main(args) == 0
+    data = json.loads(out.read_text())
+    events = data["events"]
+    order = [
+        "main", "pool", "pool_done", "keystore_device", "keystore_device_done",
+        "keystore_open", "keystore_open_done", "mount", "mount_done", "keys", "keys_done", "exit",
+    ]  # fmt: skip
+    assert [e for e in sorted(events, key=lambda e: events[e]["t"]) if e in order] == order
+    assert all(events[e]["rss"] > 0 for e in order)
+    assert data["VmHWM"] > 0 and data["VmPeak"] > 0
+    assert "luks pass" not in out.read_text()
+    assert out.stat().st_mode & 0o777 == 0o644
+
+
+def test_timings_are_written_when_the_run_fails(world, wired, tmp_path):
+    import json
+
+    cfg, cmdline = wired
+    world.answers = []  # the prompt is cancelled: the run fails
+    out = tmp_path / "timing.json"
+    args = ["--config", str(cfg), "--kernel-cmdline", str(cmdline), "--timings", str(out)]
+    assert cli.main(args) == cli.EXIT_FAILURE
+    events = json.loads(out.read_text())["events"]
+    assert {"main", "pool_done", "keystore_open", "exit"} <= set(events)
+    assert "keys" not in events
+
+
+def test_timings_never_follow_a_symlink(world, wired, tmp_path, capfd):
+    cfg, cmdline = wired
+    world.answers = ["luks pass"]
+    victim = tmp_path / "victim"
+    victim.write_text("keep me\n")
+    link = tmp_path / "timing.json"
+    link.symlink_to(victim)
+    args = ["--config", str(cfg), "--kernel-cmdline", str(cmdline), "--timings", str(link)]
+    assert cli.main(args) == 0  # the unlock itself is not failed by it
+    assert victim.read_text() == "keep me\n"
+    assert f"--timings {link}: cannot write: Too many levels of symbolic links" in (
+        capfd.readouterr().err
+    )
+
+
+def test_without_timings_nothing_is_recorded(world, wired):
+    from lczfs_unlockd import log as logsetup
+
+    cfg, cmdline = wired
+    world.answers = ["luks pass"]
+    logsetup._timings = None
+    assert cli.main(["--config", str(cfg), "--kernel-cmdline", str(cmdline)]) == 0
+    assert logsetup.timings() is None
