@@ -4,8 +4,10 @@ the signals, and the little state the steps share.
 Also the three things every step does the same way: announce itself
 (:meth:`Context.step`: the journal and ``STATUS=``), keep systemd from
 timing out while it waits for something with a deadline of its own
-(:meth:`Context.extending`), and undo what it made (:meth:`Context.guarded`:
-one teardown action, EBUSY retried, a failure recorded, never raised).
+(:meth:`Context.extending`), and undo what it makes (:meth:`Context.on_exit`:
+registered *before* the thing exists, on the one ``ExitStack`` of the run;
+run by :meth:`Context.guarded`: EBUSY retried, a failure recorded, never
+raised).
 """
 
 from __future__ import annotations
@@ -17,7 +19,7 @@ import signal
 import socket
 import threading
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field
 from types import FrameType
 
@@ -108,7 +110,6 @@ class State:
     created_dirs: list[str] = field(default_factory=list)  # made by this run, outermost first
     mount_id: int | None = None  # the keystore's mount, once mounted
     mounting: bool = False  # mount(2) was called: the path may hold our mount
-    export_pool: bool = False  # a dry run imported the pool (or tried to): export it
     tearing_down: bool = False
 
 
@@ -119,6 +120,9 @@ class Context:
         self.report = Report(dry_run=config.dry_run)
         self.signals = Signals()
         self.state = State()
+        # The undo actions, last registered first run; the sequence unwinds
+        # it after :meth:`tear_down`, so that nothing interrupts them.
+        self.undo = ExitStack()
 
     def status(self, text: str) -> None:
         self.ports.notifier.send(STATUS=text)
@@ -174,8 +178,19 @@ class Context:
             stop_reader.close()
             stop_writer.close()
 
+    def on_exit(
+        self, what: str, action: Callable[[], None], fallback: Callable[[], None] | None = None
+    ) -> None:
+        """Undo something at the end of the run, whatever way it ends.
+
+        Called *before* the thing is made: the action checks what is really
+        there, so a signal between a C call returning and the next line
+        leaves nothing behind.
+        """
+        self.undo.callback(self.guarded, what, action, fallback)
+
     def tear_down(self) -> None:
-        """From here on nothing interrupts: the first teardown action calls this."""
+        """From here on nothing interrupts (the sequence calls it before unwinding)."""
         self.signals.interruptible = False
         if not self.state.tearing_down:
             self.state.tearing_down = True
@@ -191,7 +206,6 @@ class Context:
         still fails, ``fallback`` (lazy unmount, deferred removal) makes sure
         the thing goes away once its last user lets go — still reported.
         """
-        self.tear_down()
         for attempt in range(1, BUSY_RETRIES + 1):
             try:
                 action()

@@ -62,7 +62,7 @@ def _targets(ctx: Context) -> list[DatasetInfo]:
     return targets
 
 
-def load(ctx: Context) -> None:
+def load_keys(ctx: Context) -> None:
     """Load (a dry run: verify) the key of every target; the others still load if one fails."""
     c, p = ctx.config, ctx.ports
     verb = "verifying" if c.dry_run else "loading"

@@ -14,8 +14,7 @@ from __future__ import annotations
 import errno
 import functools
 import logging
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
 
 from .config import UnlockMethod, format_duration
 from .context import Context
@@ -42,25 +41,24 @@ TOKEN_RETRY = 0.5
 AMBIGUOUS_TRIES = 3  # a token PIN refused for a reason that may not be the PIN
 
 
-@contextmanager
-def opened(ctx: Context) -> Iterator[str]:
+def open_keystore(ctx: Context) -> str:
     """Wait for the keystore's zvol, open it read-only; close it again at the end.
 
-    Yields the mapping's path.  A mapping that was already open is used; a
+    Returns the mapping's path.  A mapping that was already open is used; a
     real run closes it at the end whoever opened it (nothing may see the
     keys after us), a dry run leaves it as it was found.
     """
     device = _wait_for_device(ctx)
-    try:
-        _open(ctx, device)
-        yield ctx.config.keystore.mapper_path
-    finally:
-        ks = ctx.config.keystore
-        ctx.guarded(
-            f"close {ks.mapper_path}",
-            functools.partial(_close_mapping, ctx),
-            functools.partial(_close_mapping, ctx, deferred=True),
-        )
+    ks = ctx.config.keystore
+    # Before activation: closes the mapping when we leave, even if the
+    # signal lands between activation and the next line.
+    ctx.on_exit(
+        f"close {ks.mapper_path}",
+        functools.partial(_close_mapping, ctx),
+        functools.partial(_close_mapping, ctx, deferred=True),
+    )
+    _open(ctx, device)
+    return ks.mapper_path
 
 
 def _wait_for_device(ctx: Context) -> str:

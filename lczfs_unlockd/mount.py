@@ -12,8 +12,6 @@ from __future__ import annotations
 import errno
 import functools
 import logging
-from collections.abc import Iterator
-from contextlib import contextmanager
 
 from .config import check_real_path
 from .context import Context
@@ -23,33 +21,30 @@ from .unitnames import mount_unit
 log = logging.getLogger("lczfs_unlockd")
 
 
-@contextmanager
-def mounted(ctx: Context, device: str) -> Iterator[str]:
-    """Mount ``device`` read-only on keystore.mountpoint; yield the mount point."""
+def mount_keystore(ctx: Context, device: str) -> str:
+    """Mount ``device`` read-only on keystore.mountpoint; return the mount point."""
     p, mp = ctx.ports, ctx.config.keystore.mountpoint
-    try:
-        with ctx.step(f"mounting {device} read-only on {mp}", "mount"):
-            # Checked at config load and again here, where it counts.
-            check_real_path(mp, "keystore.mountpoint", realpath=p.fs.real_path)
-            if not (ctx.config.dry_run and p.fs.exists(mp)):
-                ctx.state.created_dirs = p.fs.make_dirs(mp, 0o700)
-            if p.mounts.is_mounted(mp):
-                raise KeystoreError(
-                    f"something is already mounted on {mp}: remove the old {mount_unit(mp)} / "
-                    "fstab entry, or choose another keystore.mountpoint",
-                    errno=errno.EBUSY,
-                )
-            ctx.state.mounting = True
-            ctx.state.mount_id = p.mounts.mount(device, mp, "")
-        yield mp
-    finally:
-        ctx.guarded(
+    with ctx.step(f"mounting {device} read-only on {mp}", "mount"):
+        # Checked at config load and again here, where it counts.
+        check_real_path(mp, "keystore.mountpoint", realpath=p.fs.real_path)
+        # First, so it runs after the unmount; parents included, innermost first.
+        ctx.on_exit("remove created directories", functools.partial(_remove_created_dirs, ctx))
+        if not (ctx.config.dry_run and p.fs.exists(mp)):
+            ctx.state.created_dirs = p.fs.make_dirs(mp, 0o700)
+        if p.mounts.is_mounted(mp):
+            raise KeystoreError(
+                f"something is already mounted on {mp}: remove the old {mount_unit(mp)} / "
+                "fstab entry, or choose another keystore.mountpoint",
+                errno=errno.EBUSY,
+            )
+        ctx.on_exit(
             f"unmount {mp}",
             functools.partial(_unmount, ctx),
             functools.partial(_unmount, ctx, lazy=True),
         )
-        # After the unmount; parents included, innermost first.
-        ctx.guarded("remove created directories", functools.partial(_remove_created_dirs, ctx))
+        ctx.state.mounting = True
+        ctx.state.mount_id = p.mounts.mount(device, mp, "")
+    return mp
 
 
 def still_mounted(ctx: Context) -> bool:

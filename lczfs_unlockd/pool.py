@@ -13,8 +13,6 @@ import errno
 import functools
 import logging
 import math
-from collections.abc import Iterator
-from contextlib import contextmanager
 
 from .config import format_duration, no_limit
 from .context import Context
@@ -29,21 +27,11 @@ IMPORT_RETRY = 1.0
 TEARDOWN_CALL_TIMEOUT = 30.0  # each zpool call during teardown (dry-run export, verification)
 
 
-@contextmanager
-def imported(ctx: Context) -> Iterator[None]:
+def import_pool(ctx: Context) -> None:
     """Wait for the pool's disks and import it; after a dry run, export it again.
 
     A pool that was imported before is used as it is and left imported.
     """
-    try:
-        _import(ctx)
-        yield
-    finally:
-        if ctx.state.export_pool:
-            ctx.guarded(f"export {ctx.config.pool}", functools.partial(_export_if_imported, ctx))
-
-
-def _import(ctx: Context) -> None:
     c, p = ctx.config, ctx.ports
     with ctx.step(f"importing pool {c.pool}", "pool"), ctx.extending():
         # The deadline counts from here: the first zpool call alone can
@@ -55,8 +43,9 @@ def _import(ctx: Context) -> None:
             ctx.report.pool_imported_before = True  # not ours to export
             _check_imported_guid(ctx, start, imported_by_us=False)
             return
-        # Before the import: a dry run exports whatever got imported.
-        ctx.state.export_pool = c.dry_run
+        if c.dry_run:
+            # Before the import: exports only if it got imported.
+            ctx.on_exit(f"export {c.pool}", functools.partial(_export_if_imported, ctx))
         last_error = ""
         while True:
             scan = _wait_for_pool(ctx, start)

@@ -1,11 +1,11 @@
 """The boot, in order: pool, keystore, mount, keys — then teardown and the report.
 
-Each step is a context manager that undoes what it made when it is left,
-whatever way it is left: its ``finally`` covers the resource from before it
-exists, so a failure or a SIGTERM at any point — even between a C call
-returning and the next line — leaves nothing mounted, mapped or imported
-that was not there before.  Nothing interrupts the teardown, and it is
-verified afterwards.
+Each step registers the undoing of what it makes on the run's one
+``ExitStack`` *before* making it (the undo checks what is really there), so
+a failure or a SIGTERM at any point — even between a C call returning and
+the next line — leaves nothing mounted, mapped or imported that was not
+there before.  Before the stack unwinds, signals stop interrupting: the
+teardown runs whole, and is verified afterwards.
 """
 
 from __future__ import annotations
@@ -35,15 +35,16 @@ def run(config: Config, ports: Ports) -> Report:
     try:
         with ctx.signals.installed():
             try:
-                with (
-                    teardown.masking(ctx),  # left last: after the unmount and the close
-                    pool.imported(ctx),
-                    keystore.opened(ctx) as device,
-                    mount.mounted(ctx, device),
-                ):
-                    keys.load(ctx)
+                with ctx.undo:
+                    try:
+                        teardown.mask_at_end(ctx)  # registered first: runs last
+                        pool.import_pool(ctx)
+                        device = keystore.open_keystore(ctx)
+                        mount.mount_keystore(ctx, device)
+                        keys.load_keys(ctx)
+                    finally:
+                        ctx.tear_down()  # before the undo actions run
             finally:
-                ctx.tear_down()
                 teardown.verify(ctx)
     except (UnlockError, Interrupted) as exc:
         ctx.report.error = exc

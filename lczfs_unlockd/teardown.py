@@ -1,7 +1,7 @@
 """Step 5, the teardown: mask what could reopen the keystore, then verify that
 nothing of this run is left.
 
-Each step undoes its own resource when it is left (``Context.guarded``:
+Each step registers the undoing of its own resource (``Context.on_exit``:
 EBUSY retried, a failure recorded and the rest still run); this module adds
 the last action, masking, and the check afterwards that the mount, the
 directories, the mapping, the imported pool of a dry run are really gone
@@ -12,8 +12,6 @@ from __future__ import annotations
 
 import functools
 import logging
-from collections.abc import Iterator
-from contextlib import contextmanager
 
 from . import keystore, mount, pool
 from .context import Context
@@ -30,15 +28,11 @@ def units_to_mask(ctx: Context) -> list[str]:
     return list(dict.fromkeys(units))
 
 
-@contextmanager
-def masking(ctx: Context) -> Iterator[None]:
+def mask_at_end(ctx: Context) -> None:
     """At the very end of a real run (after unmount and close): stop and mask
     the units that could open or mount the keystore again before switch-root."""
-    try:
-        yield
-    finally:
-        if not ctx.config.dry_run:
-            ctx.guarded("mask units", functools.partial(_mask, ctx))
+    if not ctx.config.dry_run:
+        ctx.on_exit("mask units", functools.partial(_mask, ctx))
 
 
 def _mask(ctx: Context) -> None:

@@ -133,11 +133,11 @@ def test_sequence_reads_like_the_boot():
     order = [
         text.index(call)
         for call in (
-            "teardown.masking(",
-            "pool.imported(",
-            "keystore.opened(",
-            "mount.mounted(",
-            "keys.load(",
+            "teardown.mask_at_end(",
+            "pool.import_pool(",
+            "keystore.open_keystore(",
+            "mount.mount_keystore(",
+            "keys.load_keys(",
             "teardown.verify(",
         )
     ]
