@@ -13,6 +13,27 @@ from lczfs_unlockd.config import Config
 from lczfs_unlockd.report import Report
 from tests.fakes import World, fake_ports, seed_world
 
+# Shared by the tests of the sequence's steps (test_sequence, test_pool,
+# test_keystore, test_keys, test_teardown): imported from here, where
+# pytest rewrites the asserts, rather than from tests/fakes.py.
+
+CRYPT_UNIT = r"systemd-cryptsetup@lczfs\x2dkeystore.service"
+
+
+def mount_unit_of(path: str) -> str:
+    from lczfs_unlockd.unitnames import mount_unit
+
+    return mount_unit(path)
+
+
+def assert_clean(world, *, masked: bool = True) -> None:
+    assert world.clean(), (world.mappings, world.mounts)
+    if masked:
+        assert world.masked.get(CRYPT_UNIT) == "masked-runtime"
+        assert world.masked.get(mount_unit_of(world.mountpoint)) == "masked-runtime"
+    else:
+        assert world.masked == {}
+
 
 @pytest.fixture
 def mountpoint(tmp_path) -> str:

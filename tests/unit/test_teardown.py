@@ -1,0 +1,197 @@
+"""The teardown (lczfs_unlockd/teardown.py, Context.guarded): failure and SIGTERM at every step,
+EBUSY retries, masking, verification."""
+
+from __future__ import annotations
+
+import errno
+import logging
+import os
+import signal
+
+import pytest
+
+from lczfs_unlockd.errors import Interrupted, TeardownError, UnlockError
+from tests.unit.conftest import CRYPT_UNIT, assert_clean
+
+
+def config_reaching(step, make_config):
+    # With every listed device present the pool is imported without a scan:
+    # the scan step needs a configuration without a devices list.
+    return make_config(devices=[]) if step == "scan" else make_config()
+
+
+STEPS = [
+    "scan",
+    "import",
+    "datasets",
+    "luks_open",
+    "ask",
+    "passphrase",
+    "activate",
+    "mount",
+    "load_key",
+]
+
+
+@pytest.mark.parametrize("step", STEPS)
+def test_failure_at_every_step_leaves_nothing(world, make_config, run, step):
+    world.answers = ["luks pass"]
+
+    def fail(_w):
+        raise UnlockError(f"injected failure at {step}")
+
+    world.hooks[step] = fail
+    report = run(config_reaching(step, make_config))
+    assert not report.ok
+    assert f"injected failure at {step}" in str(report.error)
+    assert_clean(world)
+    assert world.loaded_keys() == {"rpool/crypt": False}
+
+
+@pytest.mark.parametrize("step", [*STEPS, "sleep"])
+def test_sigterm_at_every_step_leaves_nothing(world, make_config, run, step):
+    world.answers = ["luks pass"]
+    if step == "sleep":
+        world.disks = {"/dev/disk/by-id/nvme-disk-part2": False}
+        world.appear_at = {"/dev/disk/by-id/nvme-disk-part2": 2.0}
+    fired = []
+
+    def sigterm(_w):
+        if not fired:
+            fired.append(True)
+            os.kill(os.getpid(), signal.SIGTERM)
+
+    world.hooks[step] = sigterm
+    report = run(config_reaching(step, make_config))
+    assert fired
+    assert isinstance(report.error, Interrupted)
+    assert "received SIGTERM" in str(report.error)
+    assert report.errno == errno.EINTR
+    assert_clean(world)
+    # the handler is removed again afterwards
+    assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL
+
+
+def test_sigterm_during_teardown_does_not_interrupt_it(world, make_config, run):
+    world.answers = ["luks pass"]
+    world.hooks["unmount"] = lambda w: os.kill(os.getpid(), signal.SIGTERM)
+    report = run(make_config())
+    assert_clean(world)
+    assert isinstance(report.error, Interrupted)
+    assert "during teardown" in str(report.error)
+
+
+def test_sigterm_swallowed_inside_a_callback_is_raised_at_the_next_checkpoint(
+    world, make_config, run
+):
+    """A raise inside a ctypes log callback is lost; the recorded signal is not."""
+    world.answers = ["luks pass"]
+
+    def swallowed(_w):
+        try:
+            os.kill(os.getpid(), signal.SIGTERM)
+        except BaseException:  # what ctypes does with an exception in a callback
+            pass
+
+    world.hooks["activate"] = swallowed
+    report = run(make_config())
+    assert isinstance(report.error, Interrupted)
+    assert world.loaded_keys() == {"rpool/crypt": False}
+    assert_clean(world)
+
+
+def test_sigterm_while_logging_is_not_swallowed(world, make_config, run, caplog):
+    world.answers = ["luks pass"]
+
+    class Bomb(logging.Handler):
+        fired = False
+
+        def emit(self, record):
+            if not Bomb.fired and "keystore opened" in record.getMessage():
+                Bomb.fired = True
+                os.kill(os.getpid(), signal.SIGTERM)
+
+    handler = Bomb()
+    logging.getLogger("lczfs_unlockd").addHandler(handler)
+    try:
+        report = run(make_config())
+    finally:
+        logging.getLogger("lczfs_unlockd").removeHandler(handler)
+    assert Bomb.fired
+    assert isinstance(report.error, Interrupted)
+    assert_clean(world)
+
+
+def test_teardown_failure_is_reported_and_the_rest_still_runs(world, make_config, run, caplog):
+    world.answers = ["luks pass"]
+
+    def refuse(_w):
+        raise TeardownError("cannot unmount: Device or resource busy", errno=errno.EBUSY)
+
+    world.hooks["unmount"] = refuse
+    world.hooks["unmount_lazy"] = refuse
+    report = run(make_config())
+    assert not report.ok
+    assert isinstance(report.error, TeardownError)
+    assert f"{world.mountpoint} is still mounted" in str(report.error)
+    assert "deferred-deactivate lczfs-keystore" in world.events
+    # mask ran although unmount and close failed
+    assert world.masked.get(CRYPT_UNIT) == "masked-runtime"
+    assert f"left behind: {world.mountpoint} is still mounted" in caplog.text
+
+
+def test_transiently_busy_teardown_is_retried(world, make_config, run):
+    world.answers = ["luks pass"]
+    busy = {"unmount": 3, "deactivate": 2}
+
+    def flaky(name):
+        def hook(_w):
+            if busy[name] > 0:
+                busy[name] -= 1
+                raise TeardownError(f"{name}: Device or resource busy", errno=errno.EBUSY)
+
+        return hook
+
+    world.hooks["unmount"] = flaky("unmount")
+    world.hooks["deactivate"] = flaky("deactivate")
+    report = run(make_config())
+    assert report.ok, report.error
+    assert busy == {"unmount": 0, "deactivate": 0}
+    assert_clean(world)
+
+
+def test_dry_run_export_retried_while_busy(world, make_config, run):
+    world.answers = ["luks pass"]
+    left = [2]
+
+    def busy_export(_w):
+        if left[0]:
+            left[0] -= 1
+            raise UnlockError("cannot export 'rpool': pool is busy", errno=errno.EBUSY)
+
+    world.hooks["export"] = busy_export
+    report = run(make_config(dry_run=True))
+    assert report.ok, report.error
+    assert not world.imported
+
+
+def test_mask_failure_fails_the_run(world, make_config, run):
+    world.answers = ["luks pass"]
+
+    def no_bus(_w):
+        raise TeardownError(
+            "systemd's private bus unix:path=/run/systemd/private: connection refused"
+        )
+
+    world.hooks["mask"] = no_bus
+    report = run(make_config())
+    assert not report.ok
+    assert "private bus" in str(report.error)
+    assert f"{CRYPT_UNIT} is static, not masked" in str(report.error)
+    assert world.clean()
+
+
+def test_extra_units_are_masked(world, make_config, run):
+    world.answers = ["luks pass"]
+    assert run(make_config(mask=["bootsecrets.mount", "mask-secretsroot.service"])).ok
+    assert world.masked["mask-secretsroot.service"] == "masked-runtime"
