@@ -10,7 +10,11 @@ import signal
 
 import pytest
 
-from lczfs_unlockd.errors import Interrupted, TeardownError, UnlockError
+from lczfs_unlockd import sequence
+from lczfs_unlockd.context import BUSY_RETRIES
+from lczfs_unlockd.errors import Interrupted, PoolError, TeardownError, UnlockError
+from lczfs_unlockd.ports import MappingState
+from tests.fakes import FakeCryptsetup, fake_ports
 from tests.unit.conftest import CRYPT_UNIT, assert_clean
 
 
@@ -195,3 +199,59 @@ def test_extra_units_are_masked(world, make_config, run):
     world.answers = ["luks pass"]
     assert run(make_config(mask=["bootsecrets.mount", "mask-secretsroot.service"])).ok
     assert world.masked["mask-secretsroot.service"] == "masked-runtime"
+
+
+# --- verification: what the undo actions could not undo is a failure ----------------
+
+
+def test_dry_run_pool_that_stays_busy_is_reported_still_imported(world, make_config, run):
+    world.answers = ["luks pass"]
+    exports = []
+
+    def busy_export(w):
+        exports.append(w.time)
+        raise UnlockError("cannot export 'rpool': pool is busy", errno=errno.EBUSY)
+
+    world.hooks["export"] = busy_export
+    report = run(make_config(dry_run=True))
+    assert not report.ok
+    assert len(exports) == BUSY_RETRIES
+    assert world.imported  # the dry run's read-only import outlived it...
+    assert "pool rpool is still imported" in report.teardown_problems  # ...and says so
+    assert "pool rpool is still imported" in str(report.error)
+    assert not report.verified
+    assert world.clean()  # the mount and the mapping were still undone
+
+
+def test_verification_that_cannot_check_fails_the_run(world, make_config, run):
+    world.answers = ["luks pass"]
+
+    def zpool_hangs_after_export(w):
+        if "export rpool" in w.events:
+            raise PoolError("zpool list timed out after 30 s", errno=errno.ETIMEDOUT)
+
+    world.hooks["health"] = zpool_hangs_after_export
+    report = run(make_config(dry_run=True))
+    assert not report.ok
+    assert not report.verified
+    assert "verification: zpool list timed out after 30 s" in str(report.error)
+    assert not world.imported and world.clean()
+
+
+class NoDeviceMapper(FakeCryptsetup):
+    """crypt_status() without a usable device-mapper (no dm_mod): CRYPT_INVALID."""
+
+    def status(self, name: str) -> MappingState:
+        return MappingState.INVALID
+
+
+def test_device_mapper_unavailable_is_not_a_mapping_left_open(world, make_config, caplog):
+    caplog.set_level(logging.INFO, logger="lczfs_unlockd")
+    world.disks = {"/dev/disk/by-id/nvme-disk-part2": False}
+    ports = fake_ports(world)
+    ports.crypt = NoDeviceMapper(world)
+    report = sequence.run(make_config(timeout="4s"), ports)
+    assert isinstance(report.error, PoolError)  # the real failure, not a teardown one
+    assert report.teardown_problems == []
+    assert report.verified
+    assert "/dev/mapper/lczfs-keystore not present (device-mapper unavailable)" in caplog.text
