@@ -4,6 +4,8 @@ The bench reuses the harness through its Python API only: the guest tree,
 kernel, golden disks and the base initrd (dracut + this project's module)
 come from ``lczfsvm``; what the bench adds (the initrd without the module,
 the seed's unit chain, its own report unit) lives under ``bench/``.
+``lczfsvm`` is found on the module path: bench/run puts tests/vm there
+(``PYTHONPATH=tests/vm python3 -m bench`` from the repository does the same).
 """
 
 from __future__ import annotations
@@ -16,12 +18,11 @@ import time
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 
+from lczfsvm import build, cache, cpio, qemu, vm
+
 BENCH = Path(__file__).resolve().parent
 REPO = BENCH.parent
 GUEST = BENCH / "guest"
-sys.path.insert(0, str(REPO / "tests" / "vm"))
-
-from lczfsvm import build, cache, cpio, qemu, vm  # noqa: E402
 
 __all__ = ["BENCH", "GUEST", "REPO", "build", "cache", "cpio", "qemu", "vm"]
 

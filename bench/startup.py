@@ -1,9 +1,9 @@
 """Start-up on the host CPU: ``python3 -X importtime`` of the daemon's imports.
 
 Runs the launcher's import (``from lczfs_unlockd.cli import main``) plus the
-imports the run itself makes lazily (the adapters in ``cli.real_ports``,
-sdnotify, pyzfs through the declarations parsed ahead of time, pystemd's bus
-module), in a fresh ``python3 -I`` on the host CPU, chrooted into the guest tree so
+imports the run itself makes lazily (the adapters ``cli.real_ports`` builds,
+pyzfs through the declarations parsed ahead of time, pystemd's bus module),
+in a fresh ``python3 -I`` on the host CPU, chrooted into the guest tree so
 that the interpreter and the third-party modules are the initrd's (Python
 3.13, OpenZFS's pyzfs, pystemd), several times, and lists the slowest imports
 by cumulative time (median over the runs).
@@ -19,22 +19,21 @@ from typing import Any
 
 from .common import REPO, build
 
+# Runs in the guest tree under python3 -I, which ignores PYTHONPATH: the only
+# way to put the staged package (argv[1]) on its path is in code -- as the
+# initrd's own launcher spells its module path (``sys.path += [...]``).
 PROBE = r"""
 import sys
 sys.path.insert(0, sys.argv[1])
 from lczfs_unlockd.cli import main, real_ports  # the launcher's import
-from lczfs_unlockd import notify, units, zfskeys
-import lczfs_unlockd.askpass, lczfs_unlockd.cryptsetup, lczfs_unlockd.mounts, lczfs_unlockd.zpool
-try:
-    import sdnotify
-except ImportError:
-    pass
+from lczfs_unlockd import notify, units
+ports = real_ports(notify.SystemdNotifier())  # the adapters, as the run builds them
 try:
     units._dbuslib()
 except ImportError:
     pass
 try:
-    zfskeys.PyzfsKeyLoader()._module()
+    ports.keys._module()
 except Exception:
     pass
 """
@@ -90,7 +89,7 @@ def run(runs: int = 7, top: int = 15) -> dict[str, Any]:
         for name, self_us, cum_us in rows:
             samples.setdefault(name, []).append((self_us, cum_us))
         totals.append(sum(s for _n, s, _c in rows))
-    table = [
+    table: list[dict[str, Any]] = [
         {
             "module": name,
             "self_us": statistics.median(s for s, _ in v),
