@@ -1,7 +1,7 @@
 """Guest boots: lczfs-unlockd against the seed's unit chain, late disks, memory.
 
 Every boot is initrd-only (no root= on the command line): the bench's report
-unit (guest/bench-report.service, bash) runs once the unlock under test is
+unit (guest/bench-report.service, POSIX sh) runs once the unlock under test is
 over, writes systemd's timestamps and the journal to the report disk and
 powers off.  Both sides boot the same kernel and golden disk (seed0: the
 seed's layout, LUKS2 argon2id keystore), unlock the keystore with the same
@@ -51,7 +51,7 @@ BOOT_TIMEOUT = 400.0
 class Spec:
     kind: str  # lczfs | seed | poll
     late: bool = False  # disk hot-plugged hotplug_delay s after the unit under test starts
-    instrumented: bool = False  # lczfs only: launcher with timestamps (guest/lczfs/launch.py)
+    instrumented: bool = False  # lczfs only: --timings, through guest/lczfs/launch.py
     hotplug_delay: float = 3.0
     cmdline: str = ""
 
@@ -84,9 +84,15 @@ class Initrds:
         self.guest = guest
         self.work = work
         self.with_img = build.base_initrd(guest.root)
-        self.without_img = size.without_initrd(guest.root, self.with_img)
+        self._without_img: Path | None = None  # only the seed and poll sides need it
         self._lczfs_overlay: dict[bool, bytes] = {}
         self._done: dict[str, Path] = {}
+
+    @property
+    def without_img(self) -> Path:
+        if self._without_img is None:
+            self._without_img = size.without_initrd(self.guest.root, self.with_img)
+        return self._without_img
 
     def _lczfs(self, spec: Spec) -> bytes:
         devices = [SEED_PART] if spec.late else []
@@ -177,8 +183,8 @@ def _parse_report(data: bytes) -> dict[str, Any] | None:
                 if line.startswith("{"):
                     with contextlib.suppress(json.JSONDecodeError):
                         out["journal"].append(json.loads(line))
-        elif name == "timing":
-            out["timing"] = json.loads(body) if body.strip() else None
+        elif name in ("timing", "launcher"):
+            out[name] = json.loads(body) if body.strip() else None
         else:
             out["raw"][name] = body
     return out
@@ -270,6 +276,58 @@ def _run_boot_once(guest: vm.Guest, initrd: Path, spec: Spec, work: Path) -> dic
     return result
 
 
+STEPS = ("pool", "keystore_device", "keystore_open", "mount", "keys")
+
+
+def timing_metrics(
+    timing: dict[str, Any], launcher: dict[str, Any] | None, start: float | None
+) -> dict[str, Any]:
+    """An instrumented boot's numbers from the daemon's ``--timings`` file.
+
+    ``timing`` is ``{"events": {name: {"t", "rss"}}, "VmHWM", "VmPeak"}``
+    (lczfs_unlockd/cli.py), every event the first time it happened;
+    ``launcher`` the stamp of guest/lczfs/launch.py's first line; ``start``
+    the process start (systemd's ExecMainStartTimestampMonotonic).
+    """
+    ev: dict[str, dict[str, float]] = timing.get("events") or {}
+
+    def t(name: str) -> float | None:
+        return ev[name]["t"] if name in ev else None
+
+    def between(a: str, b: str) -> float | None:
+        ta, tb = t(a), t(b)
+        return tb - ta if ta is not None and tb is not None else None
+
+    out: dict[str, Any] = {"vmhwm_bytes": timing.get("VmHWM"), "vmpeak_bytes": timing.get("VmPeak")}
+    if start:
+        if launcher and "launcher" in launcher:
+            out["start_to_launcher_s"] = launcher["launcher"] - start  # interpreter ready
+        for key, event in (
+            ("start_to_imported_s", "main"),  # cli.main entered: the daemon's modules imported
+            ("start_to_first_action_s", "first_subprocess"),  # the pool scan or import
+        ):
+            if event in ev:
+                out[key] = ev[event]["t"] - start
+    out["pyzfs_import_s"] = between("pyzfs_import", "pyzfs_imported")
+    out["first_lzc_call_s"] = between("lzc_load_key", "lzc_load_key_done")
+    out["pyzfs_import_to_first_lzc_end_s"] = between("pyzfs_import", "lzc_load_key_done")
+    out["kdf_s"] = between("kdf", "kdf_done")
+    out["step_s"] = {step: between(step, f"{step}_done") for step in STEPS}
+    # Every sample is taken in Python, so none lies inside libcryptsetup's
+    # activation call (kdf and kdf_done are just before and after it): the
+    # largest of them is the peak outside the PBKDF.  Anything between the two
+    # (a sample from a callback, say) is left out all the same.
+    lo, hi = t("kdf"), t("kdf_done")
+    outside = [
+        e["rss"]
+        for e in ev.values()
+        if e.get("rss") and not (lo is not None and hi is not None and lo < e["t"] < hi)
+    ]
+    out["rss_outside_pbkdf_bytes"] = max(outside, default=None)
+    out["rss_bytes"] = {name: e.get("rss") for name, e in ev.items()}
+    return {k: v for k, v in out.items() if v is not None}
+
+
 def _metrics(spec: Spec, r: dict[str, Any]) -> dict[str, Any]:
     u = r["units"]
     userspace = _us(r.get("manager"), "UserspaceTimestampMonotonic") or 0.0
@@ -285,22 +343,10 @@ def _metrics(spec: Spec, r: dict[str, Any]) -> dict[str, Any]:
         out["keys_loaded"] = _journal_time(r, r"^(<\d>)?loaded key of ")
         peak = d.get("MemoryPeak", "")
         out["memory_peak_cgroup_bytes"] = int(peak) if peak.isdigit() else None
-        t = r.get("timing")
-        if t:
-            start = out["unit_start"]
-            out["timing"] = t
-            out["start_to_launcher_s"] = t["launcher"] - start if start else None
-            out["start_to_imported_s"] = t["imported"] - start if start else None
-            if "first_subprocess" in t and start:
-                out["start_to_first_action_s"] = t["first_subprocess"] - start
-            if "pyzfs_import_start" in t and "first_lzc_end" in t:
-                lzc = t["first_lzc_end"] - t["pyzfs_import_start"]
-                out["pyzfs_import_to_first_lzc_end_s"] = lzc
-                out["pyzfs_import_s"] = t["pyzfs_import_end"] - t["pyzfs_import_start"]
-                out["first_lzc_call_s"] = t["first_lzc_end"] - t["first_lzc_start"]
-            out["vmhwm_bytes"] = t.get("VmHWM")
-            if t.get("rss"):
-                out["rss_outside_pbkdf_bytes"] = max(t["rss"].values())
+        if r.get("timing"):
+            out["timing"] = r["timing"]
+            out["launcher"] = r.get("launcher")
+            out.update(timing_metrics(r["timing"], r.get("launcher"), out["unit_start"]))
     else:
         imp = u.get("zfs-import-rpool.service", {})
         if spec.kind == "seed":
@@ -395,8 +441,12 @@ def resummarize(saved: dict[str, Any]) -> dict[str, Any]:
         for r in rs:
             if r.get("keys_loaded") and "keys_loaded_from_userspace_s" not in r:
                 r["keys_loaded_from_userspace_s"] = r["keys_loaded"] - r["userspace_start"]
-            if r.get("timing", {}).get("rss") and "rss_outside_pbkdf_bytes" not in r:
-                r["rss_outside_pbkdf_bytes"] = max(r["timing"]["rss"].values())
+            timing = r.get("timing") or {}
+            if "events" in timing:  # --timings
+                r.update(timing_metrics(timing, r.get("launcher"), r.get("unit_start")))
+            elif timing.get("rss") and "rss_outside_pbkdf_bytes" not in r:
+                # The monkeypatching launcher before --timings: samples outside the PBKDF.
+                r["rss_outside_pbkdf_bytes"] = max(timing["rss"].values())
     out = summarize(saved["boots"], None)
     out["workdir"] = saved.get("workdir")
     out["keyslot_pbkdf_memory_bytes"] = saved.get("keyslot_pbkdf_memory_bytes")
@@ -448,8 +498,19 @@ def summarize(results: dict[str, list[dict[str, Any]]], work: Path | None) -> di
         "pyzfs_import_to_first_lzc_end_s",
         "pyzfs_import_s",
         "first_lzc_call_s",
+        "kdf_s",
     ):
         out[key] = spread(_values(instr, key))
+    out["step_s"] = {
+        step: spread(
+            [
+                r["step_s"][step]
+                for r in instr
+                if r.get("ok") and isinstance((r.get("step_s") or {}).get(step), int | float)
+            ]
+        )
+        for step in STEPS
+    }
     out["memory_peak_cgroup"] = spread(_values(lz + instr, "memory_peak_cgroup_bytes"))
     out["rss_outside_pbkdf_bytes"] = spread(_values(instr, "rss_outside_pbkdf_bytes"))
     out["seed_cryptsetup_memory_peak"] = [r.get("cryptsetup_memory_peak") for r in seed]

@@ -4,6 +4,7 @@
     bench/run --json          # the same, as one JSON object on stdout
     bench/run --only size     # size | startup | boots (comma-separated)
     bench/run --boots 3 --late-boots 1
+    bench/run --only boots --boots 0 --late-boots 0   # one instrumented boot (--timings)
     bench/run --from FILE     # print the table/JSON of a saved result
 
 Every run saves its full result (per-boot numbers included) under
@@ -70,6 +71,7 @@ def headline(result: dict[str, Any]) -> dict[str, Any]:
         out["guest_start_to_interpreter_ready_s"] = _median(b["start_to_launcher_s"])
         out["guest_start_to_imports_done_s"] = _median(b["start_to_imported_s"])
         out["guest_pyzfs_import_to_first_lzc_end_s"] = _median(b["pyzfs_import_to_first_lzc_end_s"])
+        out["guest_keyslot_kdf_s"] = _median(b.get("kdf_s"))
     st = result.get("startup")
     if st:
         out["host_import_total_us"] = st["total_import_us_median"]
@@ -155,8 +157,11 @@ def table(result: dict[str, Any]) -> str:
             ("start_to_imported_s", "guest: process start -> daemon imported"),
             ("start_to_first_action_s", "guest: process start -> first action (pool scan)"),
             ("pyzfs_import_to_first_lzc_end_s", "guest: import libzfs_core -> first lzc call done"),
+            ("kdf_s", "guest: keyslot KDF (libcryptsetup's activation call)"),
         ):
             add(label, _fmt_s(b.get(key)))
+        for step, d in (b.get("step_s") or {}).items():
+            add(f"  step {step}", _fmt_s(d))
     if "host_import_total_us" in h:
         add("host CPU: all imports (-X importtime, self sum)",
             f"{h['host_import_total_us'] / 1000:.1f} ms")  # fmt: skip

@@ -41,8 +41,12 @@ report=/tmp/lczfs-bench-report
     dmsetup ls 2>&1
     echo "=== mounts"
     grep -E ' /bootsecrets ' /proc/self/mountinfo
+    # Instrumented boots: the daemon's --timings file and the launcher's stamp.
     echo "=== timing"
     cat /run/lczfs-bench/timing.json 2> /dev/null
+    echo
+    echo "=== launcher"
+    cat /run/lczfs-bench/launcher.json 2> /dev/null
     echo
     echo "=== journal"
     journalctl -b -o json --no-pager \
