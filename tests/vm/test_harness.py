@@ -1,6 +1,7 @@
 """The harness's own promises, on the host (no guest): a QEMU that dies of a
 signal is a crash worth a retry; a guest that powers off, or one we kill at
-the deadline, is not.
+the deadline, is not.  Every host command ends within its timeout, whole
+process group included.
 
 The QEMU here is a stand-in placed first on PATH: it serves the console and
 QMP sockets the way QEMU does, then behaves as told (abort like QEMU's
@@ -12,10 +13,12 @@ from __future__ import annotations
 import os
 import sys
 import textwrap
+import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from lczfsvm import qemu
+from lczfsvm import proc, qemu
 
 STUB = textwrap.dedent(
     """\
@@ -113,7 +116,7 @@ def test_retry_on_crash_retries_crashes_only_and_gives_up() -> None:
         qemu.retry_on_crash("x", crashing, lambda: calls.append("clean"), attempts=3)
     assert calls == ["boot", "clean", "boot", "clean", "boot"]
 
-    outcomes = iter([qemu.QemuCrashed("once"), "report"])
+    outcomes: Iterator[Exception | str] = iter([qemu.QemuCrashed("once"), "report"])
 
     def flaky() -> str:
         o = next(outcomes)
@@ -132,3 +135,41 @@ def test_retry_on_crash_retries_crashes_only_and_gives_up() -> None:
     with pytest.raises(AssertionError):
         qemu.retry_on_crash("x", guest_failure)
     assert failures == [1]  # a failing guest is never booted again
+
+
+# --- proc: the one way the harness runs a host program --------------------------------
+
+
+def test_run_logs_the_command_and_its_output(tmp_path: Path) -> None:
+    log = tmp_path / "log"
+    proc.run(["sh", "-c", "echo out; echo err >&2"], log_to=log, timeout=30)
+    proc.run(["true"], log_to=log, timeout=30)
+    lines = log.read_text().splitlines()
+    assert lines[0] == "$ sh -c 'echo out; echo err >&2'"
+    assert lines[1:3] == ["out", "err"]
+    assert lines[3].startswith("# exit 0 after ")
+    assert lines[4] == "$ true"  # appended
+
+
+def test_run_failure_names_the_exit_status_and_the_log_tail(tmp_path: Path) -> None:
+    log = tmp_path / "log"
+    with pytest.raises(RuntimeError, match=rf"(?s)^dracut failed \(3\); log {log}:\n.*boom"):
+        proc.run(["sh", "-c", "echo boom; exit 3"], log_to=log, timeout=30, what="dracut")
+
+
+def test_run_timeout_kills_the_whole_process_group(tmp_path: Path) -> None:
+    pidfile = tmp_path / "pid"
+    start = time.monotonic()
+    with pytest.raises(RuntimeError, match="timed out after 1 s"):
+        # The background sleep is what unshare's children would be.
+        proc.run(
+            ["sh", "-c", f"sleep 60 & echo $! > {pidfile}; wait"],
+            log_to=tmp_path / "log", timeout=1,
+        )  # fmt: skip
+    assert time.monotonic() - start < 30
+    grandchild = int(pidfile.read_text())
+    for _ in range(100):  # reaped by init once killed
+        if not Path(f"/proc/{grandchild}").exists():
+            break
+        time.sleep(0.05)
+    assert not Path(f"/proc/{grandchild}").exists(), "the grandchild survived the timeout"

@@ -11,16 +11,21 @@ import json
 import os
 import shlex
 import shutil
-import subprocess
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from . import cache, cpio
-from .cache import DRACUT_MODULE, GUEST_DIR, PACKAGE, REPO, log
+from . import cache, cpio, proc
+from .paths import DRACUT_MODULE, GUEST_DIR, PACKAGE, REPO, UNIT
+from .proc import log
 
 MIRROR = os.environ.get("LCZFS_VM_MIRROR", "http://deb.debian.org/debian")
 # Pinned: dracut picks whatever compressor it finds otherwise.
 COMPRESS = "zstd"
+# Bounds on the host-side commands (a cold guest tree took 28 min on a loaded
+# machine once; dracut takes about 40 s).
+ROOTFS_TIMEOUT = 3600.0
+CHROOT_TIMEOUT = 1800.0
 COMMON_DRACUT_ARGS = [
     "--force", "--no-hostonly", "--no-hostonly-cmdline", "--no-early-microcode",
     "--compress", COMPRESS,
@@ -37,20 +42,22 @@ def rootfs() -> Path:
 
     def build(tmp: Path) -> None:
         log(f"building the guest tree {name} (debootstrap + apt + DKMS, ~8 min)")
-        logfile = cache.cache_root() / f"{name}.log"
-        with logfile.open("w") as out:
-            r = subprocess.run(
-                ["unshare", "--mount", "--propagation", "private",
-                 "bash", str(recipe), str(tmp), MIRROR],
-                stdout=out, stderr=subprocess.STDOUT, check=False,
-            )  # fmt: skip
-        if r.returncode != 0:
-            tail = logfile.read_text(errors="replace").splitlines()[-30:]
-            raise RuntimeError(
-                f"{recipe} failed ({r.returncode}); log {logfile}:\n" + "\n".join(tail)
-            )
+        unshared(
+            ["bash", str(recipe), str(tmp), MIRROR],
+            log_to=cache.cache_root() / f"{name}.log",
+            timeout=ROOTFS_TIMEOUT,
+            what=str(recipe),
+        )
 
     return cache.cached_dir(name, build)
+
+
+def unshared(argv: Sequence[str], *, log_to: Path, timeout: float, what: str) -> None:
+    """proc.run in a private mount namespace: its mounts vanish with it, whatever happens."""
+    proc.run(
+        ["unshare", "--mount", "--propagation", "private", *argv],
+        log_to=log_to, timeout=timeout, what=what,
+    )  # fmt: skip
 
 
 def kernel_version(root: Path) -> str:
@@ -64,7 +71,14 @@ def kernel(root: Path) -> Path:
     return root / "boot" / f"vmlinuz-{kernel_version(root)}"
 
 
-def chroot_script(root: Path, script: str, binds: dict[str, Path], *, log_to: Path) -> None:
+def chroot_script(
+    root: Path,
+    script: str,
+    binds: dict[str, Path],
+    *,
+    log_to: Path,
+    timeout: float = CHROOT_TIMEOUT,
+) -> None:
     """Run a bash script in the chroot, with host paths bound in (read-only)."""
     mounts = [
         f"mount -t proc proc {root}/proc",
@@ -90,22 +104,7 @@ def chroot_script(root: Path, script: str, binds: dict[str, Path], *, log_to: Pa
             f"LANG=C.UTF-8 /bin/bash -euo pipefail -c {shlex.quote(script)}\n"
         )
     )
-    with log_to.open("w") as out:
-        r = subprocess.run(
-            ["unshare", "--mount", "--propagation", "private", "bash", "-c", outer],
-            stdout=out, stderr=subprocess.STDOUT, check=False,
-        )  # fmt: skip
-    if r.returncode != 0:
-        tail = log_to.read_text(errors="replace").splitlines()[-40:]
-        raise RuntimeError(
-            f"chroot script failed ({r.returncode}); log {log_to}:\n" + "\n".join(tail)
-        )
-
-
-def _unit_file() -> Path:
-    # The daemon's unit is written by another part of the project; until it
-    # exists the harness uses its own copy of the agreed unit.
-    return cache.UNIT if cache.UNIT.is_file() else cache.FALLBACK_UNIT
+    unshared(["bash", "-c", outer], log_to=log_to, timeout=timeout, what="chroot script")
 
 
 def base_initrd(root: Path) -> Path:
@@ -117,7 +116,7 @@ def base_initrd(root: Path) -> Path:
     gives a user.  Test boots only append config and test units.
     """
     name = f"initrd-{root.name.removeprefix('rootfs-')}-" + cache.recipe_hash(
-        [DRACUT_MODULE, PACKAGE, _unit_file(), " ".join(COMMON_DRACUT_ARGS)]
+        [DRACUT_MODULE, PACKAGE, UNIT, " ".join(COMMON_DRACUT_ARGS)]
     )
 
     def build(tmp: Path) -> None:
@@ -139,7 +138,7 @@ def base_initrd(root: Path) -> Path:
             {
                 "/usr/lib/dracut/modules.d/90lczfs-unlockd": DRACUT_MODULE,
                 "/mnt/src/lczfs_unlockd": PACKAGE,
-                "/mnt/src/lczfs-unlockd.service": _unit_file(),
+                "/mnt/src/lczfs-unlockd.service": UNIT,
                 "/mnt/conf": conf,
                 "/mnt/out": out,
             },

@@ -14,29 +14,17 @@ import fcntl
 import hashlib
 import os
 import shutil
-import sys
 import time
 from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 
-HERE = Path(__file__).resolve().parent
-VM_DIR = HERE.parent  # tests/vm
-GUEST_DIR = VM_DIR / "guest"
-REPO = VM_DIR.parent.parent
-DRACUT_MODULE = REPO / "dracut" / "90lczfs-unlockd"
-PACKAGE = REPO / "lczfs_unlockd"
-UNIT = REPO / "units" / "lczfs-unlockd.service"
-FALLBACK_UNIT = GUEST_DIR / "lczfs-unlockd.service.fallback"
+from .proc import log
 
 
 def cache_root() -> Path:
     root = Path(os.environ.get("LCZFS_VM_CACHE", "/var/cache/lczfs-vm"))
     root.mkdir(parents=True, exist_ok=True)
     return root
-
-
-def log(msg: str) -> None:
-    print(f"[lczfs-vm {time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
 
 
 def recipe_hash(parts: Iterable[Path | str | bytes], length: int = 16) -> str:

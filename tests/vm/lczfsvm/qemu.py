@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import contextlib
 import json
-import os
 import re
 import signal
 import socket
@@ -22,7 +21,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, TypeVar
 
-from .cache import log
+from . import proc
+from .proc import log
 
 BASE_CMDLINE = (
     "console=ttyS0,115200 panic=-1 rd.shell=0 rd.emergency=poweroff "
@@ -124,10 +124,7 @@ class Machine:
         if self.tpm_state is not None:
             args += self._start_swtpm()
         (self.workdir / "qemu-args.txt").write_text(" ".join(args) + "\n")
-        self._proc = subprocess.Popen(
-            args, stdin=subprocess.DEVNULL, stdout=(self.workdir / "qemu.log").open("wb"),
-            stderr=subprocess.STDOUT, start_new_session=True,
-        )  # fmt: skip
+        self._proc = proc.run_background(args, log_to=self.workdir / "qemu.log")
         self.started_at = time.monotonic()
         self._sock = _connect(con, self._proc)
         self._reader = threading.Thread(target=self._read_console, daemon=True)
@@ -150,11 +147,11 @@ class Machine:
     def _start_swtpm(self) -> list[str]:
         assert self.tpm_state is not None
         sock = self.workdir / "swtpm.sock"
-        self._swtpm = subprocess.Popen(
+        self._swtpm = proc.run_background(
             ["swtpm", "socket", "--tpm2", "--tpmstate", f"dir={self.tpm_state}",
              "--ctrl", f"type=unixio,path={sock}", "--flags", "startup-clear",
              "--log", f"file={self.workdir / 'swtpm.log'},level=1"],
-            stdin=subprocess.DEVNULL, start_new_session=True,
+            log_to=self.workdir / "swtpm.out",
         )  # fmt: skip
         for _ in range(100):
             if sock.exists():
@@ -195,9 +192,7 @@ class Machine:
             if p is not None and p.poll() is None:
                 if p is self._proc:
                     self._killed = True
-                with contextlib.suppress(ProcessLookupError):
-                    os.killpg(p.pid, signal.SIGKILL)
-                p.wait()
+                proc.kill(p)
         for s in (self._sock, self._qmp):
             if s is not None:
                 s.close()
@@ -315,11 +310,11 @@ class Machine:
         )
 
 
-def _connect(path: Path, proc: subprocess.Popen[bytes]) -> socket.socket:
+def _connect(path: Path, qemu: subprocess.Popen[bytes]) -> socket.socket:
     for _ in range(600):
-        if proc.poll() is not None:
-            kind = QemuCrashed if proc.returncode < 0 else RuntimeError
-            raise kind(f"QEMU exited ({proc.returncode}) before {path} appeared")
+        if qemu.poll() is not None:
+            kind = QemuCrashed if qemu.returncode < 0 else RuntimeError
+            raise kind(f"QEMU exited ({qemu.returncode}) before {path} appeared")
         if path.exists():
             s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
             try:
@@ -331,12 +326,24 @@ def _connect(path: Path, proc: subprocess.Popen[bytes]) -> socket.socket:
     raise RuntimeError(f"QEMU did not create {path}")
 
 
+QEMU_IMG_TIMEOUT = 60.0
+
+
 def overlay_image(golden: Path, dest: Path) -> Path:
     """A copy-on-write qcow2 on top of a golden image (the golden one is never written)."""
-    subprocess.run(
-        ["qemu-img", "create", "-q", "-f", "qcow2", "-F", "qcow2", "-b", str(golden), str(dest)],
-        check=True,
-    )
+    return _qemu_img_create(dest, ["-F", "qcow2", "-b", str(golden), str(dest)])
+
+
+def blank_image(dest: Path, size: str) -> Path:
+    """An empty qcow2 of size (qemu-img's syntax: 512M)."""
+    return _qemu_img_create(dest, [str(dest), size])
+
+
+def _qemu_img_create(dest: Path, args: list[str]) -> Path:
+    proc.run(
+        ["qemu-img", "create", "-q", "-f", "qcow2", *args],
+        log_to=dest.parent / "qemu-img.log", timeout=QEMU_IMG_TIMEOUT,
+    )  # fmt: skip
     return dest
 
 

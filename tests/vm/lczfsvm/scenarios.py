@@ -10,7 +10,7 @@ from collections.abc import Callable
 from dataclasses import replace
 from typing import IO
 
-from .cache import GUEST_DIR
+from .paths import GUEST_DIR
 from .vm import Boot, Guest, toml_config
 
 KEYFILE = "/etc/lczfs-unlockd/keystore.key"

@@ -10,7 +10,6 @@ import json
 import re
 import secrets
 import shutil
-import subprocess
 import tempfile
 import time
 from collections.abc import Sequence
@@ -19,7 +18,8 @@ from pathlib import Path
 from typing import IO, Any
 
 from . import build, cache, cpio, qemu
-from .cache import GUEST_DIR, log
+from .paths import GUEST_DIR
+from .proc import log
 
 GOLDEN_DISKS = ("seed0", "keys0", "mirror0", "mirror1", "dup0")
 DISK_SIZE = "512M"
@@ -201,13 +201,9 @@ class Guest:
         def make_once(tmp: Path) -> None:
             log(f"provisioning golden disks {name} (one boot, ~2 min)")
             _make_secrets(tmp / "secrets")
-            disks = []
-            for d in GOLDEN_DISKS:
-                img = tmp / f"{d}.qcow2"
-                subprocess.run(
-                    ["qemu-img", "create", "-q", "-f", "qcow2", str(img), DISK_SIZE], check=True
-                )
-                disks.append(qemu.Disk(img, d))
+            disks = [
+                qemu.Disk(qemu.blank_image(tmp / f"{d}.qcow2", DISK_SIZE), d) for d in GOLDEN_DISKS
+            ]
             report = qemu.raw_image(tmp / "report.raw")
             disks.append(qemu.Disk(report, "lczfsreport", "raw"))
             (tmp / "tpm").mkdir()

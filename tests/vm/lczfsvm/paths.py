@@ -1,0 +1,13 @@
+"""Where the harness finds what it builds from: the repository's daemon
+package, unit and dracut module, and the guest-side files in tests/vm/guest."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+VM_DIR = Path(__file__).resolve().parent.parent  # tests/vm
+GUEST_DIR = VM_DIR / "guest"
+REPO = VM_DIR.parent.parent
+DRACUT_MODULE = REPO / "dracut" / "90lczfs-unlockd"
+PACKAGE = REPO / "lczfs_unlockd"
+UNIT = REPO / "units" / "lczfs-unlockd.service"
