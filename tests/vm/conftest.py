@@ -1,18 +1,15 @@
-"""Fixtures for the VM scenarios; the harness lives next to them (tests/vm/lczfsvm)."""
+"""Fixtures for the VM scenarios; the harness lives next to them (tests/vm/lczfsvm,
+importable through pyproject.toml's pytest pythonpath)."""
 
 from __future__ import annotations
 
 import os
 import shutil
-import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-
 from lczfsvm import scenarios
 from lczfsvm.vm import Guest, Result
 
