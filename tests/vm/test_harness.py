@@ -1,24 +1,36 @@
 """The harness's own promises, on the host (no guest): a QEMU that dies of a
 signal is a crash worth a retry; a guest that powers off, or one we kill at
 the deadline, is not.  Every host command ends within its timeout, whole
-process group included.
+process group included.  A new layout needs no private calls: a Guest
+provisions the recipe it is given (not the project's disks), toml_config
+names the keystore as told, a Boot's files and unit list reach its initrd,
+and the report's unit list follows the config.
 
 The QEMU here is a stand-in placed first on PATH: it serves the console and
 QMP sockets the way QEMU does, then behaves as told (abort like QEMU's
-``iotlb_to_section`` assertion on the CI machine, power off, or hang).
+``iotlb_to_section`` assertion on the CI machine, power off, or hang).  The
+provisioning boot's QEMU is a stand-in Machine that writes the report a
+provisioning script would.
 """
 
 from __future__ import annotations
 
+import importlib.util
+import json
 import os
+import shutil
 import sys
 import textwrap
 import time
+import tomllib
 from collections.abc import Iterator
 from pathlib import Path
+from types import ModuleType
+from typing import Any, ClassVar
 
 import pytest
-from lczfsvm import proc, qemu
+from lczfsvm import build, cache, cpio, proc, qemu, vm
+from lczfsvm.paths import GUEST_DIR
 
 STUB = textwrap.dedent(
     """\
@@ -173,3 +185,188 @@ def test_run_timeout_kills_the_whole_process_group(tmp_path: Path) -> None:
             break
         time.sleep(0.05)
     assert not Path(f"/proc/{grandchild}").exists(), "the grandchild survived the timeout"
+
+
+# --- a new layout: keystore names, unit list, initrd files, golden disks ------------------
+
+
+def test_toml_config_defaults_are_the_scenarios_keystore() -> None:
+    keystore = tomllib.loads(vm.toml_config())["keystore"]
+    assert (keystore["partition"], keystore["name"], keystore["mountpoint"]) == (
+        1,
+        "secretsroot",
+        "/bootsecrets",
+    )
+
+
+def test_toml_config_names_the_keystore_as_told() -> None:
+    config = vm.toml_config(partition=0, name="my-keys", mountpoint="/run/my keys")
+    keystore = tomllib.loads(config)["keystore"]
+    assert (keystore["partition"], keystore["name"], keystore["mountpoint"]) == (
+        0,
+        "my-keys",
+        "/run/my keys",
+    )
+
+
+def _guest_report() -> ModuleType:
+    spec = importlib.util.spec_from_file_location("lczfs_guest_report", GUEST_DIR / "report.py")
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.fixture
+def report_units(tmp_path: Path) -> Any:
+    """guest/report.py's keystore_units on a config file, with the host's systemd-escape."""
+    if shutil.which("systemd-escape") is None:
+        pytest.skip("systemd-escape not installed")
+    report = _guest_report()
+
+    def units(config: str | None, explicit: list[str] | None = None) -> list[str]:
+        path, listed = tmp_path / "lczfs-unlockd.toml", tmp_path / "units.json"
+        path.unlink(missing_ok=True)
+        listed.unlink(missing_ok=True)
+        if config is not None:
+            path.write_text(config)
+        if explicit is not None:
+            listed.write_text(json.dumps(explicit))
+        return report.keystore_units(str(path), str(listed))  # type: ignore[no-any-return]
+
+    return units
+
+
+def test_report_units_of_the_scenarios_config(report_units: Any) -> None:
+    assert report_units(vm.toml_config()) == [
+        "systemd-cryptsetup@secretsroot.service",
+        "bootsecrets.mount",
+    ]
+
+
+def test_report_units_follow_the_configs_names_and_mask(report_units: Any) -> None:
+    config = vm.toml_config(name="my-keys", mountpoint="/run/my keys", mask=["extra.service"])
+    assert report_units(config) == [
+        "systemd-cryptsetup@my\\x2dkeys.service",
+        "run-my\\x20keys.mount",
+        "extra.service",
+    ]
+
+
+def test_report_units_without_a_config_are_the_daemons_defaults(report_units: Any) -> None:
+    assert report_units(None) == [
+        "systemd-cryptsetup@lczfs\\x2dkeystore.service",
+        "bootsecrets.mount",
+    ]
+
+
+def test_report_units_listed_by_the_harness_win(report_units: Any) -> None:
+    assert report_units(vm.toml_config(), ["a.service", "b.mount"]) == ["a.service", "b.mount"]
+
+
+class StandInMachine:
+    """qemu.Machine for a provisioning boot: records what it was given and writes
+    the report a provisioning script writes (one guid per disk)."""
+
+    started: ClassVar[list[StandInMachine]] = []
+
+    def __init__(self, kernel: Path, initrd: Path, workdir: Path, **kw: Any) -> None:
+        self.initrd = initrd.read_bytes()
+        self.disks: list[qemu.Disk] = list(kw.get("disks", ()))
+
+    def start(self) -> None:
+        StandInMachine.started.append(self)
+        (report,) = (d.path for d in self.disks if d.serial == "lczfsreport")
+        pools = [d.serial for d in self.disks if d.serial != "lczfsreport"]
+        guids = "".join(f"guid {serial} {40 + i}\n" for i, serial in enumerate(pools))
+        report.write_bytes(b"LCZFSPROVISION OK\n" + guids.encode())
+
+    def wait(self, deadline: float) -> int:
+        return 0
+
+    def close(self) -> None:
+        pass
+
+    def console_text(self) -> str:
+        return ""
+
+
+def _layout_secrets(d: Path) -> None:
+    d.mkdir()
+    (d / "keystore.key").write_bytes(b"layout key")
+
+
+@pytest.fixture
+def built(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """Stand-ins for the guest tree, kernel and initrds (empty, so a test initrd is
+    its overlay alone), a cache of its own, and a stand-in QEMU for provisioning."""
+    if shutil.which("qemu-img") is None:
+        pytest.skip("qemu-img not installed")
+    root = tmp_path / "rootfs-standin"
+    root.mkdir()
+    empty = tmp_path / "empty.img"
+    empty.write_bytes(b"")
+    monkeypatch.setenv("LCZFS_VM_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setattr(build, "rootfs", lambda: root)
+    monkeypatch.setattr(build, "kernel", lambda r: tmp_path / "vmlinuz")
+    monkeypatch.setattr(build, "base_initrd", lambda r: empty)
+    monkeypatch.setattr(build, "provision_initrd", lambda r: empty)
+    monkeypatch.setattr(qemu, "Machine", StandInMachine)
+    monkeypatch.setattr(StandInMachine, "started", [])
+    monkeypatch.setattr(vm.Guest, "_instances", {})
+    return root
+
+
+LAYOUT = vm.Provisioning(disks=("layout0",), size="1M", secrets=_layout_secrets)
+
+
+def test_guest_provisions_its_recipes_disks_not_the_projects(built: Path, tmp_path: Path) -> None:
+    script = tmp_path / "layout.sh"
+    script.write_text("#!/bin/bash\n# a layout of its own\n")
+    recipe = vm.Provisioning(disks=("layout0",), script=script, size="1M", secrets=_layout_secrets)
+    guest = vm.Guest.get(recipe)
+    assert vm.Guest.get(recipe) is guest  # one per recipe
+
+    (boot,) = StandInMachine.started
+    assert [d.serial for d in boot.disks] == ["layout0", "lczfsreport"]
+    assert cpio.read(boot.initrd)["usr/lib/lczfs-test/provision.sh"][1] == script.read_bytes()
+    golden = [p.name for p in cache.cache_root().iterdir() if p.name.startswith("golden-")]
+    assert golden == [recipe.cache_name(built)] != [vm.PROJECT_DISKS.cache_name(built)]
+    assert guest.golden == cache.cache_root() / golden[0]
+    assert sorted(p.name for p in guest.golden.glob("*.qcow2")) == ["layout0.qcow2"]
+    assert guest.guids == {"layout0": 40}
+    assert guest.secrets.bytes("keystore.key") == b"layout key"
+
+
+def test_project_disks_are_the_default_recipe(built: Path) -> None:
+    vm.Guest.get()
+    (boot,) = StandInMachine.started
+    assert [d.serial for d in boot.disks] == [*vm.GOLDEN_DISKS, "lczfsreport"]
+    assert (
+        cpio.read(boot.initrd)["usr/lib/lczfs-test/provision.sh"][1]
+        == (GUEST_DIR / "provision.sh").read_bytes()
+    )
+
+
+def test_a_boots_files_and_units_reach_its_initrd(built: Path, tmp_path: Path) -> None:
+    guest = vm.Guest.get(LAYOUT)
+    config = vm.toml_config(name="my-keys")
+    spec = vm.Boot(
+        "layout",
+        config,
+        disks=("layout0",),
+        keyfile=True,
+        files=(("etc/layout/extra", b"extra", 0o600),),
+        units=("my.service",),
+    )
+    entries = cpio.read(
+        build.test_initrd(guest.root, guest.overlay(spec), tmp_path / "i.img").read_bytes()
+    )
+    assert entries["etc/lczfs-unlockd.toml"][1] == config.encode()
+    assert entries["etc/lczfs-unlockd/keystore.key"] == (0o100400, b"layout key")
+    assert entries["etc/layout/extra"] == (0o100600, b"extra")
+    assert json.loads(entries["etc/lczfs-test/units.json"][1]) == ["my.service"]
+    assert b"layout key".hex() in json.loads(entries["etc/lczfs-test/needles.json"][1])
+
+    derived = cpio.read(build.overlay(guest.overlay(vm.Boot("layout", config))))
+    assert "etc/lczfs-test/units.json" not in derived  # the report reads the config

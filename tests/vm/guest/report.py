@@ -14,6 +14,7 @@ import os
 import subprocess
 import sys
 import time
+import tomllib
 
 UNIT = "lczfs-unlockd.service"
 # Units the daemon must start after (udev) or finish before (everything that
@@ -24,6 +25,8 @@ ORDERED_UNITS = (
     "zfs-load-key.service", "sysroot.mount", "initrd-root-fs.target", "initrd.target",
 )  # fmt: skip
 MAGIC = b"LCZFSREPORT1"
+CONFIG = "/etc/lczfs-unlockd.toml"
+UNITS = "/etc/lczfs-test/units.json"  # the harness's list (Boot.units), when it has one
 
 
 def run(*cmd: str, timeout: float = 60) -> dict[str, object]:
@@ -61,6 +64,38 @@ def wait_daemon_done(limit: float = 120) -> None:
         ):
             return
         time.sleep(0.2)
+
+
+def systemd_escape(*args: str) -> str:
+    r = run("systemd-escape", *args)
+    if r["rc"] != 0:
+        raise RuntimeError(f"systemd-escape {' '.join(args)}: {r['err']}")
+    return str(r["out"]).strip()
+
+
+def keystore_units(config: str = CONFIG, explicit: str = UNITS) -> list[str]:
+    """The units the daemon masks: the harness's list, or those the config names.
+
+    From the config: keystore.name's systemd-cryptsetup@ unit, keystore.mountpoint's
+    mount unit (the daemon's defaults when unset or without a config) and the
+    mask extras; named by systemd's own systemd-escape.
+    """
+    if os.path.exists(explicit):
+        with open(explicit) as f:
+            return [str(u) for u in json.load(f)]
+    try:
+        with open(config, "rb") as f:
+            cfg = tomllib.load(f)
+    except (OSError, tomllib.TOMLDecodeError):
+        cfg = {}
+    keystore = cfg.get("keystore", {})
+    return [
+        systemd_escape(
+            "--template=systemd-cryptsetup@.service", keystore.get("name", "lczfs-keystore")
+        ),
+        systemd_escape("--path", "--suffix=mount", keystore.get("mountpoint", "/bootsecrets")),
+        *cfg.get("mask", []),
+    ]
 
 
 def scan_for_needles(needles: list[bytes], top: str = "/run") -> list[dict[str, str]]:
@@ -187,7 +222,7 @@ def main() -> int:
               "ActiveEnterTimestampMonotonic"]  # fmt: skip
     ordering = {unit: unit_props(unit, stamps) for unit in ORDERED_UNITS}
     masked: dict[str, object] = {}
-    for unit in ("systemd-cryptsetup@secretsroot.service", "bootsecrets.mount"):
+    for unit in keystore_units():
         masked[unit] = {
             "is_enabled": str(run("systemctl", "is-enabled", unit)["out"]).strip(),
             "show": unit_props(unit, ["LoadState", "ActiveState", "UnitFileState", "FragmentPath"]),

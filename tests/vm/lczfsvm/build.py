@@ -197,6 +197,10 @@ class Overlay:
     files: tuple[tuple[str, bytes, int], ...] = ()  # (path, content, mode)
     needles: tuple[bytes, ...] = ()  # secrets the report greps /run for
     report: bool = True  # the report unit that powers off
+    # The units whose masking the report records; None: those the config
+    # names (keystore.name's cryptsetup unit, keystore.mountpoint's mount
+    # unit, the mask extras), escaped in the guest by systemd-escape.
+    units: tuple[str, ...] | None = None
 
 
 def overlay(spec: Overlay) -> bytes:
@@ -219,6 +223,8 @@ def overlay(spec: Overlay) -> bytes:
                 f"etc/systemd/system/initrd.target.wants/{unit}", f"/usr/lib/systemd/system/{unit}"
             )
         a.file("etc/lczfs-test/needles.json", json.dumps([n.hex() for n in spec.needles]), 0o600)
+        if spec.units is not None:
+            a.file("etc/lczfs-test/units.json", json.dumps(list(spec.units)), 0o644)
     return a.to_bytes()
 
 

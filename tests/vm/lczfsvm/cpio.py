@@ -73,6 +73,24 @@ def _entry(out: io.BytesIO, name: str, mode: int, data: bytes, ino: int) -> None
     out.write(b"\0" * ((-out.tell()) % 4))
 
 
+def read(data: bytes) -> dict[str, tuple[int, bytes]]:
+    """The entries of one newc archive (as to_bytes writes it): path -> (mode, data)."""
+    out: dict[str, tuple[int, bytes]] = {}
+    pos = 0
+    while True:
+        if data[pos : pos + 6] != b"070701":
+            raise ValueError(f"not a newc cpio header at offset {pos}")
+        fields = [int(data[pos + 6 + 8 * i : pos + 14 + 8 * i], 16) for i in range(13)]
+        mode, size, namesize = fields[1], fields[6], fields[11]
+        pos += 110
+        name = data[pos : pos + namesize - 1].decode()
+        pos += namesize + (-(pos + namesize)) % 4
+        if name == _TRAILER:
+            return out
+        out[name] = (mode, data[pos : pos + size])
+        pos += size + (-(pos + size)) % 4
+
+
 def append(base: bytes, overlay: bytes) -> bytes:
     """base initrd + overlay archive; the kernel needs the archive 4-byte aligned."""
     return base + b"\0" * ((-len(base)) % 4) + overlay

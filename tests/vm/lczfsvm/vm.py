@@ -2,20 +2,27 @@
 
 guest = Guest.get()             # builds/reuses the tree, initrds, golden disks
 result = guest.boot(Boot(...))  # one initrd-only boot, returns its report
+
+A layout of its own: ``Guest.get(Provisioning(disks=..., script=...))``
+provisions (and caches) its own golden disks instead of the project's;
+``toml_config(name=..., mountpoint=..., partition=...)`` names its keystore;
+``Boot(files=...)`` adds initrd files and the report follows the config's
+unit names (or ``Boot(units=...)``).
 """
 
 from __future__ import annotations
 
+import builtins
 import json
 import re
 import secrets
 import shutil
 import tempfile
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import IO, Any
+from typing import IO, Any, ClassVar
 
 from . import build, cache, cpio, qemu
 from .paths import GUEST_DIR
@@ -44,9 +51,11 @@ class Secrets:
         return self.bytes("tpm2.pin").decode()
 
     @property
-    def needles(self) -> tuple[bytes, ...]:
+    def needles(self) -> tuple[builtins.bytes, ...]:
         """Every secret, as it could leak: raw bytes and, for text keys, the text."""
-        out: list[bytes] = []
+        out: list[builtins.bytes] = []
+        if not self.dir.is_dir():  # a recipe without secrets
+            return ()
         for p in sorted(self.dir.iterdir()):
             data = p.read_bytes()
             out.append(data)
@@ -64,7 +73,8 @@ class Secrets:
         return tuple(out)
 
 
-def _make_secrets(d: Path) -> None:
+def make_secrets(d: Path) -> None:
+    """The project's secrets: the keystore's passphrase, key file, PIN; the datasets' keys."""
     d.mkdir()
     files = {
         "passphrase": f"lczfs-{secrets.token_hex(6)}".encode(),
@@ -94,6 +104,7 @@ class Boot:
     tpm: bool = False
     keyfile: bool = False  # put the LUKS key file at /etc/lczfs-unlockd/keystore.key
     files: Sequence[tuple[str, bytes, int]] = ()  # more initrd files: (path, content, mode)
+    units: Sequence[str] | None = None  # masking reported for these (None: the config's)
     answers: Sequence[str] = ()  # typed at each password prompt, in order
     prompt: str = r"Please enter the (passphrase|security token PIN) for keystore [^\n]*:"
     timeout: float = 300.0  # wall clock for the whole boot
@@ -158,37 +169,40 @@ class Result:
         )
 
 
-class Guest:
-    """The built guest: tree, kernel, initrds, golden disks."""
+@dataclass(frozen=True)
+class Provisioning:
+    """A recipe for the golden disks a Guest boots from: one provisioning boot.
 
-    _instance: Guest | None = None
+    The provisioning initrd (build.provision_initrd) runs script as
+    /usr/lib/lczfs-test/provision.sh, with the disks attached (virtio serials:
+    each of disks, then lczfsreport), secrets(dir)'s files in
+    /etc/lczfs-provision and swtpm.  The script writes ``LCZFSPROVISION OK``
+    (and ``guid DISK GUID`` lines) to the lczfsreport disk and powers off, as
+    guest/provision.sh does.  Cached as ``golden-<tree>-<hash of the script,
+    the disks and their size>``: <disk>.qcow2 each, secrets/, tpm/ (the swtpm
+    state), guids.json.  Subclass and override golden() for disks made
+    another way.
+    """
 
-    def __init__(self) -> None:
-        start = time.monotonic()
-        self.root = build.rootfs()
-        self.kernel = build.kernel(self.root)
-        self.base_initrd = build.base_initrd(self.root)
-        self.golden = self._provision()
-        self.secrets = Secrets(self.golden / "secrets")
-        # Each golden disk's pool GUID (zpool get guid), for pool_guid.
-        self.guids: dict[str, int] = json.loads((self.golden / "guids.json").read_text())
-        self.build_seconds = time.monotonic() - start
+    disks: tuple[str, ...] = GOLDEN_DISKS
+    script: Path = GUEST_DIR / "provision.sh"
+    size: str = DISK_SIZE
+    secrets: Callable[[Path], None] = make_secrets
+    timeout: float = PROVISION_TIMEOUT
 
-    @classmethod
-    def get(cls) -> Guest:
-        if cls._instance is None:
-            cls._instance = Guest()
-        return cls._instance
-
-    # -- provisioning ---------------------------------------------------------------
-    def _provision(self) -> Path:
-        provision_initrd = build.provision_initrd(self.root)
-        name = f"golden-{self.root.name.removeprefix('rootfs-')}-" + cache.recipe_hash(
-            [GUEST_DIR / "provision.sh", GUEST_DIR / "lczfs-test-provision.service",
-             build.PROVISION_TOOLS, DISK_SIZE, ",".join(GOLDEN_DISKS)]
+    def cache_name(self, root: Path) -> str:
+        return f"golden-{root.name.removeprefix('rootfs-')}-" + cache.recipe_hash(
+            [self.script, GUEST_DIR / "lczfs-test-provision.service",
+             build.PROVISION_TOOLS, self.size, ",".join(self.disks)]
         )  # fmt: skip
 
+    def golden(self, guest: Guest) -> Path:
+        """The golden directory for guest's tree and kernel, provisioned if not cached."""
+        name = self.cache_name(guest.root)
+
         def make(tmp: Path) -> None:
+            initrd = build.provision_initrd(guest.root)
+
             def empty() -> None:
                 for child in tmp.iterdir():
                     if child.is_dir():
@@ -196,75 +210,90 @@ class Guest:
                     else:
                         child.unlink()
 
-            qemu.retry_on_crash("provisioning", lambda: make_once(tmp), empty)
-
-        def make_once(tmp: Path) -> None:
-            log(f"provisioning golden disks {name} (one boot, ~2 min)")
-            _make_secrets(tmp / "secrets")
-            disks = [
-                qemu.Disk(qemu.blank_image(tmp / f"{d}.qcow2", DISK_SIZE), d) for d in GOLDEN_DISKS
-            ]
-            report = qemu.raw_image(tmp / "report.raw")
-            disks.append(qemu.Disk(report, "lczfsreport", "raw"))
-            (tmp / "tpm").mkdir()
-            a = cpio.Archive()
-            build.poweroff_links(a)
-            a.copy(GUEST_DIR / "provision.sh", "usr/lib/lczfs-test/provision.sh", 0o755)
-            unit = "lczfs-test-provision.service"
-            a.copy(GUEST_DIR / unit, f"usr/lib/systemd/system/{unit}", 0o644)
-            a.symlink(
-                f"etc/systemd/system/initrd.target.wants/{unit}", f"/usr/lib/systemd/system/{unit}"
+            qemu.retry_on_crash(
+                "provisioning", lambda: self._make_once(guest, initrd, name, tmp), empty
             )
-            for p in sorted((tmp / "secrets").iterdir()):
-                a.copy(p, f"etc/lczfs-provision/{p.name}", 0o400)
-            initrd = tmp / "provision.img"
-            initrd.write_bytes(cpio.append(provision_initrd.read_bytes(), a.to_bytes()))
-            m = qemu.Machine(self.kernel, initrd, tmp / "run", disks=disks, tpm_state=tmp / "tpm")
-            start = time.monotonic()
-            try:
-                m.start()
-                m.wait(PROVISION_TIMEOUT)
-            finally:
-                m.close()
-            status = report.read_bytes()[:4096].split(b"\0", 1)[0].decode(errors="replace")
-            if not status.startswith("LCZFSPROVISION OK"):
-                tail = "\n".join(m.console_text().splitlines()[-60:])
-                raise RuntimeError(
-                    f"provisioning failed ({status.splitlines()[:1]}); "
-                    f"console {tmp}/run/console.log:\n{tail}"
-                )
-            log(f"provisioned in {time.monotonic() - start:.0f} s")
-            guids = {
-                f[1]: int(f[2])
-                for f in (line.split() for line in status.splitlines())
-                if len(f) == 3 and f[0] == "guid" and f[2].isdigit()
-            }
-            (tmp / "guids.json").write_text(json.dumps(guids))
-            for p in (initrd, report):
-                p.unlink()
 
         return cache.cached_dir(name, make)
+
+    def _make_once(self, guest: Guest, provision_initrd: Path, name: str, tmp: Path) -> None:
+        log(f"provisioning golden disks {name} (one boot, ~2 min)")
+        self.secrets(tmp / "secrets")
+        disks = [qemu.Disk(qemu.blank_image(tmp / f"{d}.qcow2", self.size), d) for d in self.disks]
+        report = qemu.raw_image(tmp / "report.raw")
+        disks.append(qemu.Disk(report, "lczfsreport", "raw"))
+        (tmp / "tpm").mkdir()
+        a = cpio.Archive()
+        build.poweroff_links(a)
+        a.copy(self.script, "usr/lib/lczfs-test/provision.sh", 0o755)
+        unit = "lczfs-test-provision.service"
+        a.copy(GUEST_DIR / unit, f"usr/lib/systemd/system/{unit}", 0o644)
+        a.symlink(
+            f"etc/systemd/system/initrd.target.wants/{unit}", f"/usr/lib/systemd/system/{unit}"
+        )
+        if (tmp / "secrets").is_dir():
+            for p in sorted((tmp / "secrets").iterdir()):
+                a.copy(p, f"etc/lczfs-provision/{p.name}", 0o400)
+        initrd = tmp / "provision.img"
+        initrd.write_bytes(cpio.append(provision_initrd.read_bytes(), a.to_bytes()))
+        m = qemu.Machine(guest.kernel, initrd, tmp / "run", disks=disks, tpm_state=tmp / "tpm")
+        start = time.monotonic()
+        try:
+            m.start()
+            m.wait(self.timeout)
+        finally:
+            m.close()
+        status = report.read_bytes()[:4096].split(b"\0", 1)[0].decode(errors="replace")
+        if not status.startswith("LCZFSPROVISION OK"):
+            tail = "\n".join(m.console_text().splitlines()[-60:])
+            raise RuntimeError(
+                f"provisioning failed ({status.splitlines()[:1]}); "
+                f"console {tmp}/run/console.log:\n{tail}"
+            )
+        log(f"provisioned in {time.monotonic() - start:.0f} s")
+        guids = {
+            f[1]: int(f[2])
+            for f in (line.split() for line in status.splitlines())
+            if len(f) == 3 and f[0] == "guid" and f[2].isdigit()
+        }
+        (tmp / "guids.json").write_text(json.dumps(guids))
+        for p in (initrd, report):
+            p.unlink()
+
+
+PROJECT_DISKS = Provisioning()  # guest/provision.sh: seed0, keys0, mirror0, mirror1, dup0
+
+
+class Guest:
+    """The built guest: tree, kernel, initrds, golden disks (PROJECT_DISKS unless told)."""
+
+    _instances: ClassVar[dict[Provisioning, Guest]] = {}
+
+    def __init__(self, provisioning: Provisioning = PROJECT_DISKS) -> None:
+        start = time.monotonic()
+        self.provisioning = provisioning
+        self.root = build.rootfs()
+        self.kernel = build.kernel(self.root)
+        self.base_initrd = build.base_initrd(self.root)
+        self.golden = provisioning.golden(self)
+        self.secrets = Secrets(self.golden / "secrets")
+        # Each golden disk's pool GUID (zpool get guid), for pool_guid.
+        guids = self.golden / "guids.json"
+        self.guids: dict[str, int] = json.loads(guids.read_text()) if guids.exists() else {}
+        self.build_seconds = time.monotonic() - start
+
+    @classmethod
+    def get(cls, provisioning: Provisioning = PROJECT_DISKS) -> Guest:
+        """One Guest per provisioning recipe and process."""
+        if provisioning not in cls._instances:
+            cls._instances[provisioning] = cls(provisioning)
+        return cls._instances[provisioning]
 
     # -- test boots -----------------------------------------------------------------
     def boot(self, spec: Boot, workdir: Path | None = None) -> Result:
         work = workdir or Path(tempfile.mkdtemp(prefix=f"lczfs-vm-{spec.name}-"))
         work.mkdir(parents=True, exist_ok=True)
-        files: list[tuple[str, bytes, int]] = []
-        if spec.keyfile:
-            files.append(
-                ("etc/lczfs-unlockd/keystore.key", self.secrets.bytes("keystore.key"), 0o400)
-            )
-        files += spec.files
-        initrd = build.test_initrd(
-            self.root,
-            build.Overlay(
-                config=spec.config,
-                files=tuple(files),
-                # Typed answers, wrong ones included, must not leak either.
-                needles=(*self.secrets.needles, *(a.encode() for a in spec.answers)),
-            ),
-            work / "initrd.img",
-        )
+        initrd = build.test_initrd(self.root, self.overlay(spec), work / "initrd.img")
 
         def keep_crash_logs() -> None:
             n = len(list(work.glob("crashed*-qemu.log"))) + 1
@@ -274,6 +303,22 @@ class Guest:
 
         return qemu.retry_on_crash(
             spec.name, lambda: self._boot_once(spec, initrd, work), keep_crash_logs
+        )
+
+    def overlay(self, spec: Boot) -> build.Overlay:
+        """What spec's boot appends to the base initrd."""
+        files: list[tuple[str, bytes, int]] = []
+        if spec.keyfile:
+            files.append(
+                ("etc/lczfs-unlockd/keystore.key", self.secrets.bytes("keystore.key"), 0o400)
+            )
+        files += spec.files
+        return build.Overlay(
+            config=spec.config,
+            files=tuple(files),
+            # Typed answers, wrong ones included, must not leak either.
+            needles=(*self.secrets.needles, *(a.encode() for a in spec.answers)),
+            units=None if spec.units is None else tuple(spec.units),
         )
 
     def _boot_once(self, spec: Boot, initrd: Path, work: Path) -> Result:
@@ -368,8 +413,15 @@ def toml_config(
     token_timeout: str = "30s",
     mask: Sequence[str] = (),
     pool_guid: int | None = None,
+    partition: int = 1,
+    name: str = "secretsroot",
+    mountpoint: str = "/bootsecrets",
 ) -> str:
-    """The daemon's config file, in the documented format."""
+    """The daemon's config file, in the documented format.
+
+    partition, name and mountpoint are the keystore's (its partition on the
+    zvol, the device-mapper name, where it is mounted).
+    """
 
     def q(v: object) -> str:
         return json.dumps(v)  # TOML basic strings/arrays are JSON-compatible here
@@ -387,9 +439,9 @@ def toml_config(
         "",
         "[keystore]",
         f"volume = {q(volume)}",
-        "partition = 1",
-        'name = "secretsroot"',
-        'mountpoint = "/bootsecrets"',
+        f"partition = {partition}",
+        f"name = {q(name)}",
+        f"mountpoint = {q(mountpoint)}",
         f"unlock = {q(list(unlock))}",
     ]
     if keyfile:
