@@ -59,7 +59,7 @@ LAUNCHER_FLAGS = ("-I", "-S")
 
 
 def _rehearse(stage: str, tmp: str, site_dirs: list[str]) -> None:
-    # Each of these is imported by the daemon anyway (logging, sdnotify, config).
+    # Each of these is imported by the daemon anyway (logging, notify, config).
     import contextlib
     import io
     import json
