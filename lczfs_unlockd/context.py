@@ -45,15 +45,17 @@ BUSY_RETRY_INTERVAL = 0.2
 class Signals:
     """SIGTERM/SIGINT become ``Interrupted`` — except during teardown.
 
-    The signal is always recorded; the handler raises at once, and
-    :meth:`checkpoint` raises again at the next step, so that a raise
-    swallowed where Python cannot propagate it (a ctypes callback from C)
-    does not lose the signal.
+    The signal is always recorded; the handler raises at once — once per
+    run: a second signal while the first one's ``Interrupted`` unwinds the
+    steps must not cut an undo action short — and :meth:`checkpoint` raises
+    again at the next step, so that a raise swallowed where Python cannot
+    propagate it (a ctypes callback from C) does not lose the signal.
     """
 
     def __init__(self) -> None:
         self.interruptible = True
         self.pending: int | None = None
+        self.raised = False
         # Written by the C-level signal handler the moment a signal arrives,
         # even while the main thread sits in a C call and Python's handler
         # cannot run yet: the heartbeat thread watches it.
@@ -65,11 +67,13 @@ class Signals:
 
     def handler(self, signum: int, _frame: FrameType | None) -> None:
         self.pending = signum
-        if self.interruptible:
+        if self.interruptible and not self.raised:
+            self.raised = True
             raise self._interrupted()
 
     def checkpoint(self) -> None:
         if self.pending is not None and self.interruptible:
+            self.raised = True
             raise self._interrupted()
 
     @contextmanager
@@ -206,6 +210,7 @@ class Context:
         still fails, ``fallback`` (lazy unmount, deferred removal) makes sure
         the thing goes away once its last user lets go — still reported.
         """
+        self.tear_down()  # again: a signal may have cut the sequence's call short
         for attempt in range(1, BUSY_RETRIES + 1):
             try:
                 action()

@@ -255,3 +255,63 @@ def test_device_mapper_unavailable_is_not_a_mapping_left_open(world, make_config
     assert report.teardown_problems == []
     assert report.verified
     assert "/dev/mapper/lczfs-keystore not present (device-mapper unavailable)" in caplog.text
+
+
+# --- a signal as the teardown begins (review of the step split) ---------------
+
+
+@pytest.fixture
+def signal_on_first_disarm(monkeypatch):
+    """SIGTERM arrives in the instant before signals stop interrupting: its
+    handler runs inside the very line that disarms them."""
+    from lczfs_unlockd.context import Signals
+
+    fired: list[str] = []
+
+    def get(self):
+        return self.__dict__.get("_interruptible", True)
+
+    def set_(self, value):
+        if value is False and not fired:
+            fired.append("first")
+            os.kill(os.getpid(), signal.SIGTERM)  # the handler runs before the store
+        self.__dict__["_interruptible"] = value
+
+    monkeypatch.setattr(Signals, "interruptible", property(get, set_), raising=False)
+    return fired
+
+
+@pytest.mark.parametrize("fail", [False, True], ids=["after-success", "after-a-failure"])
+def test_one_sigterm_as_the_teardown_begins_leaves_nothing(
+    world, make_config, run, signal_on_first_disarm, fail
+):
+    world.answers = ["luks pass"]
+    if fail:
+
+        def boom(_w):
+            raise UnlockError("injected")
+
+        world.hooks["load_key"] = boom
+    report = run(make_config())
+    assert signal_on_first_disarm and not report.ok
+    assert world.clean(), (world.mappings, world.mounts)
+    assert not os.path.exists(world.mountpoint)
+    assert any("tearing down" in n for n in world.notifications)
+
+
+def test_a_second_sigterm_during_the_unmount_does_not_cut_it_short(
+    world, make_config, run, signal_on_first_disarm
+):
+    world.answers = ["luks pass"]
+
+    def second(_w):
+        if len(signal_on_first_disarm) == 1:
+            signal_on_first_disarm.append("second")
+            os.kill(os.getpid(), signal.SIGTERM)
+
+    world.hooks["unmount"] = second
+    report = run(make_config())
+    assert signal_on_first_disarm == ["first", "second"]
+    assert world.clean(), (world.mappings, world.mounts)
+    assert report.teardown_problems == []
+    assert "SIGTERM" in str(report.error)
