@@ -55,7 +55,7 @@ def import_pool(ctx: Context) -> None:
                     c.pool, format_duration(c.online_grace), ", ".join(scan.missing) or "?",
                 )  # fmt: skip
             try:
-                p.zpool.import_pool(
+                ours = p.zpool.import_pool(
                     c.pool,
                     _sources(ctx),
                     guid=c.pool_guid,
@@ -76,6 +76,11 @@ def import_pool(ctx: Context) -> None:
                     log.warning("import of %s failed, trying again: %s", c.pool, exc)
                     last_error = str(exc)
                 p.clock.sleep(IMPORT_RETRY)
+        if not ours:
+            log.info("pool %s was imported meanwhile by another service; using it", c.pool)
+            ctx.report.pool_imported_before = True  # not ours to export
+            _check_imported_guid(ctx, start, imported_by_us=False)
+            return
         _check_imported_guid(ctx, start, imported_by_us=True)
         if scan is None:
             # Imported on the strength of the devices list alone: say so
@@ -246,6 +251,8 @@ def _pool_missing_message(ctx: Context, missing_devices: list[str], scan: PoolSc
 
 def _export_if_imported(ctx: Context) -> None:
     zpool, pool = ctx.ports.zpool, ctx.config.pool
+    if ctx.report.pool_imported_before:
+        return  # someone else imported it while we waited: theirs, left imported
     if zpool.health(pool, timeout=TEARDOWN_CALL_TIMEOUT) is not None:
         zpool.export_pool(pool, timeout=TEARDOWN_CALL_TIMEOUT)
         log.info("exported %s again: left as it was found", ctx.config.pool)

@@ -76,7 +76,9 @@ class Zpool(Protocol):
         force: bool,
         readonly: bool,
         timeout: float | None = None,
-    ) -> None: ...
+    ) -> bool:
+        """Import the pool; False when it failed because someone else (zfs-import-scan,
+        an admin) imported it meanwhile: then it is not ours to export."""
 
     def export_pool(self, pool: str, *, timeout: float | None = None) -> None: ...
 

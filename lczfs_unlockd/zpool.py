@@ -247,7 +247,7 @@ class ZpoolCli:
         force: bool,
         readonly: bool,
         timeout: float | None = None,
-    ) -> None:
+    ) -> bool:
         argv = [paths.ZPOOL, "import", "-N", *_sources(sources)]
         if force:
             argv.append("-f")
@@ -265,9 +265,9 @@ class ZpoolCli:
 
         result = self._run(argv, timeout, IMPORT_TIMEOUT)
         if result.returncode == 0:
-            return
+            return True
         if self.health(pool, timeout=left()) is not None:
-            return  # imported meanwhile (zfs-import-scan, udev): that is fine
+            return False  # imported meanwhile (zfs-import-scan, udev): fine, and not ours
         if (
             "was previously in use from another system" in result.stderr
             or "hostid" in result.stderr

@@ -296,9 +296,11 @@ class FakeZpool:
         force: bool,
         readonly: bool,
         timeout: float | None = None,
-    ) -> None:
+    ) -> bool:
         self.w.zpool_calls.append(("import", tuple(sources), timeout))
         self.w.hook("import")
+        if self.w.imported:
+            return False  # imported meanwhile by someone else, as ZpoolCli reports it
         state = self.w.pool_state()
         if guid is None and self.w.duplicate_guids:
             raise AmbiguousPoolError(pool, self._duplicates(state))
@@ -313,6 +315,7 @@ class FakeZpool:
         self.w.imported_readonly = readonly
         self.w.imported_at = self.w.time
         self.w.events.append(f"import {pool}{' readonly' if readonly else ''}")
+        return True
 
     def export_pool(self, pool: str, *, timeout: float | None = None) -> None:
         self.w.zpool_calls.append(("export", (), timeout))

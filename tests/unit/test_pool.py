@@ -186,3 +186,21 @@ def test_pool_deadline_counts_from_the_start_of_the_step(world, make_config, run
     report = run(make_config(timeout="8s"))
     assert not report.ok
     assert 8.0 <= world.time < 8.5
+
+
+def test_dry_run_does_not_export_a_pool_someone_else_imported_meanwhile(world, make_config, run):
+    """zfs-import-scan imports the pool read-write while we wait: it is theirs."""
+    world.answers = ["luks pass"]
+
+    def other_import(w):
+        if not w.imported:
+            w.imported = True
+            w.imported_at = w.time
+            w.events.append("someone else imports rpool")
+
+    world.hooks["scan"] = other_import
+    report = run(make_config(devices=[], dry_run=True))
+    assert report.ok, report.summary
+    assert report.pool_imported_before
+    assert world.imported, "a dry run exported a pool it did not import"
+    assert "export rpool" not in world.events
