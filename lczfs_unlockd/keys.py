@@ -14,7 +14,13 @@ import errno
 import logging
 
 from .context import Context
-from .errors import KeyAlreadyLoadedError, KeyLoadError, NoSuchDatasetError, UnlockError
+from .errors import (
+    KeyAlreadyLoadedError,
+    KeyLoadError,
+    NoSuchDatasetError,
+    PoolError,
+    UnlockError,
+)
 from .keyformat import derive_wrapping_key, key_file_path
 from .ports import DatasetInfo
 from .secretbuf import wipe
@@ -22,11 +28,22 @@ from .secretbuf import wipe
 log = logging.getLogger("lczfs_unlockd")
 
 
+def _datasets(ctx: Context, names: list[str], *, recursive: bool) -> list[DatasetInfo]:
+    """``zfs get`` of the targets; its failures are key-loading failures."""
+    try:
+        return ctx.ports.zpool.datasets(names, recursive=recursive)
+    except NoSuchDatasetError as exc:
+        raise KeyLoadError(f"{exc}: fix datasets in the configuration", errno=exc.errno) from None
+    except PoolError as exc:
+        code = exc.errno if exc.errno == errno.ETIMEDOUT else KeyLoadError.errno
+        raise KeyLoadError(str(exc), errno=code) from None
+
+
 def _targets(ctx: Context) -> list[DatasetInfo]:
-    c, p = ctx.config, ctx.ports
+    c = ctx.config
     mp = c.keystore.mountpoint
     if c.datasets is None:
-        infos = p.zpool.datasets([c.pool], recursive=True)
+        infos = _datasets(ctx, [c.pool], recursive=True)
         roots = [
             d for d in infos if d.encryption not in ("off", "-") and d.encryption_root == d.name
         ]
@@ -42,10 +59,7 @@ def _targets(ctx: Context) -> list[DatasetInfo]:
                 errno=errno.ENOENT,
             )
         return targets
-    try:
-        targets = p.zpool.datasets(list(c.datasets), recursive=False)
-    except NoSuchDatasetError as exc:
-        raise KeyLoadError(f"{exc}: fix datasets in the configuration", errno=exc.errno) from None
+    targets = _datasets(ctx, list(c.datasets), recursive=False)
     for d in targets:
         if d.encryption in ("off", "-"):
             raise KeyLoadError(f"datasets: {d.name} is not encrypted; remove it from datasets")

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import errno
+
 import pytest
 
-from lczfs_unlockd.errors import KeyLoadError
+from lczfs_unlockd.errors import KeyLoadError, PoolError
 from tests.fakes import HEX_KEY, PASSPHRASE_KEY, RAW_KEY, Dataset
 from tests.unit.conftest import assert_clean
 
@@ -126,3 +128,18 @@ def test_unknown_dataset_kind_in_world_is_not_touched(world, make_config, run):
     world.datasets["rpool/plain"] = Dataset(name="rpool/plain")
     world.answers = ["luks pass"]
     assert run(make_config()).ok
+
+
+def test_a_failing_zfs_get_is_a_key_loading_failure(world, make_config, run):
+    """zfs get failing (not a missing dataset): KeyLoadError and EACCES, as before
+    the step split; a timeout keeps ETIMEDOUT."""
+    world.answers = ["luks pass", "luks pass"]
+
+    def broken(w):
+        if w.zpool_calls[-1][1] == ("rpool",):  # the targets' lookup, not the keystore's
+            raise PoolError('"zfs get ..." returned non-zero exit code 1: internal error')
+
+    world.hooks["datasets"] = broken
+    report = run(make_config())
+    assert isinstance(report.error, KeyLoadError) and report.errno == errno.EACCES
+    assert "internal error" in str(report.error)
