@@ -9,6 +9,7 @@ configuration is missing or wrong).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import json
 import logging
@@ -148,14 +149,19 @@ def _write_timings(path: str) -> None:
                     out[key] = int(value.split()[0]) * 1024
     except (OSError, ValueError, IndexError):
         pass
+    # A new file renamed into place: whatever sits at the path (a symlink, a
+    # FIFO that would block the open, someone's file) is replaced, never
+    # written through.
+    tmp = f"{path}.{os.getpid()}.tmp"
     try:
-        fd = os.open(
-            path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW | os.O_CLOEXEC, 0o644
-        )
-        with os.fdopen(fd, "w") as f:
+        flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
+        with os.fdopen(os.open(tmp, flags, 0o644), "w") as f:
             json.dump(out, f)
-    except OSError as exc:
-        log.warning("--timings %s: cannot write: %s", path, exc.strerror)
+        os.rename(tmp, path)
+    except Exception as exc:  # never a reason to change the exit code
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        log.warning("--timings %s: cannot write: %s", path, getattr(exc, "strerror", None) or exc)
 
 
 def _main(args: argparse.Namespace) -> int:

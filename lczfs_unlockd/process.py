@@ -9,11 +9,13 @@ in argv — and this module never logs input.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import os
 import shlex
 import subprocess
+import threading
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -79,8 +81,16 @@ def _process_state(pid: int) -> str:
         return "?"
 
 
-def _kill(child: subprocess.Popen[bytes], argv: Sequence[str]) -> str:
-    """SIGKILL the child and reap it within REAP_TIMEOUT; say what became of it."""
+def _kill(child: subprocess.Popen[bytes], argv: Sequence[str], grace: float = 0.0) -> str:
+    """SIGKILL the child and reap it within REAP_TIMEOUT; say what became of it.
+
+    ``grace``: SIGTERM first, and that long to exit by itself (to clean up
+    after itself: systemd-ask-password removes its ask file).
+    """
+    if grace > 0 and child.poll() is None:
+        child.terminate()
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            child.wait(grace)
     child.kill()  # a no-op when it has already been reaped
     try:
         child.wait(REAP_TIMEOUT)
@@ -127,30 +137,44 @@ def _supervised(
     argv: tuple[str, ...],
     timeout: float | None,
     collect: Callable[[subprocess.Popen[bytes], float | None], T],
-    on_error: Callable[[], None] = lambda: None,
+    *,
+    grace: float = 0.0,
 ) -> T:
     """Spawn ``argv`` and ``collect`` its output within ``timeout`` s (None: no limit).
 
-    A child that overruns is killed and reaped (or reported as stuck:
-    CommandTimeout says which).  On any exception (SIGTERM turned into
-    ``Interrupted`` included) the child is killed and ``on_error`` runs
-    before it propagates.
+    A child that overruns is killed (after ``grace`` s of SIGTERM) and
+    reaped, or reported as stuck: CommandTimeout says which.  On any
+    exception (SIGTERM turned into ``Interrupted`` included) the child is
+    killed before it propagates.
     """
     child = _spawn(argv)
     try:
         return collect(child, timeout)
     except subprocess.TimeoutExpired:
-        fate = _kill(child, argv)
-        on_error()
+        fate = _kill(child, argv, grace)
         raise CommandTimeout(
             f'"{shlex.join(argv)}" did not finish within {timeout:.1f} s: {fate}'
         ) from None
     except BaseException:
-        _kill(child, argv)
-        on_error()
+        _kill(child, argv, grace)
         raise
     finally:
         _close(child)
+
+
+def _drain(fd: int, limit: int) -> tuple[threading.Thread, bytearray]:
+    """Read ``fd`` to its end in a thread, keeping its first ``limit`` bytes: a
+    program blocked on a full stderr pipe never gets to close its stdout."""
+    kept = bytearray()
+
+    def read() -> None:
+        with contextlib.suppress(OSError):
+            while chunk := os.read(fd, 65536):
+                kept.extend(chunk[: max(limit - len(kept), 0)])
+
+    thread = threading.Thread(target=read, name="drain-stderr", daemon=True)
+    thread.start()
+    return thread, kept
 
 
 def run(
@@ -201,23 +225,27 @@ def run_secret(
         nonlocal secret
         assert child.stdout is not None and child.stderr is not None
         end = None if deadline is None else time.monotonic() + deadline
+        drainer, err = _drain(child.stderr.fileno(), STDERR_LIMIT)
         try:
             secret = read_bounded(child.stdout.fileno(), limit, deadline=end)
-            # Its stderr ends when the program (and whatever inherited it) does.
-            err = read_bounded(child.stderr.fileno(), STDERR_LIMIT, deadline=end)
         except TimeoutError:
             raise subprocess.TimeoutExpired(argv, deadline or 0.0) from None
-        stderr = (
-            "(more on stderr than it could say)" if err is None else err.decode(errors="replace")
-        )
-        left = None if end is None else max(end - time.monotonic(), 0.0)
-        return child.wait(left), stderr
-
-    def forget() -> None:
-        wipe(secret)
+        # The answer is in: a moment to exit even if the deadline just ran out.
+        returncode = child.wait(None if end is None else max(end - time.monotonic(), 1.0))
+        # Its stderr ends when the program (and whatever inherited it) does.
+        drainer.join(None if end is None else max(end - time.monotonic(), 1.0))
+        if drainer.is_alive():
+            raise subprocess.TimeoutExpired(argv, deadline or 0.0)
+        return returncode, err.decode(errors="replace")
 
     bound = None if timeout is None or not math.isfinite(timeout) else max(timeout, 0.1)
-    returncode, stderr = _supervised(argv, bound, collect, forget)
+    try:
+        # SIGTERM first: systemd-ask-password then removes its ask file, and
+        # no agent keeps showing a prompt nobody waits for.
+        returncode, stderr = _supervised(argv, bound, collect, grace=1.0)
+    except BaseException:
+        wipe(secret)  # whatever ended it, wherever it was cut short
+        raise
     if secret is None:
         raise UnlockError(f"{argv[0]} printed more than {limit} bytes: refusing it as a passphrase")
     return returncode, secret, stderr

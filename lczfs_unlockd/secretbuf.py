@@ -32,7 +32,9 @@ def read_bounded(fd: int, limit: int, *, deadline: float | None = None) -> bytea
             while filled <= limit:
                 if deadline is not None:
                     left = deadline - time.monotonic()
-                    if left <= 0 or not select.select([fd], [], [], left)[0]:
+                    poller = select.poll()  # not select(): any fd number
+                    poller.register(fd, select.POLLIN)
+                    if left <= 0 or not poller.poll(left * 1000):
                         raise TimeoutError("the input did not end in time")
                 n = os.readv(fd, [view[filled:]])
                 if n == 0:

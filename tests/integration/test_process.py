@@ -121,3 +121,45 @@ def test_a_prompt_that_outlives_its_deadline_is_a_prompt_error(monkeypatch, tmp_
     with pytest.raises(PromptError, match="no passphrase was entered .*did not finish within"):
         agent.ask("pw?", ident="cryptsetup:/dev/x", timeout=0.3, keyname=None, accept_cached=False)
     assert time.monotonic() - start < 3
+
+
+def test_a_secret_program_flooding_stderr_before_answering_is_not_deadlocked():
+    """1 MiB on stderr before the answer: a full pipe must not stall it to the deadline."""
+    start = time.monotonic()
+    code, secret, err = process.run_secret(
+        ["sh", "-c", "head -c 1048576 /dev/zero | tr '\\\\0' x >&2; printf answer"], timeout=20
+    )
+    assert (code, bytes(secret)) == (0, b"answer")
+    assert len(err) == process.STDERR_LIMIT
+    assert time.monotonic() - start < 10
+
+
+def test_an_overrun_secret_program_gets_sigterm_first(tmp_path):
+    """systemd-ask-password removes its ask file on SIGTERM; SIGKILL would leave it."""
+    marker = tmp_path / "cleaned-up"
+    script = f"trap 'touch {marker}; exit 1' TERM; sleep 30 & wait"
+    with pytest.raises(CommandTimeout):
+        process.run_secret(["sh", "-c", script], timeout=0.5)
+    assert marker.exists()
+
+
+def test_a_secret_is_wiped_when_the_run_is_interrupted(monkeypatch):
+    """However run_secret ends early -- here a signal after the program
+    answered and exited, as its pipes are closed -- the buffer is zeroed."""
+    seen: list[bytearray] = []
+    real_read, real_close = process.read_bounded, process._close
+
+    def read(*a, **kw):
+        buf = real_read(*a, **kw)
+        seen.append(buf)
+        return buf
+
+    def close(child):
+        real_close(child)
+        raise KeyboardInterrupt  # stands in for Interrupted
+
+    monkeypatch.setattr(process, "read_bounded", read)
+    monkeypatch.setattr(process, "_close", close)
+    with pytest.raises(KeyboardInterrupt):
+        process.run_secret(["printf", "secret"], timeout=5)
+    assert len(seen) == 1 and len(seen[0]) == 6 and not any(seen[0])
