@@ -37,6 +37,7 @@ from .errors import (
     PinRequiredError,
     WrongKeyError,
 )
+from .libc import declare
 from .ports import MappingState, Token
 
 if TYPE_CHECKING:
@@ -165,66 +166,37 @@ _lib_lock = threading.Lock()
 
 def _declare(lib: ctypes.CDLL) -> None:
     c_int, c_char_p, c_size_t = ctypes.c_int, ctypes.c_char_p, ctypes.c_size_t
-    cd = _c_crypt_device_p
-
-    lib.crypt_init.argtypes = [ctypes.POINTER(cd), c_char_p]
-    lib.crypt_init.restype = c_int
-    lib.crypt_load.argtypes = [cd, c_char_p, ctypes.c_void_p]
-    lib.crypt_load.restype = c_int
-    lib.crypt_get_type.argtypes = [cd]
-    lib.crypt_get_type.restype = c_char_p
-    lib.crypt_free.argtypes = [cd]
-    lib.crypt_free.restype = None
-    lib.crypt_set_log_callback.argtypes = [cd, _LOG_CALLBACK, ctypes.c_void_p]
-    lib.crypt_set_log_callback.restype = None
-    lib.crypt_set_debug_level.argtypes = [c_int]
-    lib.crypt_set_debug_level.restype = None
-    lib.crypt_token_max.argtypes = [c_char_p]
-    lib.crypt_token_max.restype = c_int
-    lib.crypt_token_status.argtypes = [cd, c_int, ctypes.POINTER(c_char_p)]
-    lib.crypt_token_status.restype = c_int
-    lib.crypt_activate_by_token_pin.argtypes = [
-        cd,
-        c_char_p,  # name, NULL: check only
-        c_char_p,  # token type, NULL: any
-        c_int,  # token
-        _c_key_p,  # pin
-        c_size_t,
-        ctypes.c_void_p,  # usrptr
-        ctypes.c_uint32,  # flags
-    ]
-    lib.crypt_activate_by_token_pin.restype = c_int
-    lib.crypt_activate_by_passphrase.argtypes = [
-        cd,
-        c_char_p,
-        c_int,  # keyslot
-        _c_key_p,
-        c_size_t,
-        ctypes.c_uint32,
-    ]
-    lib.crypt_activate_by_passphrase.restype = c_int
-    lib.crypt_activate_by_keyfile_device_offset.argtypes = [
-        cd,
-        c_char_p,
-        c_int,  # keyslot
-        c_char_p,  # key file path
-        c_size_t,  # keyfile_size, 0: whole file
-        ctypes.c_uint64,  # keyfile_offset
-        ctypes.c_uint32,
-    ]
-    lib.crypt_activate_by_keyfile_device_offset.restype = c_int
-    lib.crypt_deactivate_by_name.argtypes = [cd, c_char_p, ctypes.c_uint32]
-    lib.crypt_deactivate_by_name.restype = c_int
-    lib.crypt_status.argtypes = [cd, c_char_p]
-    lib.crypt_status.restype = c_int
-    lib.crypt_keyslot_max.argtypes = [c_char_p]
-    lib.crypt_keyslot_max.restype = c_int
-    lib.crypt_keyslot_status.argtypes = [cd, c_int]
-    lib.crypt_keyslot_status.restype = c_int
-    lib.crypt_keyslot_get_priority.argtypes = [cd, c_int]
-    lib.crypt_keyslot_get_priority.restype = c_int
-    lib.crypt_persistent_flags_get.argtypes = [cd, c_int, ctypes.POINTER(ctypes.c_uint32)]
-    lib.crypt_persistent_flags_get.restype = c_int
+    c_void_p, c_uint32, cd = ctypes.c_void_p, ctypes.c_uint32, _c_crypt_device_p
+    declare(lib, {
+        "crypt_init": (c_int, [ctypes.POINTER(cd), c_char_p]),
+        "crypt_load": (c_int, [cd, c_char_p, c_void_p]),
+        "crypt_get_type": (c_char_p, [cd]),
+        "crypt_free": (None, [cd]),
+        "crypt_set_log_callback": (None, [cd, _LOG_CALLBACK, c_void_p]),
+        "crypt_set_debug_level": (None, [c_int]),
+        "crypt_token_max": (c_int, [c_char_p]),
+        "crypt_token_status": (c_int, [cd, c_int, ctypes.POINTER(c_char_p)]),
+        # (cd, name (NULL: check only), token type (NULL: any), token, pin,
+        #  pin size, usrptr, flags)
+        "crypt_activate_by_token_pin": (
+            c_int, [cd, c_char_p, c_char_p, c_int, _c_key_p, c_size_t, c_void_p, c_uint32],
+        ),
+        # (cd, name, keyslot, passphrase, size, flags)
+        "crypt_activate_by_passphrase": (
+            c_int, [cd, c_char_p, c_int, _c_key_p, c_size_t, c_uint32],
+        ),
+        # (cd, name, keyslot, key file path, keyfile_size (0: whole file),
+        #  keyfile_offset, flags)
+        "crypt_activate_by_keyfile_device_offset": (
+            c_int, [cd, c_char_p, c_int, c_char_p, c_size_t, ctypes.c_uint64, c_uint32],
+        ),
+        "crypt_deactivate_by_name": (c_int, [cd, c_char_p, c_uint32]),
+        "crypt_status": (c_int, [cd, c_char_p]),
+        "crypt_keyslot_max": (c_int, [c_char_p]),
+        "crypt_keyslot_status": (c_int, [cd, c_int]),
+        "crypt_keyslot_get_priority": (c_int, [cd, c_int]),
+        "crypt_persistent_flags_get": (c_int, [cd, c_int, ctypes.POINTER(c_uint32)]),
+    })  # fmt: skip
 
 
 def _library() -> ctypes.CDLL:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import ctypes
 from functools import cache
+from typing import Any
 
 from . import paths
 from .errors import UnlockError
@@ -17,6 +18,25 @@ PR_SET_DUMPABLE = 4
 PR_GET_DUMPABLE = 3
 
 
+Signature = tuple[Any, list[Any]]  # (restype, argtypes)
+
+
+def declare(lib: ctypes.CDLL, signatures: dict[str, Signature]) -> None:
+    """Give each function its C signature: one table per library, no call unchecked."""
+    for name, (restype, argtypes) in signatures.items():
+        function = getattr(lib, name)
+        function.restype = restype
+        function.argtypes = argtypes
+
+
+_c = ctypes
+_SIGNATURES: dict[str, Signature] = {
+    "mount": (_c.c_int, [_c.c_char_p, _c.c_char_p, _c.c_char_p, _c.c_ulong, _c.c_char_p]),
+    "umount2": (_c.c_int, [_c.c_char_p, _c.c_int]),
+    "prctl": (_c.c_int, [_c.c_int, _c.c_ulong, _c.c_ulong, _c.c_ulong]),
+}
+
+
 @cache
 def libc() -> ctypes.CDLL:
     for name in paths.LIBC:
@@ -24,14 +44,7 @@ def libc() -> ctypes.CDLL:
             lib = ctypes.CDLL(name, use_errno=True)
         except OSError:
             continue
-        lib.mount.argtypes = (
-            ctypes.c_char_p, ctypes.c_char_p, ctypes.c_char_p, ctypes.c_ulong, ctypes.c_char_p,
-        )  # fmt: skip
-        lib.mount.restype = ctypes.c_int
-        lib.umount2.argtypes = (ctypes.c_char_p, ctypes.c_int)
-        lib.umount2.restype = ctypes.c_int
-        lib.prctl.argtypes = (ctypes.c_int, ctypes.c_ulong, ctypes.c_ulong, ctypes.c_ulong)
-        lib.prctl.restype = ctypes.c_int
+        declare(lib, _SIGNATURES)
         return lib
     raise UnlockError(f"cannot load the C library ({', '.join(paths.LIBC)})")
 
