@@ -15,6 +15,7 @@ import json
 import logging
 import os
 import sys
+import tempfile
 import time
 from collections.abc import Sequence
 
@@ -152,15 +153,17 @@ def _write_timings(path: str) -> None:
     # A new file renamed into place: whatever sits at the path (a symlink, a
     # FIFO that would block the open, someone's file) is replaced, never
     # written through.
-    tmp = f"{path}.{os.getpid()}.tmp"
+    tmp: str | None = None
     try:
-        flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
-        with os.fdopen(os.open(tmp, flags, 0o644), "w") as f:
+        fd, tmp = tempfile.mkstemp(dir=os.path.dirname(path) or ".", prefix=".timings.")
+        with os.fdopen(fd, "w") as f:
+            os.fchmod(f.fileno(), 0o644)
             json.dump(out, f)
         os.rename(tmp, path)
     except Exception as exc:  # never a reason to change the exit code
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
+        if tmp is not None:  # ours: mkstemp made it
+            with contextlib.suppress(OSError):
+                os.unlink(tmp)
         log.warning("--timings %s: cannot write: %s", path, getattr(exc, "strerror", None) or exc)
 
 

@@ -36,6 +36,9 @@ DEFAULT_TIMEOUT = 60.0
 REAP_TIMEOUT = 5.0
 
 T = TypeVar("T")
+# poll(2) takes a C int of milliseconds (24.8 days): a longer configured
+# wait is this long, which is as good as no limit for a boot.
+MAX_WAIT = 7 * 86400.0
 STDERR_LIMIT = 65536  # what run_secret keeps of a prompt program's stderr
 
 PATH = "/run/current-system/sw/bin:/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
@@ -87,11 +90,13 @@ def _kill(child: subprocess.Popen[bytes], argv: Sequence[str], grace: float = 0.
     ``grace``: SIGTERM first, and that long to exit by itself (to clean up
     after itself: systemd-ask-password removes its ask file).
     """
-    if grace > 0 and child.poll() is None:
-        child.terminate()
-        with contextlib.suppress(subprocess.TimeoutExpired):
-            child.wait(grace)
-    child.kill()  # a no-op when it has already been reaped
+    try:
+        if grace > 0 and child.poll() is None:
+            child.terminate()
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                child.wait(grace)
+    finally:  # even when a signal cuts the grace short
+        child.kill()  # a no-op when it has already been reaped
     try:
         child.wait(REAP_TIMEOUT)
         return "killed"
@@ -130,7 +135,7 @@ def _spawn(argv: tuple[str, ...]) -> subprocess.Popen[bytes]:
 def _bound(timeout: float | None) -> float:
     if timeout is None or not math.isfinite(timeout):
         return DEFAULT_TIMEOUT
-    return max(timeout, 0.1)
+    return min(max(timeout, 0.1), MAX_WAIT)
 
 
 def _supervised(
@@ -166,11 +171,19 @@ def _drain(fd: int, limit: int) -> tuple[threading.Thread, bytearray]:
     """Read ``fd`` to its end in a thread, keeping its first ``limit`` bytes: a
     program blocked on a full stderr pipe never gets to close its stdout."""
     kept = bytearray()
+    # Its own descriptor: the caller closes ``fd`` when it gives up, and a
+    # thread still blocked on that number would then read whatever file
+    # gets the number next.
+    own = os.dup(fd)
 
     def read() -> None:
-        with contextlib.suppress(OSError):
-            while chunk := os.read(fd, 65536):
+        try:
+            while chunk := os.read(own, 65536):
                 kept.extend(chunk[: max(limit - len(kept), 0)])
+        except OSError:
+            pass
+        finally:
+            os.close(own)
 
     thread = threading.Thread(target=read, name="drain-stderr", daemon=True)
     thread.start()
@@ -238,7 +251,9 @@ def run_secret(
             raise subprocess.TimeoutExpired(argv, deadline or 0.0)
         return returncode, err.decode(errors="replace")
 
-    bound = None if timeout is None or not math.isfinite(timeout) else max(timeout, 0.1)
+    bound = (
+        None if timeout is None or not math.isfinite(timeout) else min(max(timeout, 0.1), MAX_WAIT)
+    )
     try:
         # SIGTERM first: systemd-ask-password then removes its ask file, and
         # no agent keeps showing a prompt nobody waits for.

@@ -19,6 +19,19 @@ def wipe(buf: bytearray | None) -> None:
         buf[:] = bytes(len(buf))
 
 
+def _wait_readable(fd: int, deadline: float) -> None:
+    """Until ``fd`` can be read; TimeoutError once ``deadline`` (time.monotonic()) passed."""
+    poller = select.poll()  # not select(): any fd number
+    poller.register(fd, select.POLLIN)
+    while True:
+        left = deadline - time.monotonic()
+        if left <= 0:
+            raise TimeoutError("the input did not end in time")
+        # At most a day per poll(): it takes a C int of milliseconds.
+        if poller.poll(min(left, 86400.0) * 1000):
+            return
+
+
 def read_bounded(fd: int, limit: int, *, deadline: float | None = None) -> bytearray | None:
     """Read ``fd`` to its end; None if it holds more than ``limit`` bytes.
 
@@ -31,11 +44,7 @@ def read_bounded(fd: int, limit: int, *, deadline: float | None = None) -> bytea
         with memoryview(scratch) as view:
             while filled <= limit:
                 if deadline is not None:
-                    left = deadline - time.monotonic()
-                    poller = select.poll()  # not select(): any fd number
-                    poller.register(fd, select.POLLIN)
-                    if left <= 0 or not poller.poll(left * 1000):
-                        raise TimeoutError("the input did not end in time")
+                    _wait_readable(fd, deadline)
                 n = os.readv(fd, [view[filled:]])
                 if n == 0:
                     break

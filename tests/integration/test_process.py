@@ -163,3 +163,60 @@ def test_a_secret_is_wiped_when_the_run_is_interrupted(monkeypatch):
     with pytest.raises(KeyboardInterrupt):
         process.run_secret(["printf", "secret"], timeout=5)
     assert len(seen) == 1 and len(seen[0]) == 6 and not any(seen[0])
+
+
+def test_a_stale_stderr_reader_never_reads_a_reused_descriptor(monkeypatch):
+    """A helper keeps the prompt's stderr after the prompt gave up: the reader
+    thread left behind must not read the next file that gets the fd number."""
+    numbers: list[int] = []
+    real_drain = process._drain
+
+    def drain(fd, limit):
+        numbers.append(fd)
+        return real_drain(fd, limit)
+
+    monkeypatch.setattr(process, "_drain", drain)
+    script = "(while :; do echo tick >&2; sleep 0.2; done) & exit 0"
+    with pytest.raises(CommandTimeout):
+        process.run_secret(["sh", "-c", script], timeout=0.5)
+    reader, writer = os.pipe()
+    os.dup2(reader, numbers[0])  # the next file to get the stderr pipe's number
+    try:
+        os.write(writer, b"KEY-FILE-CONTENT")
+        time.sleep(0.6)  # the stale thread has had its chances (a tick every 0.2 s)
+        os.set_blocking(numbers[0], False)
+        try:
+            assert os.read(numbers[0], 64) == b"KEY-FILE-CONTENT"
+        except BlockingIOError:
+            pytest.fail("another reader took the bytes written to the reused descriptor")
+    finally:
+        for fd in (numbers[0], reader, writer):
+            os.close(fd)
+        subprocess.run(["pkill", "-f", "while :; do echo tick"], check=False)
+
+
+def test_a_signal_during_the_grace_still_kills_the_child(monkeypatch):
+    """SIGTERM cut short, then SIGKILL whatever happens: no child left running."""
+    child = subprocess.Popen(["sh", "-c", "trap '' TERM; sleep 30"])
+    time.sleep(0.2)
+    real_wait = child.wait
+    calls = []
+
+    def wait(timeout=None):
+        calls.append(timeout)
+        if len(calls) == 1:
+            raise KeyboardInterrupt  # the signal arrives during the grace
+        return real_wait(timeout)
+
+    monkeypatch.setattr(child, "wait", wait)
+    with pytest.raises(KeyboardInterrupt):
+        process._kill(child, ["sh"], grace=1.0)
+    assert real_wait(5) == -9
+
+
+def test_a_wait_of_weeks_is_no_overflow():
+    """poll(2) takes int milliseconds; a 30-day prompt_timeout or pool timeout is legal."""
+    month = 30 * 86400.0
+    assert process.run(["true"], timeout=month).returncode == 0
+    code, secret, _ = process.run_secret(["printf", "pw"], timeout=month)
+    assert (code, bytes(secret)) == (0, b"pw")

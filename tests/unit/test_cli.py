@@ -144,7 +144,7 @@ def test_timings_replace_a_symlink_or_fifo_never_write_through_it(world, wired, 
         assert path.is_file() and not path.is_symlink()
         assert "main" in json.loads(path.read_text())["events"]
     assert victim.read_text() == "keep me\n"
-    assert sorted(p.name for p in tmp_path.iterdir() if ".tmp" in p.name) == []
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".timings.")] == []
 
 
 def test_timings_that_cannot_be_written_do_not_change_the_exit_code(world, wired, tmp_path, capfd):
@@ -164,3 +164,21 @@ def test_without_timings_nothing_is_recorded(world, wired):
     logsetup._timings = None
     assert cli.main(["--config", str(cfg), "--kernel-cmdline", str(cmdline)]) == 0
     assert logsetup.timings() is None
+
+
+def test_timings_never_remove_a_file_they_did_not_make(world, wired, tmp_path, monkeypatch):
+    import tempfile
+
+    cfg, cmdline = wired
+    world.answers = ["luks pass"]
+    other = tmp_path / "someone-elses"
+    other.write_text("theirs\n")
+
+    def refuse(**_kw):
+        raise FileExistsError(17, "File exists", str(other))
+
+    monkeypatch.setattr(tempfile, "mkstemp", refuse)
+    out = tmp_path / "timing.json"
+    args = ["--config", str(cfg), "--kernel-cmdline", str(cmdline), "--timings", str(out)]
+    assert cli.main(args) == 0
+    assert other.read_text() == "theirs\n" and not out.exists()
