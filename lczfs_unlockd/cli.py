@@ -141,15 +141,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 def _write_timings(path: str) -> None:
     logsetup.mark("exit")
-    out: dict[str, object] = {"events": logsetup.timings()}
-    try:
-        with open("/proc/self/status") as f:
-            for line in f:
-                if line.startswith(("VmHWM:", "VmPeak:")):
-                    key, value = line.split(":", 1)
-                    out[key] = int(value.split()[0]) * 1024
-    except (OSError, ValueError, IndexError):
-        pass
+    out: dict[str, object] = {"events": logsetup.timings(), **logsetup.memory("VmHWM", "VmPeak")}
     # A new file renamed into place: whatever sits at the path (a symlink, a
     # FIFO that would block the open, someone's file) is replaced, never
     # written through.

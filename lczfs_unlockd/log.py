@@ -145,22 +145,24 @@ def record_timings() -> None:
     _timings = {}
 
 
-def _rss() -> int:
-    """VmRSS in bytes (0 if /proc cannot tell)."""
+def memory(*fields: str) -> dict[str, int]:
+    """Those ``Vm*`` fields of /proc/self/status, in bytes (left out if it cannot tell)."""
+    out: dict[str, int] = {}
     try:
         with open("/proc/self/status") as f:
             for line in f:
-                if line.startswith("VmRSS:"):
-                    return int(line.split()[1]) * 1024
+                key, _, value = line.partition(":")
+                if key in fields:
+                    out[key] = int(value.split()[0]) * 1024
     except (OSError, ValueError, IndexError):
         pass
-    return 0
+    return out
 
 
 def mark(event: str) -> None:
     """The first time ``event`` happens in this run (later ones are not recorded)."""
     if _timings is not None and event not in _timings:
-        _timings[event] = {"t": time.monotonic(), "rss": _rss()}
+        _timings[event] = {"t": time.monotonic(), "rss": memory("VmRSS").get("VmRSS", 0)}
 
 
 def timings() -> dict[str, dict[str, int | float]] | None:

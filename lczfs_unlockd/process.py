@@ -251,9 +251,7 @@ def run_secret(
             raise subprocess.TimeoutExpired(argv, deadline or 0.0)
         return returncode, err.decode(errors="replace")
 
-    bound = (
-        None if timeout is None or not math.isfinite(timeout) else min(max(timeout, 0.1), MAX_WAIT)
-    )
+    bound = None if timeout is None or not math.isfinite(timeout) else _bound(timeout)
     try:
         # SIGTERM first: systemd-ask-password then removes its ask file, and
         # no agent keeps showing a prompt nobody waits for.
