@@ -114,7 +114,6 @@ class State:
     created_dirs: list[str] = field(default_factory=list)  # made by this run, outermost first
     mount_id: int | None = None  # the keystore's mount, once mounted
     mounting: bool = False  # mount(2) was called: the path may hold our mount
-    tearing_down: bool = False
 
 
 class Context:
@@ -195,9 +194,8 @@ class Context:
 
     def tear_down(self) -> None:
         """From here on nothing interrupts (the sequence calls it before unwinding)."""
-        self.signals.interruptible = False
-        if not self.state.tearing_down:
-            self.state.tearing_down = True
+        if self.signals.interruptible:  # the first call: say so once
+            self.signals.interruptible = False
             self.status("tearing down: closing the keystore")
 
     def guarded(
