@@ -44,6 +44,7 @@ def real_ports(notifier: SystemdNotifier) -> Ports:
     from .askpass import SystemdAskPassword
     from .cryptsetup import LibCryptsetup
     from .filesystem import HostFilesystem, LibcMounts
+    from .tpm2 import Tpm2Device
     from .units import SystemdUnits
     from .zfskeys import PyzfsKeyLoader
     from .zpool import ZpoolCli
@@ -58,6 +59,7 @@ def real_ports(notifier: SystemdNotifier) -> Ports:
         notifier=notifier,
         fs=HostFilesystem(),
         clock=SystemClock(),
+        tpm=Tpm2Device(),
     )
 
 

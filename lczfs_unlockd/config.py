@@ -33,6 +33,10 @@ MIN_PBKDF2ITERS = 100_000
 # hashlib.pbkdf2_hmac takes a C int (OverflowError above it).
 MAX_PBKDF2ITERS = 2**31 - 1
 GUID_MAX = 2**64 - 1
+# keystore.measure_pcr: systemd-cryptsetup's tpm2-measure-pcr= default, and
+# the PCRs a TPM2 has (0-23).
+DEFAULT_MEASURE_PCR = 15
+MAX_PCR = 23
 
 
 class UnlockMethod(enum.Enum):
@@ -56,6 +60,12 @@ class KeystoreConfig:
     tries: int = 3  # 0 = ask until the passphrase is right
     prompt_timeout: float = 0.0  # 0 or math.inf = no limit
     token_timeout: float = 30.0  # 0 = do not wait for a token; math.inf = wait for ever
+    # The PCR the unlock is measured into; None = "auto" (DEFAULT_MEASURE_PCR
+    # when a TPM2 is there and a systemd-tpm2 token is enrolled), False = never.
+    measure_pcr: int | bool | None = None
+    # For systemd's TPM2 token plugin; None = the plugin's own default.
+    tpm2_signature: str | None = None
+    tpm2_pcrlock: str | None = None
 
     @property
     def device(self) -> str:
@@ -82,6 +92,16 @@ class Config:
     pool_guid: int | None = None  # import this pool only (zpool import by numeric id)
     # Cap on a passphrase dataset's pbkdf2iters, which whoever holds the disk can set:
     max_pbkdf2iters: int = DEFAULT_MAX_PBKDF2ITERS
+    # The root check: the dataset that will be mounted as / (None: from the
+    # kernel command line's root=zfs:..., else none), the other datasets
+    # checked the same way, and the encryption roots they may belong to
+    # (None: the ones this run unlocked).
+    root_dataset: str | None = None
+    verify_datasets: tuple[str, ...] = ()
+    trusted_roots: tuple[str, ...] | None = None
+    # root= on the kernel command line, when it names a ZFS dataset:
+    # the dataset, or BOOTFS ("root=zfs:AUTO": the pool's bootfs property).
+    kernel_root: str | None = None
     # From the kernel command line or the command line, not the file:
     enabled: bool = True
     dry_run: bool = False
@@ -334,12 +354,14 @@ class _Table:
 
 TOP_KEYS = (
     "pool", "pool_guid", "devices", "dev_nodes", "force_import", "online_grace", "timeout",
-    "datasets", "mask", "max_pbkdf2iters", "keystore",
+    "datasets", "mask", "max_pbkdf2iters", "root_dataset", "verify_datasets", "trusted_roots",
+    "keystore",
 )  # fmt: skip
 KEYSTORE_KEYS = (
     "volume", "partition", "name", "mountpoint", "unlock", "keyfile", "tries",
-    "prompt_timeout", "token_timeout",
+    "prompt_timeout", "token_timeout", "measure_pcr", "tpm2_signature", "tpm2_pcrlock",
 )  # fmt: skip
+BOOTFS = "AUTO"  # Config.kernel_root for root=zfs:AUTO
 _BARE_KEY = re.compile(r"[A-Za-z0-9_-]+")
 
 
@@ -471,6 +493,28 @@ def _parse_keystore(table: _Table, pool: str) -> KeystoreConfig:
                 f"{table.key('keyfile')} = {_q(keyfile)}: the keystore's own key cannot live "
                 "inside the keystore"
             )
+    measure_pcr: int | bool | None = None
+    if table.has("measure_pcr"):
+        raw = table._take("measure_pcr")
+        if raw is True:
+            raw = DEFAULT_MEASURE_PCR
+        if raw is not False and (not isinstance(raw, int) or not 0 <= raw <= MAX_PCR):
+            raise ConfigError(
+                f"{table.key('measure_pcr')} = {raw!r}: expected a PCR number 0-{MAX_PCR} "
+                f"(systemd's default is {DEFAULT_MEASURE_PCR}), or false to never measure"
+            )
+        measure_pcr = raw
+    tpm2_files: dict[str, str | None] = {}
+    for key in ("tpm2_signature", "tpm2_pcrlock"):
+        value = table.optional_string(key)
+        if value is not None:
+            _check_absolute(value, table.key(key))
+            if UnlockMethod.TOKEN not in unlock:
+                raise ConfigError(
+                    f'{table.key(key)} is set but "token" is not in {table.key("unlock")}: '
+                    "add it or remove the setting"
+                )
+        tpm2_files[key] = value
     config = KeystoreConfig(
         volume=volume,
         partition=table.integer("partition", KeystoreConfig.partition, 0, 128),
@@ -481,6 +525,9 @@ def _parse_keystore(table: _Table, pool: str) -> KeystoreConfig:
         tries=table.integer("tries", KeystoreConfig.tries, 0, 1000),
         prompt_timeout=table.duration("prompt_timeout", KeystoreConfig.prompt_timeout),
         token_timeout=table.duration("token_timeout", KeystoreConfig.token_timeout),
+        measure_pcr=measure_pcr,
+        tpm2_signature=tpm2_files["tpm2_signature"],
+        tpm2_pcrlock=tpm2_files["tpm2_pcrlock"],
     )
     table.finish()
     return config
@@ -524,9 +571,28 @@ def parse(data: Mapping[str, Any], source: str = DEFAULT_PATH) -> Config:
     max_pbkdf2iters = top.integer(
         "max_pbkdf2iters", Config.max_pbkdf2iters, MIN_PBKDF2ITERS, MAX_PBKDF2ITERS
     )
+    root_dataset = top.optional_string("root_dataset")
+    if root_dataset is not None:
+        _check_dataset_in_pool(root_dataset, "root_dataset", pool)
+    verify_datasets = top.string_list("verify_datasets")
+    for i, name in enumerate(verify_datasets):
+        _check_dataset_in_pool(name, f"verify_datasets[{i}]", pool)
+    trusted_roots: tuple[str, ...] | None = None
+    if top.has("trusted_roots"):
+        trusted_roots = top.string_list("trusted_roots")
+        if not trusted_roots:
+            raise ConfigError(
+                "trusted_roots = []: no dataset could pass the root check; list the "
+                "encryption roots the root may belong to, or remove the key"
+            )
+        for i, name in enumerate(trusted_roots):
+            _check_dataset_in_pool(name, f"trusted_roots[{i}]", pool)
     keystore = _parse_keystore(top.table("keystore"), pool)
     if datasets is not None and keystore.volume in datasets:
         raise ConfigError(f'datasets: "{keystore.volume}" is the keystore volume, not a dataset')
+    for key, names in (("root_dataset", (root_dataset,)), ("verify_datasets", verify_datasets)):
+        if keystore.volume in names:
+            raise ConfigError(f'{key}: "{keystore.volume}" is the keystore volume, not a dataset')
     top.finish()
     if _grace_outlasts_timeout(online_grace, timeout):
         raise ConfigError(
@@ -546,6 +612,9 @@ def parse(data: Mapping[str, Any], source: str = DEFAULT_PATH) -> Config:
         mask=mask,
         pool_guid=pool_guid,
         max_pbkdf2iters=max_pbkdf2iters,
+        root_dataset=root_dataset,
+        verify_datasets=verify_datasets,
+        trusted_roots=trusted_roots,
         source=source,
     )
 
@@ -612,8 +681,16 @@ def apply_cmdline(config: Config, cmdline: str) -> tuple[Config, list[str]]:
     warnings: list[str] = []
     changes: dict[str, Any] = {}
     keystore_changes: dict[str, Any] = {}
+    root: str | None = None
+    rootfstype = ""
     for word in split_cmdline(cmdline):
         name, _, value = word.partition("=")
+        if name == "root":
+            root = value  # the last root= wins, as for the kernel and dracut
+            continue
+        if name == "rootfstype":
+            rootfstype = value
+            continue
         if name == "rd.lczfs":
             if value.lower() in _FALSE:
                 changes["enabled"] = False
@@ -650,6 +727,7 @@ def apply_cmdline(config: Config, cmdline: str) -> tuple[Config, list[str]]:
             )
     if keystore_changes:
         changes["keystore"] = replace(config.keystore, **keystore_changes)
+    changes["kernel_root"] = None if root is None else zfs_root(root, rootfstype)
     new = replace(config, **changes)
     if _grace_outlasts_timeout(new.online_grace, new.timeout):
         warnings.append(
@@ -657,6 +735,26 @@ def apply_cmdline(config: Config, cmdline: str) -> tuple[Config, list[str]]:
             f"({format_duration(new.timeout)}): a degraded pool will not be accepted"
         )
     return new, warnings
+
+
+def zfs_root(value: str, rootfstype: str = "") -> str | None:
+    """The dataset ``root=`` names, BOOTFS for the pool's bootfs, None when not ZFS.
+
+    The forms dracut's zfs module and initramfs-tools' zfs script take:
+    ``zfs:DATASET``, ``ZFS=DATASET``, ``zfs:AUTO``, bare ``zfs`` (= AUTO),
+    and ``root=DATASET rootfstype=zfs``.
+    The name is not validated here: whatever it is, it is what the
+    distribution will try to mount, so the root check checks exactly it.
+    """
+    if value in ("zfs", "zfs:", "ZFS", "ZFS="):
+        return BOOTFS
+    for prefix in ("zfs:", "ZFS="):
+        if value.startswith(prefix):
+            rest = value[len(prefix) :]
+            return BOOTFS if rest in (BOOTFS, "") else rest
+    if rootfstype == "zfs" and value and not value.startswith("/") and "=" not in value:
+        return value
+    return None
 
 
 def disabled_on_cmdline(cmdline: str) -> bool:
@@ -711,4 +809,40 @@ def summary(config: Config) -> Sequence[str]:
         + f", prompt time limit {_limit(ks.prompt_timeout, 'no limit')}"
         + f", token wait {_limit(ks.token_timeout, 'none')}",
         f"keys for: {targets}; passphrase keys with pbkdf2iters up to {config.max_pbkdf2iters:,}",
+        _measure_summary(ks),
+        _root_check_summary(config),
     ]
+
+
+def _measure_summary(ks: KeystoreConfig) -> str:
+    if ks.measure_pcr is False:
+        line = "TPM2 measurement: off (keystore.measure_pcr = false)"
+    elif ks.measure_pcr is None:
+        line = (
+            f"TPM2 measurement: the unlock is measured into PCR {DEFAULT_MEASURE_PCR} when a "
+            "TPM2 is present and a systemd-tpm2 token is enrolled (keystore.measure_pcr)"
+        )
+    else:
+        line = f"TPM2 measurement: the unlock is measured into PCR {ks.measure_pcr}, required"
+    for what, path in (("signed PCR policy", ks.tpm2_signature), ("pcrlock", ks.tpm2_pcrlock)):
+        if path is not None:
+            line += f"; TPM2 tokens use the {what} {path}"
+    return line
+
+
+def _root_check_summary(config: Config) -> str:
+    if config.root_dataset is not None:
+        root = f"root_dataset {config.root_dataset}"
+    else:
+        root = "the root=zfs:... dataset of the kernel command line (zfs:AUTO: the pool's bootfs)"
+    extra = f" and {', '.join(config.verify_datasets)}" if config.verify_datasets else ""
+    roots = (
+        ", ".join(config.trusted_roots)
+        if config.trusted_roots is not None
+        else "the ones this run unlocked"
+    )
+    return (
+        f"root check before READY=1: {root}{extra} must exist, be encrypted, have its key "
+        f"loaded, and belong to an encryption root among {roots}; otherwise the boot is refused "
+        "(keys unloaded, sysroot.mount blocked)"
+    )

@@ -39,9 +39,12 @@ from .errors import (
 )
 from .libc import declare
 from .ports import MappingState, Token
+from .secretbuf import wipe
 
 if TYPE_CHECKING:
-    from .ports import Cryptsetup, LuksDevice
+    from collections.abc import Callable
+
+    from .ports import Cryptsetup, LuksDevice, Tpm2Policy, VolumeKeyHook
 
 __all__ = ["LibCryptsetup", "LuksVolume", "set_debug"]
 
@@ -100,6 +103,22 @@ _LEVEL_NAMES = {
 _TOKEN_UNUSABLE = frozenset({errno.ENOENT, errno.EAGAIN, errno.EINVAL})
 
 _c_crypt_device_p = ctypes.c_void_p
+TPM2_TOKEN = "systemd-tpm2"
+UINT32_MAX = 2**32 - 1
+
+
+class _Tpm2PluginParams(ctypes.Structure):
+    """systemd's ``systemd_tpm2_plugin_params`` (src/shared/tpm2-util.h): the
+    ``usrptr`` its TPM2 token plugin takes.  NULL members: its defaults."""
+
+    _fields_ = [
+        ("search_pcr_mask", ctypes.c_uint32),  # UINT32_MAX: tokens of any PCR mask
+        ("device", ctypes.c_char_p),  # NULL: the first TPM2
+        ("signature_path", ctypes.c_char_p),  # signed PCR policy (JSON)
+        ("pcrlock_path", ctypes.c_char_p),  # systemd-pcrlock policy (JSON)
+    ]
+
+
 # Key material travels as char* into the caller's bytearray, never c_char_p
 # (which would want an immutable bytes object).
 _c_key_p = ctypes.POINTER(ctypes.c_char)
@@ -196,6 +215,27 @@ def _declare(lib: ctypes.CDLL) -> None:
         "crypt_keyslot_status": (c_int, [cd, c_int]),
         "crypt_keyslot_get_priority": (c_int, [cd, c_int]),
         "crypt_persistent_flags_get": (c_int, [cd, c_int, ctypes.POINTER(c_uint32)]),
+        # The volume-key path, for measuring the unlock (cryptsetup >= 2.6):
+        "crypt_get_uuid": (c_char_p, [cd]),
+        "crypt_get_volume_key_size": (c_int, [cd]),
+        # (cd, keyslot, volume key out, its size in/out, passphrase, size)
+        "crypt_volume_key_get": (
+            c_int, [cd, c_int, _c_key_p, ctypes.POINTER(c_size_t), _c_key_p, c_size_t],
+        ),
+        # (cd, token, token type, pin, pin size, usrptr, context out)
+        "crypt_keyslot_context_init_by_token": (
+            c_int, [cd, c_int, c_char_p, _c_key_p, c_size_t, c_void_p, ctypes.POINTER(c_void_p)],
+        ),
+        # (cd, key file, keyfile_size (0: whole file), offset, context out)
+        "crypt_keyslot_context_init_by_keyfile": (
+            c_int, [cd, c_char_p, c_size_t, ctypes.c_uint64, ctypes.POINTER(c_void_p)],
+        ),
+        "crypt_keyslot_context_free": (None, [c_void_p]),
+        "crypt_volume_key_get_by_keyslot_context": (
+            c_int, [cd, c_int, _c_key_p, ctypes.POINTER(c_size_t), c_void_p],
+        ),
+        # (cd, name, volume key, size, flags)
+        "crypt_activate_by_volume_key": (c_int, [cd, c_char_p, _c_key_p, c_size_t, c_uint32]),
     })  # fmt: skip
 
 
@@ -309,6 +349,13 @@ def _strerror(code: int) -> str:
     return os.strerror(code).lower()
 
 
+def _tpm2_params(policy: Tpm2Policy) -> _Tpm2PluginParams:
+    def path(value: str | None) -> bytes | None:
+        return None if value is None else os.fsencode(value)
+
+    return _Tpm2PluginParams(UINT32_MAX, None, path(policy.signature), path(policy.pcrlock))
+
+
 def _key_buffer(key: bytearray) -> ctypes.Array[ctypes.c_char]:
     """A ctypes view of ``key`` (no copy).  Never NULL, even for b""."""
     if not key:
@@ -360,6 +407,59 @@ class LuksVolume:
     def luks_type(self) -> str:
         return self._luks_type
 
+    @property
+    def uuid(self) -> str:
+        raw = _library().crypt_get_uuid(self._handle())
+        # From the header: escaped like every other header string.
+        return _printable(raw.decode(errors="replace")) if raw else ""
+
+    def _through_volume_key(
+        self,
+        method: str,
+        name: str | None,
+        read_only: bool,
+        get_key: Callable[[ctypes.Array[ctypes.c_char], ctypes.c_size_t], int],
+        on_volume_key: VolumeKeyHook,
+    ) -> int:
+        """Get the volume key with ``get_key`` (the key slot's return value,
+        or -errno), hand it to ``on_volume_key``, then activate with it.
+
+        Returns what ``get_key`` returned when it failed (the caller maps
+        it), the key slot otherwise.  The key lives in one bytearray, zeroed
+        whatever happens.
+        """
+        lib = _library()
+        cd = self._handle()
+        size = int(lib.crypt_get_volume_key_size(cd))
+        if size <= 0:
+            raise KeystoreError(
+                f"{self.device} reports no volume key size: its header is damaged",
+                errno=errno.EINVAL,
+            )
+        key = bytearray(size)
+        buf = (ctypes.c_char * size).from_buffer(key)
+        try:
+            got = ctypes.c_size_t(size)
+            slot = get_key(buf, got)
+            if slot < 0:
+                return slot
+            if got.value != size:
+                raise KeystoreError(
+                    f"{self.device} gave a volume key of {got.value} bytes, not {size}",
+                    errno=errno.EINVAL,
+                )
+            on_volume_key(key)
+            if name is not None:
+                r = int(lib.crypt_activate_by_volume_key(cd, _name_arg(name), buf, size,
+                                                         _flags(read_only)))  # fmt: skip
+                if r < 0:
+                    raise self._activation_error(method, name, -r)
+            return slot
+        finally:
+            ctypes.memset(buf, 0, size)
+            del buf
+            wipe(key)
+
     def _handle(self) -> ctypes.c_void_p:
         if self._cd is None:
             raise RuntimeError(f"LUKS handle of {self.device} used after close()")
@@ -396,25 +496,49 @@ class LuksVolume:
         return out
 
     def activate_by_token(
-        self, name: str | None, pin: bytearray | None, *, read_only: bool
+        self,
+        name: str | None,
+        pin: bytearray | None,
+        *,
+        read_only: bool,
+        policy: Tpm2Policy | None = None,
+        on_volume_key: VolumeKeyHook | None = None,
     ) -> None:
         lib = _begin()
         cd = self._handle()
         pin_buf = None if pin is None else _key_buffer(pin)
+        pin_size = 0 if pin is None else len(pin)
+        # With a policy, only systemd-tpm2 tokens: another type's plugin
+        # would read the struct as its own parameters.
+        kind = None if policy is None else TPM2_TOKEN.encode()
+        params = None if policy is None else _tpm2_params(policy)
+        usrptr = None if params is None else ctypes.addressof(params)
         logsetup.mark("kdf")  # the key slot's KDF runs in this call: its cost is in the header
         try:
-            r = int(
-                lib.crypt_activate_by_token_pin(
-                    cd,
-                    _name_arg(name),
-                    None,
-                    CRYPT_ANY_TOKEN,
-                    pin_buf,
-                    0 if pin is None else len(pin),
-                    None,
+            if on_volume_key is None:
+                r = int(lib.crypt_activate_by_token_pin(
+                    cd, _name_arg(name), kind, CRYPT_ANY_TOKEN, pin_buf, pin_size, usrptr,
                     _flags(read_only),
-                )
-            )
+                ))  # fmt: skip
+            else:
+
+                def get_key(
+                    buf: ctypes.Array[ctypes.c_char], size: ctypes.c_size_t, pin: object = pin_buf
+                ) -> int:
+                    kc = ctypes.c_void_p()
+                    r = int(lib.crypt_keyslot_context_init_by_token(
+                        cd, CRYPT_ANY_TOKEN, kind, pin, pin_size, usrptr, ctypes.byref(kc)
+                    ))  # fmt: skip
+                    if r < 0:
+                        return r
+                    try:
+                        return int(lib.crypt_volume_key_get_by_keyslot_context(
+                            cd, CRYPT_ANY_SLOT, buf, ctypes.byref(size), kc
+                        ))  # fmt: skip
+                    finally:
+                        lib.crypt_keyslot_context_free(kc)
+
+                r = self._through_volume_key("a token", name, read_only, get_key, on_volume_key)
         finally:
             del pin_buf  # release the export so the caller may resize/zero it
             logsetup.mark("kdf_done")
@@ -464,18 +588,37 @@ class LuksVolume:
         return self._activation_error("a token", name, code)
 
     def activate_by_passphrase(
-        self, name: str | None, passphrase: bytearray, *, read_only: bool
+        self,
+        name: str | None,
+        passphrase: bytearray,
+        *,
+        read_only: bool,
+        on_volume_key: VolumeKeyHook | None = None,
     ) -> None:
         lib = _begin()
         cd = self._handle()
         buf = _key_buffer(passphrase)
         logsetup.mark("kdf")
         try:
-            r = int(
-                lib.crypt_activate_by_passphrase(
-                    cd, _name_arg(name), CRYPT_ANY_SLOT, buf, len(passphrase), _flags(read_only)
+            if on_volume_key is None:
+                r = int(
+                    lib.crypt_activate_by_passphrase(
+                        cd, _name_arg(name), CRYPT_ANY_SLOT, buf, len(passphrase),
+                        _flags(read_only),
+                    )
+                )  # fmt: skip
+            else:
+
+                def get_key(
+                    vk: ctypes.Array[ctypes.c_char], size: ctypes.c_size_t, secret: object = buf
+                ) -> int:
+                    return int(lib.crypt_volume_key_get(
+                        cd, CRYPT_ANY_SLOT, vk, ctypes.byref(size), secret, len(passphrase)
+                    ))  # fmt: skip
+
+                r = self._through_volume_key(
+                    "a passphrase", name, read_only, get_key, on_volume_key
                 )
-            )
         finally:
             del buf
             logsetup.mark("kdf_done")
@@ -493,16 +636,49 @@ class LuksVolume:
             raise self._no_usable_keyslot("a passphrase", unusable)
         raise self._activation_error("a passphrase", name, -r)
 
-    def activate_by_keyfile(self, name: str | None, path: str, *, read_only: bool) -> None:
+    def activate_by_keyfile(
+        self,
+        name: str | None,
+        path: str,
+        *,
+        read_only: bool,
+        on_volume_key: VolumeKeyHook | None = None,
+    ) -> None:
         lib = _begin()
         cd = self._handle()
         logsetup.mark("kdf")
-        r = int(
-            lib.crypt_activate_by_keyfile_device_offset(
-                cd, _name_arg(name), CRYPT_ANY_SLOT, os.fsencode(path), 0, 0, _flags(read_only)
-            )
-        )
-        logsetup.mark("kdf_done")
+        try:
+            if on_volume_key is None:
+                r = int(
+                    lib.crypt_activate_by_keyfile_device_offset(
+                        cd, _name_arg(name), CRYPT_ANY_SLOT, os.fsencode(path), 0, 0,
+                        _flags(read_only),
+                    )
+                )  # fmt: skip
+            else:
+
+                def get_key(buf: ctypes.Array[ctypes.c_char], size: ctypes.c_size_t) -> int:
+                    kc = ctypes.c_void_p()
+                    # The context keeps the pointer, not a copy: the bytes
+                    # must outlive it (a temporary here was freed and reused).
+                    keyfile = os.fsencode(path)
+                    r = int(lib.crypt_keyslot_context_init_by_keyfile(
+                        cd, keyfile, 0, 0, ctypes.byref(kc)
+                    ))  # fmt: skip
+                    if r < 0:
+                        return r
+                    try:
+                        return int(lib.crypt_volume_key_get_by_keyslot_context(
+                            cd, CRYPT_ANY_SLOT, buf, ctypes.byref(size), kc
+                        ))  # fmt: skip
+                    finally:
+                        lib.crypt_keyslot_context_free(kc)
+
+                r = self._through_volume_key(
+                    f"key file {path}", name, read_only, get_key, on_volume_key
+                )
+        finally:
+            logsetup.mark("kdf_done")
         if r >= 0:
             log.debug("key file %s unlocked key slot %d of %s", path, r, self.device)
             return

@@ -98,6 +98,18 @@ class KeyAlreadyLoadedError(KeyLoadError):
     errno = _errno.EEXIST
 
 
+class TpmError(UnlockError):
+    """The TPM2 could not be used: not there, a TSS library missing, a command failed."""
+
+    errno = _errno.ENODEV
+
+
+class RootRefusedError(UnlockError):
+    """The dataset that would be mounted as root is not one this run may vouch for."""
+
+    errno = _errno.EPERM
+
+
 class TeardownError(UnlockError):
     errno = _errno.EBUSY
 

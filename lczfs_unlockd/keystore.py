@@ -16,6 +16,7 @@ import functools
 import logging
 from collections.abc import Callable
 
+from . import measure
 from .config import UnlockMethod, format_duration
 from .context import Context
 from .errors import (
@@ -29,7 +30,7 @@ from .errors import (
     PromptError,
     WrongKeyError,
 )
-from .ports import LuksDevice, MappingState
+from .ports import LuksDevice, MappingState, Tpm2Policy, VolumeKeyHook
 from .secretbuf import wipe
 
 log = logging.getLogger("lczfs_unlockd")
@@ -114,34 +115,40 @@ def _open(ctx: Context, device: str) -> None:
                 "" if ctx.config.dry_run else ", and closing it at the end",
             )
             ctx.report.keystore_method = "already open"
+            measure.already_open(ctx)
             return
         luks = p.crypt.open(device)
         try:
+            hook = measure.volume_key_hook(ctx, luks)
             ctx.state.activated = True  # from here on, a mapping may be ours
-            ctx.report.keystore_method = _unlock(ctx, luks, device)
+            ctx.report.keystore_method = _unlock(ctx, luks, device, hook)
         finally:
             luks.close()
         log.info("keystore opened with %s", ctx.report.keystore_method)
 
 
-def _unlock(ctx: Context, luks: LuksDevice, device: str) -> str:
+def _unlock(ctx: Context, luks: LuksDevice, device: str, hook: VolumeKeyHook | None) -> str:
+    """Try the methods in order.  ``hook``: measures the volume key before
+    activation (any failure of it fails the unlock: it is no method's fault)."""
     ks = ctx.config.keystore
     reasons: list[str] = []
     for method in ks.unlock:
         ctx.checkpoint()
         if method is UnlockMethod.TOKEN:
-            if _try_token(ctx, luks, device, reasons):
+            if _try_token(ctx, luks, device, reasons, hook):
                 return "token"
         elif method is UnlockMethod.KEYFILE:
             if ks.keyfile is None:
                 continue
             try:
-                luks.activate_by_keyfile(ks.name, ks.keyfile, read_only=True)
+                luks.activate_by_keyfile(ks.name, ks.keyfile, read_only=True, on_volume_key=hook)
                 return "key file"
             except KeystoreError as exc:
                 log.warning("key file %s did not open the keystore: %s", ks.keyfile, exc)
                 reasons.append(f"key file {ks.keyfile}: {exc}")
-        elif method is UnlockMethod.PASSPHRASE and _try_passphrase(ctx, luks, device, reasons):
+        elif method is UnlockMethod.PASSPHRASE and _try_passphrase(
+            ctx, luks, device, reasons, hook
+        ):
             return "passphrase"
     raise KeystoreError(
         f"cannot open keystore {device}: " + "; ".join(reasons or ["no unlock method left"]),
@@ -149,7 +156,16 @@ def _unlock(ctx: Context, luks: LuksDevice, device: str) -> str:
     )
 
 
-def _try_token(ctx: Context, luks: LuksDevice, device: str, reasons: list[str]) -> bool:
+def _policy(ctx: Context) -> Tpm2Policy | None:
+    ks = ctx.config.keystore
+    if ks.tpm2_signature is None and ks.tpm2_pcrlock is None:
+        return None  # NULL to the plugin: its own defaults, and every token type
+    return Tpm2Policy(signature=ks.tpm2_signature, pcrlock=ks.tpm2_pcrlock)
+
+
+def _try_token(
+    ctx: Context, luks: LuksDevice, device: str, reasons: list[str], hook: VolumeKeyHook | None
+) -> bool:
     """Tokens, falling back to the next method on any token failure.
 
     Only -EAGAIN (the token's hardware is not there yet) is waited for,
@@ -180,10 +196,12 @@ def _try_token(ctx: Context, luks: LuksDevice, device: str, reasons: list[str]) 
             # Not extended: besides the plugin, the call runs the key
             # slot's KDF, whose cost is in the header whoever holds the
             # disk can write.  Only the wait for the hardware is.
-            luks.activate_by_token(ks.name, None, read_only=True)
+            luks.activate_by_token(
+                ks.name, None, read_only=True, policy=_policy(ctx), on_volume_key=hook
+            )
             return True
         except PinRequiredError:
-            return _try_token_pin(ctx, luks, device, reasons)
+            return _try_token_pin(ctx, luks, device, reasons, hook)
         except NoTokenError as exc:
             waited = p.clock.monotonic() - start
             if exc.errno != errno.EAGAIN or waited >= ks.token_timeout:
@@ -228,7 +246,9 @@ def _ask(ctx: Context, prompt: str, device: str, *, kind: str, first: bool) -> b
         )
 
 
-def _try_token_pin(ctx: Context, luks: LuksDevice, device: str, reasons: list[str]) -> bool:
+def _try_token_pin(
+    ctx: Context, luks: LuksDevice, device: str, reasons: list[str], hook: VolumeKeyHook | None
+) -> bool:
     ks = ctx.config.keystore
     try:
         return _ask_until_right(
@@ -237,7 +257,9 @@ def _try_token_pin(ctx: Context, luks: LuksDevice, device: str, reasons: list[st
             reasons,
             kind="token PIN",
             prompt=f"Please enter the security token PIN for keystore {ks.volume}:",
-            activate=lambda pin: luks.activate_by_token(ks.name, pin, read_only=True),
+            activate=lambda pin: luks.activate_by_token(
+                ks.name, pin, read_only=True, policy=_policy(ctx), on_volume_key=hook
+            ),
             # WrongKeyError (-EPERM) is no PIN problem: the token's key
             # opens no key slot, whatever the PIN; it falls through.
             wrong=(PinRequiredError,),
@@ -249,7 +271,9 @@ def _try_token_pin(ctx: Context, luks: LuksDevice, device: str, reasons: list[st
         return False
 
 
-def _try_passphrase(ctx: Context, luks: LuksDevice, device: str, reasons: list[str]) -> bool:
+def _try_passphrase(
+    ctx: Context, luks: LuksDevice, device: str, reasons: list[str], hook: VolumeKeyHook | None
+) -> bool:
     ks = ctx.config.keystore
     try:
         return _ask_until_right(
@@ -259,7 +283,7 @@ def _try_passphrase(ctx: Context, luks: LuksDevice, device: str, reasons: list[s
             kind="passphrase",
             prompt=f"Please enter the passphrase for keystore {ks.volume}:",
             activate=lambda passphrase: luks.activate_by_passphrase(
-                ks.name, passphrase, read_only=True
+                ks.name, passphrase, read_only=True, on_volume_key=hook
             ),
             wrong=(WrongKeyError,),
         )

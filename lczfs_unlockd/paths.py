@@ -22,6 +22,17 @@ LIBNVPAIR: tuple[str, ...] = ("libnvpair.so.3",)
 LIBC: tuple[str, ...] = ("libc.so.6",)
 # Directory of libcryptsetup's token plugins, when not its built-in one.
 CRYPTSETUP_TOKEN_PATH: str | None = None
+# The TSS2 libraries (tpm2-tss) for PCR measurements: the ones systemd's TPM2
+# token plugin loads, plus the TCTI loader.
+LIBTSS2_ESYS: tuple[str, ...] = ("libtss2-esys.so.0",)
+LIBTSS2_TCTILDR: tuple[str, ...] = ("libtss2-tctildr.so.0",)
+# tctildr's configuration string: the kernel's resource manager.
+TPM2_TCTI = "device:/dev/tpmrm0"
+# systemd's userspace TPM2 measurement log (systemd-pcrextend, systemd-cryptsetup).
+TPM2_MEASURE_LOG = "/run/log/systemd/tpm2-measure.log"
+# Created when the root check refuses the root; sysroot.mount's drop-in
+# (units/sysroot.mount.d-lczfs-unlockd.conf) asserts it is absent.
+ROOT_REFUSED_FLAG = "/run/lczfs-unlockd/root-refused"
 SYSTEMD_PRIVATE_BUS = "unix:path=/run/systemd/private"
 
 with contextlib.suppress(ImportError):  # only present in packaged builds

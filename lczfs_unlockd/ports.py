@@ -11,7 +11,7 @@ nothing of the package.
 from __future__ import annotations
 
 import enum
-from collections.abc import Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -82,6 +82,9 @@ class Zpool(Protocol):
 
     def export_pool(self, pool: str, *, timeout: float | None = None) -> None: ...
 
+    def bootfs(self, pool: str, *, timeout: float | None = None) -> str | None:
+        """The imported pool's ``bootfs`` property; None when it is not set."""
+
     def datasets(
         self, names: Sequence[str], *, recursive: bool, timeout: float | None = None
     ) -> list[DatasetInfo]: ...
@@ -97,6 +100,10 @@ class KeyLoader(Protocol):
     def load_key(self, dataset: str, wrapping_key: bytearray, *, noop: bool) -> None:
         """``noop``: only check the key.  ``KeyRejectedError`` for a wrong key,
         ``KeyAlreadyLoadedError``, else ``KeyLoadError``."""
+
+    def unload_key(self, dataset: str) -> None:
+        """Unload the key of an encryption root (nothing of it may be mounted);
+        ``KeyLoadError`` when ZFS refuses."""
 
 
 class MappingState(enum.Enum):
@@ -120,23 +127,66 @@ class Token:
         return f"token {self.id} ({self.type})"
 
 
+@dataclass(frozen=True)
+class Tpm2Policy:
+    """Where systemd's TPM2 token plugin finds a signed PCR policy and a
+    pcrlock policy; None: the plugin's own default location."""
+
+    signature: str | None = None
+    pcrlock: str | None = None
+
+
+# Called with the volume key once a key has opened a key slot, before the
+# mapping is activated with it; the key is wiped afterwards.  An exception
+# from it stops the activation and propagates.
+VolumeKeyHook = Callable[[bytearray], None]
+
+
 class LuksDevice(Protocol):
-    """One loaded LUKS header (``crypt_init`` + ``crypt_load``)."""
+    """One loaded LUKS header (``crypt_init`` + ``crypt_load``).
+
+    Each ``activate_by_*`` with ``on_volume_key`` goes through the volume
+    key (got with that key, then ``crypt_activate_by_volume_key``), so that
+    the caller can measure it; without, libcryptsetup activates directly.
+    """
 
     @property
     def luks_type(self) -> str: ...
 
+    @property
+    def uuid(self) -> str:
+        """The LUKS header's UUID ("" when it has none)."""
+
     def tokens(self) -> list[Token]: ...
 
     def activate_by_token(
-        self, name: str | None, pin: bytearray | None, *, read_only: bool
-    ) -> None: ...
+        self,
+        name: str | None,
+        pin: bytearray | None,
+        *,
+        read_only: bool,
+        policy: Tpm2Policy | None = None,
+        on_volume_key: VolumeKeyHook | None = None,
+    ) -> None:
+        """Any enrolled token; with ``policy``, only systemd-tpm2 tokens, given it."""
 
     def activate_by_passphrase(
-        self, name: str | None, passphrase: bytearray, *, read_only: bool
+        self,
+        name: str | None,
+        passphrase: bytearray,
+        *,
+        read_only: bool,
+        on_volume_key: VolumeKeyHook | None = None,
     ) -> None: ...
 
-    def activate_by_keyfile(self, name: str | None, path: str, *, read_only: bool) -> None: ...
+    def activate_by_keyfile(
+        self,
+        name: str | None,
+        path: str,
+        *,
+        read_only: bool,
+        on_volume_key: VolumeKeyHook | None = None,
+    ) -> None: ...
 
     def close(self) -> None: ...
 
@@ -203,6 +253,30 @@ class Filesystem(Protocol):
     def real_path(self, path: str) -> str:
         """``path`` with every symlink resolved (os.path.realpath)."""
 
+    def write_flag(self, path: str, text: str) -> None:
+        """Create (or replace) the small root-only file ``path`` holding
+        ``text``, and its directory (0755) if missing; never through a symlink."""
+
+
+class Tpm(Protocol):
+    """The TPM2, through the TSS libraries libcryptsetup's TPM2 token plugin
+    uses.  Every failure is a ``TpmError``."""
+
+    def available(self) -> bool:
+        """A TPM2 device is there to talk to (its device node exists)."""
+
+    def banks(self) -> list[str]:
+        """The PCR banks the TPM has allocated, as hashlib names ("sha1",
+        "sha256", "sha384", "sha512"), in the TPM's order; banks of other
+        algorithms (SM3) are left out."""
+
+    def extend(
+        self, pcr: int, digests: Mapping[str, bytes], *, event_type: str, description: str
+    ) -> None:
+        """Extend ``pcr`` in each bank of ``digests`` (bank name -> digest of that
+        bank's size) in one TPM2_PCR_Extend, and append the event to systemd's
+        userspace measurement log the way systemd does (locked across both)."""
+
 
 class Clock(Protocol):
     def monotonic(self) -> float: ...
@@ -223,3 +297,4 @@ class Ports:
     notifier: Notifier
     fs: Filesystem
     clock: Clock
+    tpm: Tpm

@@ -19,6 +19,8 @@ class Report:
     dry_run: bool = False
     pool_imported_before: bool = False
     keystore_method: str = ""
+    measured: str = ""  # "PCR 15 (sha256)" once the unlock was measured
+    checked: list[str] = field(default_factory=list)  # datasets the root check passed
     loaded: list[tuple[str, str]] = field(default_factory=list)  # (dataset, keyformat)
     already_loaded: list[str] = field(default_factory=list)
     masked: list[str] = field(default_factory=list)
@@ -59,6 +61,10 @@ class Report:
             parts.append(f"unlocked {keys}")
         if self.already_loaded:
             parts.append(f"{names(self.already_loaded)} already unlocked")
+        if self.checked:
+            parts.append(f"root checked ({names(self.checked)})")
+        if self.measured:
+            parts.append(f"measured into {self.measured}")
         return f"{'; '.join(parts)} in {self.elapsed:.1f} s; keystore closed"
 
 

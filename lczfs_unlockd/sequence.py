@@ -1,4 +1,4 @@
-"""The boot, in order: pool, keystore, mount, keys — then teardown and the report.
+"""The boot, in order: pool, keystore, mount, keys, root check — then teardown and the report.
 
 Each step registers the undoing of what it makes on the run's one
 ``ExitStack`` *before* making it (the undo checks what is really there), so
@@ -13,7 +13,7 @@ from __future__ import annotations
 import logging
 import signal
 
-from . import keys, keystore, mount, pool, teardown
+from . import keys, keystore, mount, pool, rootcheck, teardown
 from .config import Config
 from .context import Context
 from .errors import Interrupted, TeardownError, UnlockError
@@ -42,6 +42,7 @@ def run(config: Config, ports: Ports) -> Report:
                         device = keystore.open_keystore(ctx)
                         mount.mount_keystore(ctx, device)
                         keys.load_keys(ctx)
+                        rootcheck.check_root(ctx)
                     finally:
                         ctx.tear_down()  # before the undo actions run
             finally:

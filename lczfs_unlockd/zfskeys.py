@@ -181,6 +181,19 @@ class PyzfsKeyLoader:
         finally:
             logsetup.mark("lzc_load_key_done")
 
+    def unload_key(self, dataset: str) -> None:
+        lzc = self._module()
+        try:
+            lzc.lzc_unload_key(dataset.encode())
+        except lzc.exceptions.ZFSError as exc:
+            code = getattr(exc, "errno", None) or errno.EIO
+            hint = {
+                errno.EBUSY: "something of it is mounted or in use",
+                errno.EACCES: "its key is not loaded",
+                errno.ENOENT: "no such dataset",
+            }.get(code, os.strerror(code))
+            raise KeyLoadError(f"cannot unload the key of {dataset}: {hint}", errno=code) from None
+
     def _load_key(self, lzc: Any, dataset: str, wrapping_key: bytearray, *, noop: bool) -> None:
         from libzfs_core.bindings.libzfs_core import ffi
 

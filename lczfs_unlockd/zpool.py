@@ -208,6 +208,14 @@ class ZpoolCli:
             return None
         raise PoolError(str(result.error()))
 
+    def bootfs(self, pool: str, *, timeout: float | None = None) -> str | None:
+        argv = [paths.ZPOOL, "get", "-H", "-o", "value", "bootfs", pool]
+        result = self._run(argv, timeout, QUERY_TIMEOUT)
+        if result.returncode != 0:
+            raise PoolError(str(result.error()))
+        value = result.stdout.rstrip("\n")
+        return None if value in ("", "-") else value
+
     def scan(
         self,
         pool: str,

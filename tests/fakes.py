@@ -18,7 +18,7 @@ import errno
 import hashlib
 import os
 import shutil
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 
 from lczfs_unlockd.errors import (
@@ -34,10 +34,18 @@ from lczfs_unlockd.errors import (
     PoolError,
     PromptError,
     TeardownError,
+    TpmError,
     UnlockError,
     WrongKeyError,
 )
-from lczfs_unlockd.ports import DatasetInfo, MappingState, PoolScan, Ports
+from lczfs_unlockd.ports import (
+    DatasetInfo,
+    MappingState,
+    PoolScan,
+    Ports,
+    Tpm2Policy,
+    VolumeKeyHook,
+)
 from lczfs_unlockd.ports import Token as LuksToken
 from lczfs_unlockd.zfskeys import read_key_file
 
@@ -136,6 +144,19 @@ class World:
     zpool_calls: list[tuple[str, tuple[str, ...], float | None]] = field(default_factory=list)
     next_mount_id: int = 100
     mount_ids: dict[str, int] = field(default_factory=dict)  # target -> mount ID
+    bootfs: str | None = None
+    # The keystore's LUKS header and volume key.
+    luks_uuid: str = "0f1e2d3c-4b5a-6978-8796-a5b4c3d2e1f0"
+    volume_key: bytes = bytes(range(64))
+    # The TPM2: present or not, its banks, PCR values (bank -> pcr -> value),
+    # the measurement log, a failure to inject.
+    tpm_present: bool = False
+    tpm_banks: list[str] = field(default_factory=lambda: ["sha256"])
+    pcrs: dict[str, dict[int, bytes]] = field(default_factory=dict)
+    tpm_log: list[tuple[int, dict[str, bytes], str, str]] = field(default_factory=list)
+    tpm_failure: str | None = None
+    token_policies: list[Tpm2Policy | None] = field(default_factory=list)  # passed per try
+    files: dict[str, str] = field(default_factory=dict)  # write_flag: path -> text
 
     def hook(self, name: str) -> None:
         if name in self.hooks:
@@ -317,6 +338,11 @@ class FakeZpool:
         self.w.events.append(f"import {pool}{' readonly' if readonly else ''}")
         return True
 
+    def bootfs(self, pool: str, *, timeout: float | None = None) -> str | None:
+        if not self.w.imported or pool != self.w.pool:
+            raise PoolError(f"cannot open '{pool}': no such pool")
+        return self.w.bootfs
+
     def export_pool(self, pool: str, *, timeout: float | None = None) -> None:
         self.w.zpool_calls.append(("export", (), timeout))
         self.w.hook("export")
@@ -386,6 +412,14 @@ class FakeKeys:
             ds.loaded = True
             self.w.events.append(f"load-key {dataset}")
 
+    def unload_key(self, dataset: str) -> None:
+        self.w.hook("unload_key")
+        ds = self.w.datasets.get(dataset)
+        if ds is None or not ds.loaded:
+            raise KeyLoadError(f"cannot unload the key of {dataset}: its key is not loaded")
+        ds.loaded = False
+        self.w.events.append(f"unload-key {dataset}")
+
 
 class FakeLuks:
     def __init__(self, world: World, device: str) -> None:
@@ -406,7 +440,20 @@ class FakeLuks:
             for i, t in enumerate(self.w.tokens)
         ]  # fmt: skip
 
-    def _activate(self, name: str | None, read_only: bool) -> None:
+    @property
+    def uuid(self) -> str:
+        return self.w.luks_uuid
+
+    def _activate(
+        self, name: str | None, read_only: bool, on_volume_key: VolumeKeyHook | None = None
+    ) -> None:
+        if on_volume_key is not None:
+            # As the real binding: the volume key first, then activation with it.
+            key = bytearray(self.w.volume_key)
+            try:
+                on_volume_key(key)
+            finally:
+                key[:] = bytes(len(key))
         self.w.hook("activate")
         if name is None:
             return
@@ -416,10 +463,20 @@ class FakeLuks:
         self.w.events.append(f"activate {name}{' ro' if read_only else ' rw'}")
 
     def activate_by_token(
-        self, name: str | None, pin: bytearray | None, *, read_only: bool
+        self,
+        name: str | None,
+        pin: bytearray | None,
+        *,
+        read_only: bool,
+        policy: Tpm2Policy | None = None,
+        on_volume_key: VolumeKeyHook | None = None,
     ) -> None:
         self.w.hook("token")
-        known = [t for t in self.w.tokens if t.plugin]
+        self.w.token_policies.append(policy)
+        tokens = self.w.tokens
+        if policy is not None:
+            tokens = [t for t in tokens if t.type == "systemd-tpm2"]
+        known = [t for t in tokens if t.plugin]
         if not known:
             raise NoTokenError(f"no token of {self.device} can be used", errno=errno.ENOENT)
         usable = [t for t in known if self.w.time >= t.available_after]
@@ -429,7 +486,7 @@ class FakeLuks:
             if token.failure:
                 raise KeystoreError(token.failure, errno=errno.EIO)
             if token.pin is None:
-                self._activate(name, read_only)
+                self._activate(name, read_only, on_volume_key)
                 return
             if pin is None:
                 raise PinRequiredError(f"a token of {self.device} needs a PIN")
@@ -438,27 +495,39 @@ class FakeLuks:
             if bytes(pin) == token.pin.encode():
                 if token.wrong_key:
                     raise WrongKeyError(f"a token of {self.device} supplied a key no slot accepts")
-                self._activate(name, read_only)
+                self._activate(name, read_only, on_volume_key)
                 return
             if token.refusal == "ambiguous":
                 raise PinRefusedError(f"the token of {self.device} refused this PIN or failed")
         raise PinRequiredError(f"wrong PIN for {self.device}")
 
     def activate_by_passphrase(
-        self, name: str | None, passphrase: bytearray, *, read_only: bool
+        self,
+        name: str | None,
+        passphrase: bytearray,
+        *,
+        read_only: bool,
+        on_volume_key: VolumeKeyHook | None = None,
     ) -> None:
         self.w.hook("passphrase")
         if bytes(passphrase).decode(errors="replace") not in self.w.luks_passphrases:
             raise WrongKeyError(f"no key slot of {self.device} accepts this passphrase")
-        self._activate(name, read_only)
+        self._activate(name, read_only, on_volume_key)
 
-    def activate_by_keyfile(self, name: str | None, path: str, *, read_only: bool) -> None:
+    def activate_by_keyfile(
+        self,
+        name: str | None,
+        path: str,
+        *,
+        read_only: bool,
+        on_volume_key: VolumeKeyHook | None = None,
+    ) -> None:
         self.w.hook("keyfile")
         if path not in self.w.luks_keyfiles:
             raise KeystoreError(f"cannot read key file {path}", errno=errno.ENOENT)
         if self.w.luks_keyfiles[path] not in self.w.luks_key_slots_for_files:
             raise WrongKeyError(f"no key slot of {self.device} accepts key file {path}")
-        self._activate(name, read_only)
+        self._activate(name, read_only, on_volume_key)
 
     def close(self) -> None:
         self.closed = True
@@ -614,6 +683,44 @@ class FakeFilesystem:
     def remove_dir(self, path: str) -> None:
         os.rmdir(path)
 
+    def write_flag(self, path: str, text: str) -> None:
+        self.w.hook("write_flag")
+        self.w.files[path] = text
+        self.w.events.append(f"flag {path}")
+
+
+class FakeTpm:
+    """A TPM2's PCRs: extend() hashes as the TPM does (old value || digest)."""
+
+    def __init__(self, world: World) -> None:
+        self.w = world
+
+    def available(self) -> bool:
+        return self.w.tpm_present
+
+    def _check(self) -> None:
+        if not self.w.tpm_present:
+            raise TpmError("cannot open the TPM2 /dev/tpmrm0: no such file or directory")
+        if self.w.tpm_failure:
+            raise TpmError(self.w.tpm_failure)
+
+    def banks(self) -> list[str]:
+        self._check()
+        return list(self.w.tpm_banks)
+
+    def extend(
+        self, pcr: int, digests: Mapping[str, bytes], *, event_type: str, description: str
+    ) -> None:
+        self.w.hook("extend")
+        self._check()
+        for bank, digest in digests.items():
+            size = hashlib.new(bank).digest_size
+            assert len(digest) == size, (bank, len(digest))
+            old = self.w.pcrs.setdefault(bank, {}).get(pcr, bytes(size))
+            self.w.pcrs[bank][pcr] = hashlib.new(bank, old + digest).digest()
+        self.w.tpm_log.append((pcr, dict(digests), event_type, description))
+        self.w.events.append(f"extend PCR {pcr}")
+
 
 class FakeClock:
     def __init__(self, world: World) -> None:
@@ -638,4 +745,5 @@ def fake_ports(world: World) -> Ports:
         notifier=FakeNotifier(world),
         fs=FakeFilesystem(world),
         clock=FakeClock(world),
+        tpm=FakeTpm(world),
     )

@@ -505,3 +505,97 @@ def test_debug_messages_never_contain_key_material(
     assert "libcryptsetup debug: " in text
     assert "keyslot" in text.lower()
     assert_no_secret(text)
+
+
+# --- the volume-key path (measured unlocks) ------------------------------------
+
+
+def dumped_volume_key(image: Image) -> bytes:
+    """The volume key as the cryptsetup CLI dumps it, not through the binding."""
+    out = cli(
+        "luksDump", "--dump-volume-key", "--key-file", "-", image.path, stdin=PASSPHRASE
+    ).stdout.decode()
+    lines = out.splitlines()
+    start = next(i for i, line in enumerate(lines) if line.startswith(("MK dump:", "Volume key:")))
+    text = lines[start].split(":", 1)[1]
+    for line in lines[start + 1 :]:
+        if ":" in line or not line.strip():
+            break
+        text += line
+    return bytes.fromhex(text.replace(" ", "").replace("\t", ""))
+
+
+def dumped_uuid(image: Image) -> str:
+    return cli("luksUUID", image.path).stdout.decode().strip()
+
+
+@pytest.mark.parametrize("method", ["passphrase", "key file"])
+def test_the_hook_gets_the_volume_key_and_it_is_wiped(
+    cs: LibCryptsetup, image: Image, method: str
+) -> None:
+    seen: list[bytes] = []
+    buffers: list[bytearray] = []
+
+    def hook(key: bytearray) -> None:
+        seen.append(bytes(key))
+        buffers.append(key)
+
+    with cs.open(str(image.path)) as luks:
+        assert luks.uuid == dumped_uuid(image)
+        if method == "passphrase":
+            luks.activate_by_passphrase(
+                None, bytearray(PASSPHRASE), read_only=True, on_volume_key=hook
+            )
+        else:
+            luks.activate_by_keyfile(None, str(image.key_file), read_only=True, on_volume_key=hook)
+    assert seen == [dumped_volume_key(image)]
+    assert buffers[0] == bytearray(len(buffers[0]))  # zeroed after the call
+
+
+def test_a_wrong_passphrase_never_reaches_the_hook(cs: LibCryptsetup, image: Image) -> None:
+    def hook(key: bytearray) -> None:
+        raise AssertionError("called")
+
+    with cs.open(str(image.path)) as luks, pytest.raises(WrongKeyError):
+        luks.activate_by_passphrase(None, bytearray(WRONG), read_only=True, on_volume_key=hook)
+
+
+def test_a_failing_hook_stops_the_activation(cs: LibCryptsetup, images: dict[str, Image]) -> None:
+    class Boom(Exception):
+        pass
+
+    kept: list[bytearray] = []
+
+    def hook(key: bytearray) -> None:
+        kept.append(key)
+        raise Boom
+
+    with cs.open(str(images["luks2-pbkdf2"].path)) as luks, pytest.raises(Boom):
+        luks.activate_by_passphrase(
+            "lczfs-never", bytearray(PASSPHRASE), read_only=True, on_volume_key=hook
+        )
+    assert kept[0] == bytearray(len(kept[0]))
+    assert cs.status("lczfs-never") in (MappingState.INACTIVE, MappingState.INVALID)
+
+
+def test_a_token_through_the_volume_key_without_tokens(
+    cs: LibCryptsetup, images: dict[str, Image]
+) -> None:
+    def hook(key: bytearray) -> None:
+        raise AssertionError("called")
+
+    with cs.open(str(images["luks2-pbkdf2"].path)) as luks, pytest.raises(NoTokenError):
+        luks.activate_by_token(None, None, read_only=True, on_volume_key=hook)
+
+
+def test_plugin_params_match_systemds_struct() -> None:
+    import ctypes
+
+    from lczfs_unlockd.ports import Tpm2Policy
+
+    params = cryptsetup._tpm2_params(Tpm2Policy(signature="/s.json", pcrlock=None))
+    # uint32_t search_pcr_mask; const char *device, *signature_path, *pcrlock_path
+    assert ctypes.sizeof(params) == 8 + 3 * ctypes.sizeof(ctypes.c_void_p)
+    assert cryptsetup._Tpm2PluginParams.device.offset == 8
+    assert params.search_pcr_mask == 0xFFFFFFFF
+    assert (params.device, params.signature_path, params.pcrlock_path) == (None, b"/s.json", None)

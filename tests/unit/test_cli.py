@@ -37,7 +37,9 @@ def test_main_unlocks_and_reports_ready(world, wired):
     assert world.loaded_keys() == {"rpool/crypt": True}
     # READY=1 alone: a long status can never take it down with it.
     assert world.notifications[-1] == "READY=1"
-    assert world.notifications[-2].startswith("STATUS=unlocked rpool/crypt (hex) in ")
+    assert world.notifications[-2].startswith(
+        "STATUS=unlocked rpool/crypt (hex); root checked (rpool/crypt/local/root) in "
+    )
 
 
 def test_main_failure_sets_errno_and_exit_1(world, wired):

@@ -369,7 +369,7 @@ def test_summary_says_what_zero_and_infinity_mean():
         {"pool": "rpool", "online_grace": 0, "timeout": 0,
          "keystore": {"volume": "rpool/v", "prompt_timeout": "infinity", "token_timeout": 0}}
     )  # fmt: skip
-    pool_line, ks_line, _ = config.summary(cfg)
+    pool_line, ks_line, *_ = config.summary(cfg)
     assert "degraded accepted at once" in pool_line and "deadline no limit" in pool_line
     assert "prompt time limit no limit" in ks_line and "token wait none" in ks_line
     cfg = config.parse(
@@ -379,7 +379,7 @@ def test_summary_says_what_zero_and_infinity_mean():
             "keystore": {"volume": "rpool/v", "token_timeout": "infinity"},
         }
     )
-    pool_line, ks_line, _ = config.summary(cfg)
+    pool_line, ks_line, *_ = config.summary(cfg)
     assert "deadline no limit" in pool_line and "token wait no limit" in ks_line
     assert "inf" not in " ".join(config.summary(cfg)).replace("infinity", "")
 
@@ -591,3 +591,67 @@ def test_max_pbkdf2iters():
     ]:
         with pytest.raises(ConfigError, match=f"^{message}"):
             config.parse({**MINIMAL, "max_pbkdf2iters": bad})
+
+
+# --- measurement and the root check ----------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("value", "expected"), [(15, 15), (0, 0), (23, 23), (False, False), (True, 15)]
+)
+def test_measure_pcr(value: object, expected: object) -> None:
+    cfg = config.parse({**MINIMAL, "keystore": {"volume": "rpool/v", "measure_pcr": value}})
+    assert cfg.keystore.measure_pcr == expected
+
+
+@pytest.mark.parametrize("value", [24, -1, "15", 1.5])
+def test_bad_measure_pcr_names_the_key(value: object) -> None:
+    with pytest.raises(
+        ConfigError, match=r"keystore\.measure_pcr = .*: expected a PCR number 0-23"
+    ):
+        config.parse({**MINIMAL, "keystore": {"volume": "rpool/v", "measure_pcr": value}})
+
+
+def test_measure_pcr_defaults_to_auto() -> None:
+    assert config.parse(MINIMAL).keystore.measure_pcr is None
+
+
+def test_tpm2_policy_files_must_be_absolute_and_need_the_token_method() -> None:
+    ks = {"volume": "rpool/v", "tpm2_signature": "/etc/s.json", "tpm2_pcrlock": "/etc/p.json"}
+    cfg = config.parse({**MINIMAL, "keystore": ks})
+    assert (cfg.keystore.tpm2_signature, cfg.keystore.tpm2_pcrlock) == (
+        "/etc/s.json",
+        "/etc/p.json",
+    )
+    with pytest.raises(ConfigError, match="keystore.tpm2_signature = .*absolute"):
+        config.parse({**MINIMAL, "keystore": {**ks, "tpm2_signature": "s.json"}})
+    with pytest.raises(ConfigError, match='"token" is not in keystore.unlock'):
+        config.parse({**MINIMAL, "keystore": {**ks, "unlock": ["passphrase"]}})
+
+
+def test_root_check_keys() -> None:
+    cfg = config.parse(
+        {**MINIMAL, "root_dataset": "rpool/ROOT/a", "verify_datasets": ["rpool/home"],
+         "trusted_roots": ["rpool/ROOT"]}
+    )  # fmt: skip
+    assert cfg.root_dataset == "rpool/ROOT/a"
+    assert cfg.verify_datasets == ("rpool/home",)
+    assert cfg.trusted_roots == ("rpool/ROOT",)
+    assert "root check before READY=1: root_dataset rpool/ROOT/a and rpool/home" in " ".join(
+        config.summary(cfg)
+    )
+
+
+@pytest.mark.parametrize(
+    ("data", "message"),
+    [
+        ({"root_dataset": "tank/root"}, 'root_dataset = "tank/root": the dataset is not in pool'),
+        ({"verify_datasets": ["rpool/a", "x/b"]}, r"verify_datasets\[1\]"),
+        ({"trusted_roots": []}, "trusted_roots = \\[\\]: no dataset could pass"),
+        ({"trusted_roots": "rpool/a"}, "expected a list of strings"),
+        ({"root_dataset": "rpool/volumes/bootsecrets"}, "is the keystore volume"),
+    ],
+)
+def test_bad_root_check_keys_name_the_key(data: dict[str, object], message: str) -> None:
+    with pytest.raises(ConfigError, match=message):
+        config.parse({**MINIMAL, **data})

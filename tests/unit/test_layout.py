@@ -23,11 +23,12 @@ LAYERS: list[tuple[str, set[str]]] = [
     ("command line", {"cli"}),
     ("sequence", {"sequence"}),
     ("teardown", {"teardown"}),
-    ("steps", {"pool", "keystore", "mount", "keys"}),
+    ("steps", {"pool", "keystore", "mount", "keys", "rootcheck"}),
+    ("measurement", {"measure"}),
     ("step context", {"context"}),
     (
         "adapters",
-        {"zpool", "zfskeys", "cryptsetup", "filesystem", "units", "askpass", "notify"},
+        {"zpool", "zfskeys", "cryptsetup", "filesystem", "units", "askpass", "notify", "tpm2"},
     ),
     ("pure helpers", {"config", "report", "keyformat", "unitnames"}),
     ("low-level", {"process", "libc", "pyzfs_ffi"}),
@@ -42,7 +43,7 @@ ADAPTER_MAY_IMPORT = {
 # What a step may import besides lower steps: never an adapter.
 STEP_MAY_IMPORT = {
     "context", "config", "errors", "ports", "report", "keyformat", "unitnames",
-    "secretbuf", "log",
+    "secretbuf", "log", "paths",
 }  # fmt: skip
 # Modules that import nothing of the package at all.
 LEAVES = {"errors", "ports", "secretbuf", "text", "unitnames"}
@@ -142,6 +143,7 @@ def test_sequence_reads_like_the_boot():
             "keystore.open_keystore(",
             "mount.mount_keystore(",
             "keys.load_keys(",
+            "rootcheck.check_root(",
             "teardown.verify(",
         )
     ]

@@ -1,0 +1,132 @@
+"""The measurement: extend a TPM2 PCR with the keystore's unlock, as systemd-cryptsetup does.
+
+A TPM2 token enrolled with a policy on PCR 15's initial value
+(``systemd-cryptenroll --tpm2-pcrs=7+15:sha256=0000…``) unseals once per
+boot: as soon as the keystore's volume key is known — before the mapping is
+even activated, whichever unlock method found the key — PCR 15 is extended
+with it, so nothing running later in this boot (a root an attacker put in
+place, a shell) can unseal the token again.  Stage-2 secrets can be bound
+to "this keystore was unlocked" the same way.
+
+What is measured is systemd's ``tpm2-measure-pcr=yes`` (crypttab(5),
+src/cryptsetup/cryptsetup.c): in every PCR bank the TPM has allocated,
+HMAC-<bank>(key = the volume key, message = ``cryptsetup:<name>:<LUKS UUID>``),
+recorded in systemd's userspace event log with event type ``volume-key``.
+An HMAC, not a hash of the key: the digest goes over an unprotected bus
+and into the log.  The TPM work is the ``Tpm`` port (``tpm2.py``: tpm2-tss).
+
+Unlike systemd-cryptsetup, which skips the measurement unless the kernel
+was booted as a measured UKI and ignores its failure, the measurement here
+is on whenever a TPM2 and a systemd-tpm2 token are there (or
+``keystore.measure_pcr`` asks for it), and a failed measurement fails the
+unlock: a token the PCR no longer guards would be a key for anyone later in
+the boot.
+"""
+
+from __future__ import annotations
+
+import hmac
+import logging
+
+from .config import DEFAULT_MEASURE_PCR
+from .context import Context
+from .errors import TpmError
+from .ports import LuksDevice, VolumeKeyHook
+
+log = logging.getLogger("lczfs_unlockd")
+
+EVENT_TYPE = "volume-key"  # systemd's Tpm2UserspaceEventType TPM2_EVENT_VOLUME_KEY
+TPM2_TOKEN = "systemd-tpm2"
+
+
+def xescape(text: str, bad: str = ":") -> str:
+    """systemd's ``xescape(text, bad)``: control characters, DEL and above,
+    backslash and the characters of ``bad`` as ``\\xNN`` of their UTF-8 bytes."""
+    out = []
+    for byte in text.encode("utf-8", "surrogateescape"):
+        ch = chr(byte)
+        if byte < 0x20 or byte >= 0x7F or ch == "\\" or ch in bad:
+            out.append(f"\\x{byte:02x}")
+        else:
+            out.append(ch)
+    return "".join(out)
+
+
+def event_string(name: str, uuid: str) -> str:
+    """What is measured with the volume key: ``cryptsetup:<name>:<uuid>``."""
+    return f"cryptsetup:{xescape(name)}:{uuid}"
+
+
+def digests(banks: list[str], message: bytes, volume_key: bytearray) -> dict[str, bytes]:
+    """HMAC-<bank>(volume_key, message) for each bank.
+
+    ``hmac.new`` with a digest name runs OpenSSL's HMAC on the caller's
+    buffer (no Python copy of the key to leave behind).
+    """
+    return {bank: hmac.new(volume_key, message, bank).digest() for bank in banks}
+
+
+def wanted(ctx: Context, luks: LuksDevice) -> int | None:
+    """The PCR to measure the unlock into, or None for no measurement."""
+    ks = ctx.config.keystore
+    if ks.measure_pcr is False:
+        return None
+    if isinstance(ks.measure_pcr, int):
+        return ks.measure_pcr  # asked for: a missing TPM fails the unlock
+    if not any(t.type == TPM2_TOKEN for t in luks.tokens()):
+        return None
+    if not ctx.ports.tpm.available():
+        log.info(
+            "not measuring the unlock: no TPM2 (the keystore has a TPM2 token, which cannot "
+            "be used without one either)"
+        )
+        return None
+    return DEFAULT_MEASURE_PCR
+
+
+def volume_key_hook(ctx: Context, luks: LuksDevice) -> VolumeKeyHook | None:
+    """What keystore.py hands the activation: measures the volume key, once."""
+    pcr = wanted(ctx, luks)
+    if pcr is None:
+        return None
+    uuid = luks.uuid
+    description = event_string(ctx.config.keystore.name, uuid)
+
+    def measure(volume_key: bytearray) -> None:
+        if ctx.report.measured:
+            # A second method after the first one's activation failed: the
+            # PCR has moved already, for this same volume key.
+            return
+        tpm = ctx.ports.tpm
+        with ctx.step(f"measuring the keystore's unlock into PCR {pcr}", "measure"):
+            banks = tpm.banks()
+            if not banks:
+                raise TpmError(
+                    "the TPM2 has no PCR bank this daemon can compute (sha1, sha256, sha384, "
+                    "sha512): cannot measure the unlock; set keystore.measure_pcr = false "
+                    "to unlock unmeasured"
+                )
+            tpm.extend(
+                pcr,
+                digests(banks, description.encode(), volume_key),
+                event_type=EVENT_TYPE,
+                description=description,
+            )
+        ctx.report.measured = f"PCR {pcr} ({', '.join(banks)})"
+        log.info(
+            'extended PCR %d (%s) with "%s" and the volume key', pcr, ", ".join(banks), description
+        )
+
+    return measure
+
+
+def already_open(ctx: Context) -> None:
+    """The keystore was open before we ran: its opener had the key, not us."""
+    ks = ctx.config.keystore
+    if ks.measure_pcr is False:
+        return
+    log.warning(
+        "%s was opened before lczfs-unlockd ran: its unlock cannot be measured here; measure "
+        "it where it is opened (crypttab: tpm2-measure-pcr=yes)",
+        ks.mapper_path,
+    )
