@@ -33,7 +33,10 @@ ROOT = Path(__file__).resolve().parents[2]
 SHELL_SCRIPTS = ["scripts/setup-host", "run-tests", "demo", ".ci/run", "tests/vm/guest/rootfs.sh"]
 # What a fresh Debian machine's root has on its PATH (no /usr/local, no pyenv).
 SYSTEM_PATH = "/usr/sbin:/usr/bin:/sbin:/bin"
-PYTHON_GLOBS = ["bench/*.py", "bench/run", "tests/vm/lczfsvm/*.py", "tests/vm/demo"]
+PYTHON_GLOBS = [
+    "bench/*.py", "bench/run", "tests/vm/lczfsvm/*.py", "tests/vm/demo",
+    "tests/integration/test_tpm2.py",  # swtpm, tpm2-tools
+]  # fmt: skip
 
 # Shell builtins and keywords (bash(1) SHELL BUILTIN COMMANDS, RESERVED WORDS):
 # never an installed program.  Nothing else belongs here.
@@ -264,7 +267,8 @@ def test_the_scripts_calls_are_found():
     """The extraction itself: the programs item 1 was about, and the usual ones."""
     users = host_programs()
     for program in ("cpio", "zstd", "readelf", "qemu-img", "qemu-system-x86_64", "swtpm",
-                    "unshare", "apt-get", "dpkg-query", "debootstrap"):  # fmt: skip
+                    "unshare", "apt-get", "dpkg-query", "debootstrap",
+                    "swtpm_setup", "tpm2_pcrread", "tpm2_getcap"):  # fmt: skip
         assert program in users, sorted(users)
     assert "installed" not in users  # a function of setup-host
     assert not any(p.startswith(("scripts/", ".venv/")) for p in users)
