@@ -19,7 +19,7 @@ import tempfile
 import time
 from collections.abc import Sequence
 
-from . import __version__, config, libc, sequence
+from . import __version__, config, libc, paths, sequence
 from . import log as logsetup
 from .errors import ConfigError, UnlockError
 from .notify import SystemdNotifier
@@ -172,6 +172,8 @@ def _main(args: argparse.Namespace) -> int:
     if config.disabled_on_cmdline(cmdline):
         text = "disabled by rd.lczfs=0 on the kernel command line; nothing done"
         log.info("%s", text)
+        # Whoever edits the kernel command line chose to boot without us.
+        _let_root_through("lczfs-unlockd disabled by rd.lczfs=0")
         notifier.send(STATUS=text)
         notifier.send(READY=1)
         return 0
@@ -179,6 +181,8 @@ def _main(args: argparse.Namespace) -> int:
         cfg = config.load(args.config)
     except ConfigError as exc:
         log.error("%s", exc)
+        if config.kernel_root(cmdline) is None:
+            _let_root_through("no configuration, and the root is not on ZFS")
         notifier.send(STATUS=f"failed: {exc}", ERRNO=exc.errno)
         return EXIT_NOTCONFIGURED
     try:
@@ -198,6 +202,16 @@ def _main(args: argparse.Namespace) -> int:
         notifier.send(STATUS=f"failed: {failure}", ERRNO=failure.errno)
         return EXIT_FAILURE
     return _finish(report, notifier)
+
+
+def _let_root_through(why: str) -> None:
+    """Create the flag sysroot.mount's drop-in asserts (paths.ROOT_CHECKED_FLAG)."""
+    from .filesystem import HostFilesystem
+
+    try:
+        HostFilesystem().write_flag(paths.ROOT_CHECKED_FLAG, why + "\n")
+    except OSError as exc:
+        log.warning("cannot create %s: %s", paths.ROOT_CHECKED_FLAG, exc.strerror)
 
 
 def _run(

@@ -681,16 +681,8 @@ def apply_cmdline(config: Config, cmdline: str) -> tuple[Config, list[str]]:
     warnings: list[str] = []
     changes: dict[str, Any] = {}
     keystore_changes: dict[str, Any] = {}
-    root: str | None = None
-    rootfstype = ""
     for word in split_cmdline(cmdline):
         name, _, value = word.partition("=")
-        if name == "root":
-            root = value  # the last root= wins, as for the kernel and dracut
-            continue
-        if name == "rootfstype":
-            rootfstype = value
-            continue
         if name == "rd.lczfs":
             if value.lower() in _FALSE:
                 changes["enabled"] = False
@@ -700,7 +692,7 @@ def apply_cmdline(config: Config, cmdline: str) -> tuple[Config, list[str]]:
                 warnings.append(f'{word}: ignored; use "rd.lczfs=0" to disable lczfs-unlockd')
             continue
         if not name.startswith("rd.lczfs."):
-            continue
+            continue  # root=, rootfstype=: kernel_root()
         knob = name[len("rd.lczfs.") :]
         if knob in ("dry_run", "debug"):
             if value.lower() in _TRUE:
@@ -727,7 +719,7 @@ def apply_cmdline(config: Config, cmdline: str) -> tuple[Config, list[str]]:
             )
     if keystore_changes:
         changes["keystore"] = replace(config.keystore, **keystore_changes)
-    changes["kernel_root"] = None if root is None else zfs_root(root, rootfstype)
+    changes["kernel_root"] = kernel_root(cmdline)
     new = replace(config, **changes)
     if _grace_outlasts_timeout(new.online_grace, new.timeout):
         warnings.append(
@@ -735,6 +727,21 @@ def apply_cmdline(config: Config, cmdline: str) -> tuple[Config, list[str]]:
             f"({format_duration(new.timeout)}): a degraded pool will not be accepted"
         )
     return new, warnings
+
+
+def kernel_root(cmdline: str) -> str | None:
+    """The ZFS dataset the kernel command line's root= names (see zfs_root)."""
+    root: str | None = None
+    rootfstype = ""
+    for word in split_cmdline(cmdline):
+        name, _, value = word.partition("=")
+        if name == "root":
+            root = value  # the last root= wins, as for the kernel and dracut
+        elif name == "rootfstype":
+            rootfstype = value
+    if root is None:
+        return BOOTFS if rootfstype == "zfs" else None  # dracut: rootfstype=zfs alone is AUTO
+    return zfs_root(root, rootfstype)
 
 
 def zfs_root(value: str, rootfstype: str = "") -> str | None:

@@ -114,6 +114,9 @@ class State:
     created_dirs: list[str] = field(default_factory=list)  # made by this run, outermost first
     mount_id: int | None = None  # the keystore's mount, once mounted
     mounting: bool = False  # mount(2) was called: the path may hold our mount
+    # Keys that did not load: raised after the root check, which must run
+    # even then (a hostile pool adds a failing dataset to skip it).
+    key_errors: list[UnlockError] = field(default_factory=list)
 
 
 class Context:

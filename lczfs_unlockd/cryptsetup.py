@@ -22,6 +22,7 @@ import ctypes
 import errno
 import logging
 import os
+import signal
 import threading
 from dataclasses import dataclass
 from types import TracebackType
@@ -438,6 +439,11 @@ class LuksVolume:
             )
         key = bytearray(size)
         buf = (ctypes.c_char * size).from_buffer(key)
+        # No SIGTERM between the key's release (a TPM2 unseal, say) and its
+        # measurement: the handler would raise right after get_key returns.
+        # Held back until the key is wiped; the KDF in get_key was never
+        # interruptible anyway (systemd's SIGKILL still is).
+        blocked = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM, signal.SIGINT})
         try:
             got = ctypes.c_size_t(size)
             slot = get_key(buf, got)
@@ -459,6 +465,7 @@ class LuksVolume:
             ctypes.memset(buf, 0, size)
             del buf
             wipe(key)
+            signal.pthread_sigmask(signal.SIG_SETMASK, blocked)
 
     def _handle(self) -> ctypes.c_void_p:
         if self._cd is None:

@@ -185,6 +185,10 @@ class HostFilesystem:
     def real_path(self, path: str) -> str:
         return os.path.realpath(path)
 
+    def remove_flag(self, path: str) -> None:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(path)
+
     def write_flag(self, path: str, text: str) -> None:
         directory = os.path.dirname(path)
         os.makedirs(directory, mode=0o755, exist_ok=True)

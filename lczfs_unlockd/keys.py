@@ -119,7 +119,17 @@ def load_keys(ctx: Context) -> None:
                 "%s key of %s (%s)", "verified" if c.dry_run else "loaded", d.name, d.keyformat
             )
         if errors:
-            raise KeyLoadError("; ".join(str(e) for e in errors), errno=errors[0].errno)
+            # Raised by raise_failures(), after the root check: the keys that
+            # did load must not skip it.
+            ctx.state.key_errors.append(
+                KeyLoadError("; ".join(str(e) for e in errors), errno=errors[0].errno)
+            )
+
+
+def raise_failures(ctx: Context) -> None:
+    """The keys that did not load, as the run's error (after the root check)."""
+    if ctx.state.key_errors:
+        raise ctx.state.key_errors[0]
 
 
 def _failure(d: DatasetInfo, path: str, exc: Exception) -> KeyLoadError:

@@ -28,6 +28,7 @@ from .errors import (
     PinRequiredError,
     PoolError,
     PromptError,
+    UnlockError,
     WrongKeyError,
 )
 from .ports import LuksDevice, MappingState, Tpm2Policy, VolumeKeyHook
@@ -121,10 +122,24 @@ def _open(ctx: Context, device: str) -> None:
         try:
             hook = measure.volume_key_hook(ctx, luks)
             ctx.state.activated = True  # from here on, a mapping may be ours
-            ctx.report.keystore_method = _unlock(ctx, luks, device, hook)
+            try:
+                ctx.report.keystore_method = _unlock(ctx, luks, device, hook)
+            except BaseException:
+                if hook is not None:
+                    _cap(ctx, luks)
+                raise
         finally:
             luks.close()
         log.info("keystore opened with %s", ctx.report.keystore_method)
+
+
+def _cap(ctx: Context, luks: LuksDevice) -> None:
+    """The unlock failed: make sure the TPM2 token cannot be unsealed later this boot."""
+    try:
+        measure.cap_if_unmeasured(ctx, luks)
+    except UnlockError as exc:
+        log.error("cannot extend the PCR after the failed unlock: %s", exc)
+        ctx.report.teardown_problems.append(f"PCR not extended after the failed unlock: {exc}")
 
 
 def _unlock(ctx: Context, luks: LuksDevice, device: str, hook: VolumeKeyHook | None) -> str:
@@ -132,10 +147,16 @@ def _unlock(ctx: Context, luks: LuksDevice, device: str, hook: VolumeKeyHook | N
     activation (any failure of it fails the unlock: it is no method's fault)."""
     ks = ctx.config.keystore
     reasons: list[str] = []
+    token_hook = hook
+    if ctx.config.dry_run:
+        # A dry run measures only what a token released (the TPM gave the key
+        # out: the PCR must move); a passphrase checked in stage 2 must not
+        # move a PCR that stage-2 secrets are bound to.
+        hook = None
     for method in ks.unlock:
         ctx.checkpoint()
         if method is UnlockMethod.TOKEN:
-            if _try_token(ctx, luks, device, reasons, hook):
+            if _try_token(ctx, luks, device, reasons, token_hook):
                 return "token"
         elif method is UnlockMethod.KEYFILE:
             if ks.keyfile is None:

@@ -25,6 +25,7 @@ the boot.
 
 from __future__ import annotations
 
+import hashlib
 import hmac
 import logging
 
@@ -66,37 +67,56 @@ def digests(banks: list[str], message: bytes, volume_key: bytearray) -> dict[str
     return {bank: hmac.new(volume_key, message, bank).digest() for bank in banks}
 
 
-def wanted(ctx: Context, luks: LuksDevice) -> int | None:
-    """The PCR to measure the unlock into, or None for no measurement."""
+def wanted(ctx: Context, has_tpm2_token: bool) -> int | None:
+    """The PCR to measure the unlock into, or None for no measurement.
+
+    "auto" measures whenever a TPM2 is there — not only when the header
+    lists a TPM2 token: the header is the attacker's to edit, and one who
+    deleted the token (keeping a copy) must not get an unmeasured
+    passphrase unlock that leaves PCR 15 at its initial value.  A TPM2
+    token enrolled while no TPM shows yet: the hook checks again when the
+    key arrives (the token itself waits for the TPM).
+    """
     ks = ctx.config.keystore
     if ks.measure_pcr is False:
         return None
     if isinstance(ks.measure_pcr, int):
         return ks.measure_pcr  # asked for: a missing TPM fails the unlock
-    if not any(t.type == TPM2_TOKEN for t in luks.tokens()):
-        return None
-    if not ctx.ports.tpm.available():
-        log.info(
-            "not measuring the unlock: no TPM2 (the keystore has a TPM2 token, which cannot "
-            "be used without one either)"
-        )
-        return None
-    return DEFAULT_MEASURE_PCR
+    if ctx.ports.tpm.available() or has_tpm2_token:
+        return DEFAULT_MEASURE_PCR
+    log.info("not measuring the unlock: no TPM2")
+    return None  # and no TPM2 token: nothing to wait for
 
 
 def volume_key_hook(ctx: Context, luks: LuksDevice) -> VolumeKeyHook | None:
     """What keystore.py hands the activation: measures the volume key, once."""
-    pcr = wanted(ctx, luks)
+    has_token = any(t.type == TPM2_TOKEN for t in luks.tokens())
+    pcr = wanted(ctx, has_token)
     if pcr is None:
         return None
     uuid = luks.uuid
     description = event_string(ctx.config.keystore.name, uuid)
+    required = ctx.config.keystore.measure_pcr is not None or has_token
 
     def measure(volume_key: bytearray) -> None:
         if ctx.report.measured:
             # A second method after the first one's activation failed: the
             # PCR has moved already, for this same volume key.
             return
+        if ctx.config.keystore.measure_pcr is None and not ctx.ports.tpm.available():
+            # auto, and still no TPM2 now that the key is here: no token can
+            # be unsealed in this boot, there is nothing to guard.
+            log.info("not measuring the unlock: no TPM2")
+            return
+        try:
+            _extend(volume_key)
+        except TpmError as exc:
+            if required:
+                raise
+            # No TPM2 token to guard and nobody asked: the unlock goes on.
+            log.warning("cannot measure the unlock (no TPM2 token is enrolled): %s", exc)
+
+    def _extend(volume_key: bytearray) -> None:
         tpm = ctx.ports.tpm
         with ctx.step(f"measuring the keystore's unlock into PCR {pcr}", "measure"):
             banks = tpm.banks()
@@ -118,6 +138,39 @@ def volume_key_hook(ctx: Context, luks: LuksDevice) -> VolumeKeyHook | None:
         )
 
     return measure
+
+
+def cap_if_unmeasured(ctx: Context, luks: LuksDevice) -> None:
+    """After a failed unlock of a keystore with a TPM2 token: move the PCR anyway.
+
+    The token may have been unsealed (a key no slot took, a signal) without
+    a volume key to measure, or not tried; either way nothing later in this
+    boot (an emergency shell, a root the attacker put in place) may unseal
+    it.  Extended with a plain hash of a marker, event type "phase".
+    """
+    ks = ctx.config.keystore
+    if ctx.report.measured or ctx.config.dry_run or ks.measure_pcr is False:
+        return
+    if not any(t.type == TPM2_TOKEN for t in luks.tokens()):
+        return
+    pcr = DEFAULT_MEASURE_PCR if ks.measure_pcr is None else int(ks.measure_pcr)
+    tpm = ctx.ports.tpm
+    if not tpm.available():
+        return
+    marker = f"lczfs-unlockd:unlock-failed:{xescape(ks.name)}:{luks.uuid}"
+    banks = tpm.banks()
+    tpm.extend(
+        pcr,
+        {bank: hashlib.new(bank, marker.encode()).digest() for bank in banks},
+        event_type="phase",
+        description=marker,
+    )
+    ctx.report.measured = f"PCR {pcr} ({', '.join(banks)}, unlock failed)"
+    log.warning(
+        'the unlock failed: extended PCR %d with "%s", so that the TPM2 token cannot be '
+        "unsealed again in this boot",
+        pcr, marker,
+    )  # fmt: skip
 
 
 def already_open(ctx: Context) -> None:

@@ -30,8 +30,11 @@ LIBTSS2_TCTILDR: tuple[str, ...] = ("libtss2-tctildr.so.0",)
 TPM2_TCTI = "device:/dev/tpmrm0"
 # systemd's userspace TPM2 measurement log (systemd-pcrextend, systemd-cryptsetup).
 TPM2_MEASURE_LOG = "/run/log/systemd/tpm2-measure.log"
-# Created when the root check refuses the root; sysroot.mount's drop-in
-# (units/sysroot.mount.d-lczfs-unlockd.conf) asserts it is absent.
+# sysroot.mount's drop-in (units/sysroot.mount.d-lczfs-unlockd.conf) asserts
+# that the first exists (the root check passed, or the root is not this
+# daemon's to check) and the second does not (the root check refused it):
+# any failure, a kill included, leaves the distribution's mount blocked.
+ROOT_CHECKED_FLAG = "/run/lczfs-unlockd/root-checked"
 ROOT_REFUSED_FLAG = "/run/lczfs-unlockd/root-refused"
 SYSTEMD_PRIVATE_BUS = "unix:path=/run/systemd/private"
 

@@ -257,6 +257,9 @@ class Filesystem(Protocol):
         """Create (or replace) the small root-only file ``path`` holding
         ``text``, and its directory (0755) if missing; never through a symlink."""
 
+    def remove_flag(self, path: str) -> None:
+        """Remove ``path`` if it is there."""
+
 
 class Tpm(Protocol):
     """The TPM2, through the TSS libraries libcryptsetup's TPM2 token plugin

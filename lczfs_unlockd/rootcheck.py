@@ -26,7 +26,7 @@ from __future__ import annotations
 import logging
 
 from . import paths
-from .config import BOOTFS
+from .config import BOOTFS, Config
 from .context import Context
 from .errors import KeyLoadError, NoSuchDatasetError, PoolError, RootRefusedError
 from .ports import DatasetInfo
@@ -102,9 +102,48 @@ def _listed(names: list[str]) -> str:
     return names[0] if len(names) == 1 else "one of " + ", ".join(names)
 
 
+def _ours(config: Config) -> bool:
+    """Whether there can be anything to check (else the root is not ours to guard)."""
+    kernel = config.kernel_root
+    in_pool = kernel is not None and (kernel == BOOTFS or kernel.split("/")[0] == config.pool)
+    return config.root_dataset is not None or bool(config.verify_datasets) or in_pool
+
+
+def _mark_checked(ctx: Context, why: str) -> None:
+    try:
+        ctx.ports.fs.write_flag(paths.ROOT_CHECKED_FLAG, why + "\n")
+    except OSError as exc:
+        # Fails closed: without the flag, sysroot.mount's assertion fails.
+        log.error(
+            "cannot create %s (%s): sysroot.mount will refuse to mount the root",
+            paths.ROOT_CHECKED_FLAG, exc.strerror,
+        )  # fmt: skip
+
+
+def prepare(ctx: Context) -> None:
+    """At the start: forget an earlier run's verdict; a root that is not ours is let through.
+
+    Until the check passes, sysroot.mount's drop-in refuses to run: any
+    failure of the run — a broken keystore, a kill at the start timeout —
+    leaves the distribution's mount blocked, never an unchecked root mounted.
+    """
+    try:
+        ctx.ports.fs.remove_flag(paths.ROOT_CHECKED_FLAG)
+    except OSError as exc:
+        log.warning("cannot remove %s: %s", paths.ROOT_CHECKED_FLAG, exc.strerror)
+    if not _ours(ctx.config):
+        _mark_checked(ctx, "the root is not a dataset of this pool: nothing to check")
+
+
 def check_root(ctx: Context) -> None:
     """Refuse (RootRefusedError) unless every dataset to check is ours; see the module."""
     c, report = ctx.config, ctx.report
+    if c.kernel_root == BOOTFS:
+        log.warning(
+            "root=zfs:AUTO: the root is checked as %s's bootfs, but dracut mounts the first "
+            "bootfs of any imported pool; name the dataset (root=zfs:DATASET) to be sure",
+            c.pool,
+        )
     with ctx.step("checking the root dataset", "rootcheck"):
         problems: list[str] = []
         try:
@@ -135,6 +174,7 @@ def check_root(ctx: Context) -> None:
             else:
                 problems.append(f"refusing {what} {name}: {problem}")
         if not problems:
+            _mark_checked(ctx, f"checked: {', '.join(report.checked)}")
             return
         if not c.dry_run:
             problems += _fail_closed(ctx)

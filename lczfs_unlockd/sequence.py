@@ -38,11 +38,13 @@ def run(config: Config, ports: Ports) -> Report:
                 with ctx.undo:
                     try:
                         teardown.mask_at_end(ctx)  # registered first: runs last
+                        rootcheck.prepare(ctx)
                         pool.import_pool(ctx)
                         device = keystore.open_keystore(ctx)
                         mount.mount_keystore(ctx, device)
                         keys.load_keys(ctx)
                         rootcheck.check_root(ctx)
+                        keys.raise_failures(ctx)
                     finally:
                         ctx.tear_down()  # before the undo actions run
             finally:

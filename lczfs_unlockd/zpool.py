@@ -24,6 +24,7 @@ from .errors import (
 )
 from .ports import DatasetInfo, PoolScan
 from .process import Result, run
+from .text import escape
 
 # Properties read for every candidate dataset, in this order.
 _PROPERTIES = (
@@ -132,7 +133,15 @@ def parse_import_listing(text: str, pool: str, guid: int | None = None) -> PoolS
     return dataclasses.replace(best, duplicates=duplicates)
 
 
-def parse_properties(text: str) -> list[DatasetInfo]:
+def parse_properties(
+    text: str, asked: Sequence[str] = (), *, recursive: bool = True
+) -> list[DatasetInfo]:
+    """``zfs get -H -p -o name,property,value`` output.
+
+    A property value comes from the disk and may hold a newline (zfs -H
+    prints it raw): a line that names a dataset not asked for, or repeats a
+    property, is such a forgery and fails the whole answer (PoolError).
+    """
     values: dict[str, dict[str, str]] = {}
     names: list[str] = []
     for line in text.splitlines():
@@ -140,9 +149,21 @@ def parse_properties(text: str) -> list[DatasetInfo]:
         if len(fields) != 3:
             continue
         name, prop, value = fields
+        if asked and not any(name == a or (recursive and name.startswith(a + "/")) for a in asked):
+            raise PoolError(
+                f"zfs get printed a line for {_printable_name(name)}, which was not asked for "
+                "(a property value with a newline in it?): the pool's metadata is not what "
+                "zfs wrote; inspect it from a trusted system"
+            )
         if name not in values:
             values[name] = {}
             names.append(name)
+        if prop in values[name]:
+            raise PoolError(
+                f"zfs get printed {prop} of {_printable_name(name)} twice (a property value "
+                "with a newline in it?): the pool's metadata is not what zfs wrote; inspect "
+                "it from a trusted system"
+            )
         values[name][prop] = value
 
     def number(v: str) -> int:
@@ -161,6 +182,10 @@ def parse_properties(text: str) -> list[DatasetInfo]:
         )
         for name in names
     ]
+
+
+def _printable_name(name: str) -> str:
+    return escape(name[:300])
 
 
 def _timed_out(exc: CommandTimeout) -> UnlockError:
@@ -319,4 +344,4 @@ class ZpoolCli:
             if missing:
                 raise NoSuchDatasetError(f"dataset {missing[0]} does not exist")
             raise PoolError(str(result.error()))
-        return parse_properties(result.stdout)
+        return parse_properties(result.stdout, names, recursive=recursive)

@@ -683,10 +683,12 @@ class FakeFilesystem:
     def remove_dir(self, path: str) -> None:
         os.rmdir(path)
 
+    def remove_flag(self, path: str) -> None:
+        self.w.files.pop(path, None)
+
     def write_flag(self, path: str, text: str) -> None:
         self.w.hook("write_flag")
         self.w.files[path] = text
-        self.w.events.append(f"flag {path}")
 
 
 class FakeTpm:

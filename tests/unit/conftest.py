@@ -35,6 +35,15 @@ def assert_clean(world, *, masked: bool = True) -> None:
         assert world.masked == {}
 
 
+@pytest.fixture(autouse=True)
+def flags_in_tmp(tmp_path, monkeypatch):
+    """The root check's flag files, which the command line writes itself."""
+    from lczfs_unlockd import paths
+
+    monkeypatch.setattr(paths, "ROOT_CHECKED_FLAG", str(tmp_path / "flags" / "root-checked"))
+    monkeypatch.setattr(paths, "ROOT_REFUSED_FLAG", str(tmp_path / "flags" / "root-refused"))
+
+
 @pytest.fixture
 def mountpoint(tmp_path) -> str:
     return str(tmp_path / "bootsecrets")

@@ -110,12 +110,61 @@ def test_configured_pcr_is_used_without_any_token(world, make_config, run):
     }
 
 
-def test_auto_measures_nothing_without_a_tpm2_token(world, make_config, run):
+def test_auto_measures_a_passphrase_unlock_even_without_a_tpm2_token(world, make_config, run):
+    # The header is the attacker's: one who deleted the TPM2 token (keeping a
+    # copy) must not get an unmeasured unlock that leaves PCR 15 at zero.
     world.tpm_present = True
     world.answers = ["luks pass"]
     report = run(make_config())
-    assert report.ok and report.measured == ""
-    assert world.pcrs == {}
+    assert report.ok and report.measured == "PCR 15 (sha256)"
+
+
+def test_without_a_token_a_broken_tpm_only_warns(world, make_config, run, caplog):
+    world.tpm_present = True
+    world.tpm_failure = "cannot extend PCR 15 on /dev/tpmrm0: TPM_RC_FAILURE"
+    world.answers = ["luks pass"]
+    report = run(make_config())
+    assert report.ok, report.error
+    assert "cannot measure the unlock (no TPM2 token is enrolled)" in caplog.text
+
+
+def test_a_tpm_that_shows_up_late_is_still_measured(world, make_config, run):
+    world.tokens = [Token(available_after=1.0)]
+
+    def tpm_arrives(w):
+        w.tpm_present = w.time >= 1.0
+
+    world.hooks["token"] = tpm_arrives
+    report = run(make_config({"token_timeout": "5s"}))
+    assert report.ok, report.error
+    assert report.keystore_method == "token" and 15 in world.pcrs["sha256"]
+
+
+def test_a_failed_unlock_with_a_tpm2_token_caps_the_pcr(world, make_config, run, caplog):
+    # The token's secret may have left the TPM without a key to measure
+    # (a key no slot takes): nothing later in the boot may unseal it again.
+    world.tokens = [Token(wrong_key=True, pin="1")]
+    world.answers = ["1", "wrong", "wrong", "wrong"]
+    world.tpm_present = True
+    report = run(make_config())
+    assert not report.ok
+    ((pcr, digests, event, marker),) = world.tpm_log
+    assert (pcr, event) == (15, "phase")
+    assert marker == f"lczfs-unlockd:unlock-failed:lczfs-keystore:{world.luks_uuid}"
+    assert digests == {"sha256": hashlib.sha256(marker.encode()).digest()}
+    assert "cannot be unsealed again in this boot" in caplog.text
+    assert_clean(world)
+
+
+def test_a_dry_run_does_not_measure_a_passphrase(world, make_config, run):
+    # Run in stage 2 to check the configuration, it must not move a PCR
+    # that stage-2 secrets are bound to.
+    world.tokens = [Token(failure="policy mismatch")]
+    world.tpm_present = True
+    world.answers = ["luks pass"]
+    report = run(make_config(dry_run=True))
+    assert report.ok, report.error
+    assert world.pcrs == {} and world.tpm_log == []
 
 
 def test_auto_measures_nothing_without_a_tpm(world, make_config, run, caplog):

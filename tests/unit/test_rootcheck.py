@@ -152,7 +152,69 @@ def test_non_zfs_root_and_no_config_checks_nothing(world, make_config, run, capl
     world.tokens = [Token()]
     report = run(with_cmdline(make_config(), "root=/dev/sda2"))
     assert report.ok and report.checked == []
-    assert "no root dataset is checked" in caplog.text  # a token opened it: warned
+    assert "nothing to check" in world.files[paths.ROOT_CHECKED_FLAG]
+
+
+def test_the_root_is_let_through_only_once_checked(world, make_config, run):
+    world.answers = ["luks pass"]
+    report = run(make_config(root_dataset=ROOT))
+    assert report.ok
+    assert world.files[paths.ROOT_CHECKED_FLAG] == f"checked: {ROOT}\n"
+
+
+@pytest.mark.parametrize("failure", ["no keystore", "sigterm"])
+def test_any_failure_leaves_sysroot_mount_blocked(world, make_config, run, failure):
+    # Not only a refusal: a keystore an attacker broke, a kill at the start
+    # timeout — no flag, so sysroot.mount's assertion fails.
+    world.files[paths.ROOT_CHECKED_FLAG] = "from an earlier run\n"
+    world.answers = ["luks pass"]
+    if failure == "no keystore":
+        world.luks_present = False
+    else:
+        import os
+        import signal
+
+        world.hooks["passphrase"] = lambda w: os.kill(os.getpid(), signal.SIGTERM)
+    report = run(with_cmdline(make_config(), f"root=zfs:{ROOT}"))
+    assert not report.ok
+    assert paths.ROOT_CHECKED_FLAG not in world.files
+
+
+def test_a_failing_extra_dataset_cannot_skip_the_check(world, make_config, run):
+    # The attacker adds an encryption root whose keylocation points at the
+    # real key file: its key fails after the real one loaded.
+    world.answers = ["luks pass"]
+    world.add_encryption_root("rpool/zzbogus", "hex", b"ff" * 32, file="rpoolcrypt.key")
+    world.keystore_files["rpoolcrypt.key"] = (
+        "0123456789abcdef" * 4 + "\n"
+    ).encode()  # the real key, which is not the bogus root's
+    world.datasets[ROOT] = Dataset(name=ROOT)
+    report = run(with_cmdline(make_config(), f"root=zfs:{ROOT}"))
+    assert isinstance(report.error, RootRefusedError), report.error
+    assert world.loaded_keys()["rpool/crypt"] is False
+    assert paths.ROOT_REFUSED_FLAG in world.files
+
+
+def test_key_failures_are_still_reported_after_a_passing_check(world, make_config, run):
+    world.answers = ["luks pass"]
+    world.add_encryption_root("rpool/zzbogus", "hex", b"ff" * 32, file="rpoolcrypt.key")
+    world.keystore_files["rpoolcrypt.key"] = ("0123456789abcdef" * 4 + "\n").encode()
+    report = run(with_cmdline(make_config(), f"root=zfs:{ROOT}"))
+    assert not report.ok and "rpool/zzbogus" in str(report.error)
+    assert report.checked == [ROOT]
+    assert world.loaded_keys()["rpool/crypt"] is True  # the root is ours: it boots
+    assert paths.ROOT_CHECKED_FLAG in world.files
+
+
+def test_a_forged_property_line_fails_the_check():
+    from lczfs_unlockd.errors import PoolError
+    from lczfs_unlockd.zpool import parse_properties
+
+    forged = f"{ROOT}\tencryption\toff\n{ROOT}\tencryption\taes-256-gcm\n"
+    with pytest.raises(PoolError, match="printed encryption of .* twice"):
+        parse_properties(forged, [ROOT], recursive=False)
+    with pytest.raises(PoolError, match="not asked for"):
+        parse_properties("rpool/other\tencryption\toff\n", [ROOT], recursive=False)
 
 
 def test_dry_run_refuses_without_changing_anything(world, make_config, run):
@@ -210,6 +272,7 @@ def test_a_flag_that_cannot_be_written_is_reported(world, make_config, run):
         ("root=UUID=1234 rootfstype=zfs", None),
         ("root=zfs:rpool/a root=/dev/sda1", None),  # the last one counts
         ("quiet", None),
+        ("rootfstype=zfs", configmod.BOOTFS),  # dracut: AUTO
     ],
 )
 def test_kernel_root_forms(make_config, cmdline, root):
