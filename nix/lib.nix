@@ -13,6 +13,7 @@ let
     elem
     filter
     head
+    isInt
     isList
     isString
     map
@@ -48,11 +49,17 @@ let
 
   opt = "boot.initrd.lczfs-unlockd.settings";
 
+  # Where files appear at boot without being in the initrd image:
+  # systemd-stub's /.extra (a UKI's PCR signature, credentials) and /run.
+  isRuntimeFile = p: hasPrefix "/.extra/" p || hasPrefix "/run/" p;
+
   # `settings` is the file's content (snake_case, as the daemon reads it).
   # `env` carries what the module reads from the rest of the configuration:
-  #   systemdInitrd  boot.initrd.systemd.enable
-  #   zfsInInitrd    ZFS support in the initrd
-  #   initrdFiles    paths that will exist inside the initrd (secrets, contents)
+  #   systemdInitrd   boot.initrd.systemd.enable
+  #   zfsInInitrd     ZFS support in the initrd
+  #   initrdFiles     paths that will exist inside the initrd (secrets, contents)
+  #   tpm2            TPM2 support in the initrd (optional, default true)
+  #   tpm2OptionName  the option that turns it on, for the message
   problems =
     settings: env:
     let
@@ -62,6 +69,43 @@ let
       mountpoint = ks.mountpoint or "/bootsecrets";
       unlock = ks.unlock or [ ];
       keyfile = ks.keyfile or null;
+      rootDataset = settings.root_dataset or null;
+      verifyDatasets = settings.verify_datasets or [ ];
+      trustedRoots = settings.trusted_roots or null;
+      measurePcr = ks.measure_pcr or null;
+      outsidePool = ds: !isString ds || poolOf ds != pool;
+      # A dataset this run cannot have unlocked is always refused.
+      checkedOutside =
+        key: what:
+        let
+          given = settings.${key} or [ ];
+        in
+        map (ds: ''
+          ${opt}.${key} contains "${toString ds}", which is not a dataset of the pool
+          "${pool}"; ${what}'') (filter outsidePool (if isList given then given else [ ]));
+      policyFile =
+        key: example:
+        let
+          path = ks.${key} or null;
+        in
+        if path == null then
+          [ ]
+        else if !isCleanAbsolute path then
+          [
+            ''
+              ${opt}.keystore.${key} = "${toString path}" must be an absolute path
+              inside the initrd, or a file of the build (a Nix path such as ./${example}) for the
+              module to copy there.''
+          ]
+        else
+          optional (!elem "token" unlock) ''
+            ${opt}.keystore.${key} is set but "token" is not in keystore.unlock, so
+            no TPM2 token is ever tried with it (the daemon refuses such a file).''
+          ++ optional (!isRuntimeFile path && !elem path env.initrdFiles) ''
+            ${opt}.keystore.${key} = "${path}" is not put into the initrd (and is
+            not under /.extra/, where systemd-stub puts a UKI's files, or /run/). Give the file as a
+            Nix path (./${example}) to have it copied, or add it with
+            boot.initrd.systemd.contents."${path}".source = ...;.'';
     in
     concatLists [
       (optional (!env.systemdInitrd) ''
@@ -116,6 +160,21 @@ let
       (optional (keyfile != null && isCleanAbsolute mountpoint && hasPrefix (mountpoint + "/") keyfile) ''
         ${opt}.keystore.keyfile = "${keyfile}" lies under the keystore mount point
         "${mountpoint}", which is empty until the keystore is open.'')
+      (optional (rootDataset != null && outsidePool rootDataset) ''
+        ${opt}.root_dataset = "${toString rootDataset}" is not a dataset of the pool
+        "${pool}", so no run could unlock it and the daemon would refuse every boot; name the
+        dataset mounted as / (fileSystems."/".device), or set it to null.'')
+      (checkedOutside "verify_datasets" "no run could unlock it, so the daemon would refuse every boot.")
+      (checkedOutside "trusted_roots" "the encryption root of a dataset of the pool is in the pool.")
+      (optional (trustedRoots == [ ]) ''
+        ${opt}.trusted_roots is an empty list, so every checked dataset would be
+        refused; use null (the encryption roots this run unlocked) or name the roots.'')
+      (optional ((isInt measurePcr || measurePcr == true) && !(env.tpm2 or true)) ''
+        ${opt}.keystore.measure_pcr = ${builtins.toJSON measurePcr} but ${env.tpm2OptionName or "TPM2 support"}
+        is false, so the initrd has no TPM2 kernel modules or tpm2-tss to measure with; turn TPM2
+        on, or set measure_pcr = false.'')
+      (policyFile "tpm2_signature" "tpm2-pcr-signature.json")
+      (policyFile "tpm2_pcrlock" "pcrlock.json")
     ];
 
   # Kernel command line knobs the module sets for dryRun/debug.

@@ -6,8 +6,10 @@
 # by nix/install-unit.sh) and reaches the initrd through
 # boot.initrd.systemd.packages, as zfs.nix does with ZFS's units; the module
 # only adds a drop-in (ExecStart of the initrd's Python tree, the ordering
-# before NixOS's zfs-import-<pool>.service).  The daemon's file is
-# `settings` (RFC 42), written with pkgs.formats.toml.
+# before NixOS's zfs-import-<pool>.service), the requirement of the pool's
+# stage-1 mounts on it and sysroot.mount's assertions that the daemon vouched
+# for the root (docs/nixos.md, "When the root is refused").  The
+# daemon's file is `settings` (RFC 42), written with pkgs.formats.toml.
 #
 # Evaluated as a whole NixOS system against nixos-24.05 by tests/nix; option
 # names that changed later (boot.initrd.systemd.tpm2.enable) are handled.
@@ -15,6 +17,7 @@
   config,
   lib,
   pkgs,
+  utils,
   ...
 }:
 
@@ -36,9 +39,64 @@ let
   duration = types.either types.ints.unsigned types.nonEmptyStr;
   durationText = "a systemd time span (\"10s\", \"5min\") or a number of seconds";
 
+  # TPM2 policy files given as files of the build (a Nix path, or a string
+  # with store context such as "${pkgs.foo}/x.json") are copied into the
+  # initrd at a fixed place; a plain string is a path inside the initrd.
+  policyFiles = {
+    tpm2_signature = "/etc/lczfs-unlockd/tpm2-pcr-signature.json";
+    tpm2_pcrlock = "/etc/lczfs-unlockd/tpm2-pcrlock.json";
+  };
+  isBuildFile = v: builtins.isPath v || (builtins.isString v && builtins.hasContext v);
+  copiedPolicyFiles = lib.filterAttrs (
+    key: _: isBuildFile (cfg.settings.keystore.${key} or null)
+  ) policyFiles;
+  keystoreSettings = cfg.settings.keystore // copiedPolicyFiles;
+
   # Unset optional keys (null) are left out, so the daemon's defaults apply.
-  fileSettings = lib.filterAttrsRecursive (_: v: v != null) cfg.settings;
+  fileSettings = lib.filterAttrsRecursive (_: v: v != null) (
+    cfg.settings // { keystore = keystoreSettings; }
+  );
   configFile = settingsFormat.generate "lczfs-unlockd.toml" fileSettings;
+
+  # PCR measurement (keystore.measure_pcr) talks to the TPM through
+  # tpm2-tss: the libraries the package pins in _build_paths.py.  tctildr
+  # dlopen()s the device TCTI by the path in TPM2_TCTI, so it is listed too;
+  # libtss2-mu/-sys/-rc come with libtss2-esys as ELF dependencies, named
+  # anyway so that the list says what is needed.
+  tpm2Tss = lib.getLib (cfg.package.passthru.tpm2-tss or pkgs.tpm2-tss);
+  measurePcr = cfg.settings.keystore.measure_pcr;
+  measuring = tpm2Enabled && measurePcr != false;
+  tss2Libraries = map (name: "${tpm2Tss}/lib/${name}") [
+    "libtss2-esys.so.0"
+    "libtss2-tctildr.so.0"
+    "libtss2-tcti-device.so.0"
+    "libtss2-mu.so.0"
+    "libtss2-rc.so.0"
+  ];
+
+  # sysroot.mount's assertions on the daemon's verdict (root-checked
+  # present, root-refused absent): the dracut module's drop-in, one file
+  # for both.
+  sysrootDropin = ../units/sysroot.mount.d-lczfs-unlockd.conf;
+
+  # The same-named helpers of nixpkgs' zfs.nix: the stage-1 mounts of the
+  # pool's file systems (below /sysroot), which NixOS's zfs-import-<pool>
+  # is required by, and the datasets needed for boot.
+  poolOf = lczfsLib.poolOf;
+  bootFileSystemsOf =
+    pool:
+    lib.filter (
+      fs:
+      fs.fsType == "zfs"
+      && fs.device or null != null
+      && poolOf fs.device == pool
+      && utils.fsNeededForBoot fs
+    ) (lib.attrValues config.fileSystems);
+  bootFileSystems = bootFileSystemsOf cfg.settings.pool;
+  mountUnit = fs: "${utils.escapeSystemdPath ("/sysroot" + lib.removeSuffix "/" fs.mountPoint)}.mount";
+  poolMounts =
+    map mountUnit bootFileSystems
+    ++ lib.optional (lib.any (fs: fs.mountPoint == "/usr") bootFileSystems) "sysusr-usr.mount";
 
   pythonPackages = pkgs.python3Packages;
   pyzfs = pythonPackages.callPackage ./pyzfs.nix { zfs = zfsPackage; };
@@ -155,6 +213,51 @@ let
         default = "30s";
         description = "How long to wait for a token device (TPM2, FIDO2 key); ${durationText}.";
       };
+      measure_pcr = mkOption {
+        type =
+          types.nullOr (types.either types.bool (types.ints.between 0 23))
+          // {
+            description = "null, a boolean or a TPM2 PCR index between 0 and 23";
+          };
+        default = if tpm2Enabled then null else false;
+        defaultText = lib.literalMD "`null` when TPM2 is on in the initrd (`${tpm2OptionName}`), `false` otherwise";
+        example = 15;
+        description = ''
+          The PCR the keystore's unlock is measured into (through tpm2-tss,
+          as systemd-cryptsetup's `tpm2-measure-pcr=` does); a number makes
+          the measurement mandatory (no TPM2 then fails the unlock), `true`
+          is PCR 15, `false` never measures.  `null` leaves the key out of
+          the file: PCR 15 when a TPM2 is present and a systemd-tpm2 token is
+          enrolled.  Without TPM2 support in the initrd the default is
+          `false`: the TSS libraries are put into the initrd only when TPM2
+          is on and this is not `false`.
+        '';
+      };
+      tpm2_signature = mkOption {
+        type = types.nullOr types.path;
+        default = null;
+        example = lib.literalExpression "./tpm2-pcr-signature.json";
+        description = ''
+          Signed PCR policy for a TPM2 token enrolled with
+          `systemd-cryptenroll --tpm2-public-key=`.  A file of the build (a Nix
+          path such as `./tpm2-pcr-signature.json`, or a store path) is copied
+          into the initrd as `${policyFiles.tpm2_signature}`; a plain string is a
+          path inside the initrd, e.g. `"/.extra/tpm2-pcr-signature.json"`, where
+          systemd-stub puts the signature of a UKI.  `null`: the TPM2 token
+          plugin's own default, which is that same file, so a UKI needs nothing here.
+        '';
+      };
+      tpm2_pcrlock = mkOption {
+        type = types.nullOr types.path;
+        default = null;
+        example = lib.literalExpression "./pcrlock.json";
+        description = ''
+          systemd-pcrlock policy for a TPM2 token enrolled with
+          `systemd-cryptenroll --tpm2-pcrlock=`.  A file of the build is copied
+          into the initrd as `${policyFiles.tpm2_pcrlock}`; a plain string is a path
+          inside the initrd.  `null`: the TPM2 token plugin's own default.
+        '';
+      };
     };
   };
 
@@ -232,6 +335,61 @@ let
             cryptsetup unit and the mount unit of its mount point.
           '';
         };
+        root_dataset = mkOption {
+          type = types.nullOr types.nonEmptyStr;
+          default =
+            let
+              root = outer.fileSystems."/" or null;
+            in
+            if
+              root != null
+              && root.fsType == "zfs"
+              && root.device or null != null
+              && poolOf root.device == config.pool
+            then
+              root.device
+            else
+              null;
+          defaultText = lib.literalMD ''
+            `config.fileSystems."/".device` when `/` is a ZFS dataset of `pool`, else `null`
+          '';
+          example = "rpool/crypt/local/root";
+          description = ''
+            The dataset mounted as `/`.  The daemon fails, before reporting
+            ready, unless it is encrypted under an encryption root this run
+            unlocked (or one of `trusted_roots`), and the pool's stage-1
+            mounts require the daemon: a dataset swapped for an unencrypted
+            one is not booted.  `null` leaves the key out; the daemon then takes
+            the root from `root=zfs:…` on the kernel command line (for
+            `root=zfs:AUTO` the pool's `bootfs`), which NixOS does not set.
+          '';
+        };
+        verify_datasets = mkOption {
+          type = types.listOf types.nonEmptyStr;
+          default = lib.unique (
+            map (fs: fs.device) (lib.filter (fs: fs.mountPoint != "/") (bootFileSystemsOf config.pool))
+          );
+          defaultText = lib.literalMD ''
+            the `device` of every `fileSystems` entry other than `/` that is a
+            ZFS dataset of `pool` and needed for boot (`neededForBoot`, or `/nix`,
+            `/var`, ... as NixOS decides)
+          '';
+          example = [ "rpool/safe/persist" ];
+          description = ''
+            Datasets checked like `root_dataset`.  The default covers what NixOS
+            mounts in the initrd from the pool; set `[ ]` if one of those is
+            deliberately unencrypted (or not under a root this run unlocks).
+          '';
+        };
+        trusted_roots = mkOption {
+          type = types.nullOr (types.listOf types.nonEmptyStr);
+          default = null;
+          example = [ "rpool/crypt" ];
+          description = ''
+            Encryption roots that a checked dataset may belong to.  `null`
+            leaves the key out: the roots this run unlocked.
+          '';
+        };
         keystore = mkOption {
           type = types.submodule keystoreOptions;
           description = "The LUKS keystore on a zvol of the pool (`[keystore]`).";
@@ -264,7 +422,7 @@ in
       type = types.package;
       default = pythonPackages.callPackage ./package.nix {
         inherit pyzfs;
-        inherit (pkgs) cryptsetup;
+        inherit (pkgs) cryptsetup tpm2-tss;
         zfs = zfsPackage;
         systemd = initrdSystemd.package;
       };
@@ -342,6 +500,8 @@ in
           lczfsLib.problems fileSettings {
             systemdInitrd = initrdSystemd.enable;
             inherit zfsInInitrd initrdFiles;
+            tpm2 = tpm2Enabled;
+            inherit tpm2OptionName;
           }
         )
       ++ [
@@ -375,7 +535,12 @@ in
     boot.kernelParams = lczfsLib.kernelParams cfg;
 
     boot.initrd.systemd = {
-      contents."/etc/lczfs-unlockd.toml".source = configFile;
+      contents = {
+        "/etc/lczfs-unlockd.toml".source = configFile;
+      }
+      // lib.mapAttrs' (
+        key: initrdPath: lib.nameValuePair initrdPath { source = cfg.settings.keystore.${key}; }
+      ) copiedPolicyFiles;
 
       storePaths =
         [
@@ -391,13 +556,31 @@ in
           tokenPluginFiles
           ++ lib.optional (builtins.elem "fido2" cfg.tokenPlugins) "${lib.getLib pkgs.libfido2}/lib/libfido2.so.1"
           ++ lib.optional (builtins.elem "pkcs11" cfg.tokenPlugins) "${lib.getLib pkgs.p11-kit}/lib/libp11-kit.so.0"
-        );
+        )
+        ++ lib.optionals measuring tss2Libraries;
 
       # The unit comes from the package; this becomes its drop-in
       # (lczfs-unlockd.service.d/overrides.conf).
       packages = [ cfg.package ];
+      # sysroot.mount is written by systemd-fstab-generator at boot, so
+      # this can only be a drop-in (sysroot.mount.d/overrides.conf): the
+      # root is mounted only after the daemon vouched for it in this boot,
+      # even if something started the mount without the requirement below
+      # (a unit of the user's, / on another pool).
+      units."sysroot.mount" = {
+        overrideStrategy = "asDropin";
+        text = builtins.readFile sysrootDropin;
+      };
       services.lczfs-unlockd = {
         inherit (lczfsLib.poolOrdering cfg.settings.pool) before wantedBy;
+        # The unit already orders itself before sysroot.mount; requiring it
+        # as well means that a failed run -- a keystore that did not open,
+        # or a root_dataset/verify_datasets entry the daemon refused --
+        # leaves the pool's stage-1 mounts undone, as NixOS's own
+        # zfs-import-<pool> does for its failures.  Without it an
+        # unencrypted dataset put in the place of the root would be mounted
+        # (it needs no key) and booted.
+        requiredBy = poolMounts;
         serviceConfig.ExecStart = [
           ""
           "${initrdEnv}/bin/lczfs-unlockd"

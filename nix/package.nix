@@ -11,6 +11,8 @@
 #
 # Always pass zfs, systemd and cryptsetup: python3Packages.callPackage fills
 # `systemd` with the Python bindings (python3Packages.systemd) otherwise.
+# tpm2-tss (PCR measurements) defaults to pkgs.tpm2-tss, the one systemd's
+# TPM2 support in the initrd uses.
 {
   lib,
   stdenv,
@@ -23,6 +25,7 @@
   zfs,
   cryptsetup,
   systemd,
+  tpm2-tss,
 }:
 
 let
@@ -30,6 +33,31 @@ let
   fs = lib.fileset;
   pyproject = builtins.fromTOML (builtins.readFile ../pyproject.toml);
   libc = lib.getLib stdenv.cc.libc;
+  tss2Libdir = "${lib.getLib tpm2-tss}/lib";
+
+  # The tpm2-tss entries of _build_paths.py (lczfs_unlockd/paths.py:
+  # LIBTSS2_ESYS, LIBTSS2_TCTILDR, TPM2_TCTI), appended after
+  # nix/build-paths.sh; reads TSS2_LIBDIR.  passthru.tss2BuildPaths is this
+  # text, for the build rehearsal in tests/nix.  tctildr dlopen()s the
+  # name part of TPM2_TCTI as given before trying libtss2-tcti-<name>.so.0,
+  # so a full path needs no LD_LIBRARY_PATH (nixpkgs' tpm2-tss would also
+  # find "device" in its own lib/, but the path does not depend on that
+  # patch).  Fixed sonames, checked here: a soname bump fails the build.
+  tss2BuildPaths = ''
+    for lib in libtss2-esys.so.0 libtss2-tctildr.so.0 libtss2-tcti-device.so.0; do
+      if [ ! -e "$TSS2_LIBDIR/$lib" ]; then
+        echo "_build_paths.py would name $TSS2_LIBDIR/$lib, which does not exist" >&2
+        exit 1
+      fi
+    done
+    cat >> lczfs_unlockd/_build_paths.py <<PY
+    # tpm2-tss, for PCR measurements (the package's postPatch): the TCTI
+    # loader and the device TCTI it loads, by path.
+    LIBTSS2_ESYS = ("$TSS2_LIBDIR/libtss2-esys.so.0",)
+    LIBTSS2_TCTILDR = ("$TSS2_LIBDIR/libtss2-tctildr.so.0",)
+    TPM2_TCTI = "$TSS2_LIBDIR/libtss2-tcti-device.so.0:/dev/tpmrm0"
+    PY
+  '';
   notPython =
     name: drv:
     lib.assertMsg (!(drv ? pythonModule)) ''
@@ -40,6 +68,7 @@ in
 assert notPython "systemd" systemd;
 assert notPython "zfs" zfs;
 assert notPython "cryptsetup" cryptsetup;
+assert notPython "tpm2-tss" tpm2-tss;
 buildPythonApplication {
   pname = "lczfs-unlockd";
   inherit (pyproject.project) version;
@@ -77,6 +106,8 @@ buildPythonApplication {
     LIBC=${libc}/lib/libc.so.6 \
     CRYPTSETUP_TOKEN_PATH=${systemd}/lib/cryptsetup \
       bash nix/build-paths.sh
+    TSS2_LIBDIR=${tss2Libdir}
+    ${tss2BuildPaths}
   '';
 
   # The unit, for boot.initrd.systemd.packages (and any other systemd):
@@ -113,7 +144,14 @@ buildPythonApplication {
   ];
 
   passthru = {
-    inherit zfs systemd cryptsetup pyzfs;
+    inherit
+      zfs
+      systemd
+      cryptsetup
+      pyzfs
+      tpm2-tss
+      tss2BuildPaths
+      ;
     unit = "lib/systemd/system/lczfs-unlockd.service";
   };
 

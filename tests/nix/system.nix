@@ -10,6 +10,9 @@
 # A variant: { config = <NixOS options as JSON>; via = "path" | "flake";
 #              full = <instantiate initrd and toplevel>;
 #              newTpm2 = null | <declare boot.initrd.systemd.tpm2.enable, as NixOS >= 24.11> }
+# JSON has no Nix paths or priorities: { "_nixPath": "fixtures/x.json" }
+# anywhere in a config stands for the path ./fixtures/x.json (relative to
+# this file), { "_mkForce": value } for lib.mkForce value.
 {
   nixpkgs,
   variants,
@@ -107,6 +110,17 @@ let
           # The drop-in NixOS writes over the package's unit.
           dropin = unit.text;
           unitWantedBy = unit.wantedBy;
+          unitRequiredBy = unit.requiredBy;
+          sysrootDropin = {
+            text = initrd.units."sysroot.mount".text or null;
+            overrideStrategy = initrd.units."sysroot.mount".overrideStrategy or null;
+          };
+          # What the module puts at fixed places in the initrd besides the
+          # file, and where from.
+          lczfsContents = lib.mapAttrs (_: c: toString c.source) (
+            lib.filterAttrs (path: _: lib.hasPrefix "/etc/lczfs-unlockd" path || lib.hasPrefix "/etc/lczfs-test" path) initrd.contents
+          );
+          tpm2Tss = toString (lib.getLib pkgs.tpm2-tss);
           unitOverrideStrategy = unit.overrideStrategy or "asDropinIfExists";
           packageUnit = "${cfg.package}/${cfg.package.passthru.unit}";
           initrdPackages = map toString initrd.packages;
@@ -122,6 +136,7 @@ let
           tokenPlugins = cfg.tokenPlugins;
           settings = cfg.settings;
           importUnit = initrd.units."zfs-import-rpool.service".text or null;
+          importRequiredBy = initrd.units."zfs-import-rpool.service".requiredBy or null;
           initrdSystemd = toString initrd.package;
           zfs = toString config.boot.zfs.package;
           zfsVersion = config.boot.zfs.package.version;
@@ -140,6 +155,8 @@ let
             pyzfs = cfg.package.passthru.pyzfs.name;
             src = toString cfg.package.src;
             postPatch = cfg.package.postPatch;
+            tss2BuildPaths = cfg.package.passthru.tss2BuildPaths;
+            tpm2Tss = toString (lib.getLib cfg.package.passthru.tpm2-tss);
             postInstall = cfg.package.postInstall;
             pytestFlags = cfg.package.pytestFlagsArray;
             dependencies = map (d: d.pname or d.name) cfg.package.propagatedBuildInputs;
@@ -160,12 +177,31 @@ let
             inherit failed;
             toplevel = config.system.build.toplevel.drvPath;
             lczfsInInitrd = initrd.services ? lczfs-unlockd;
+            sysrootDropin = initrd.units ? "sysroot.mount";
           }
         else
           result;
     };
 
-  parsed = builtins.fromJSON variants;
+  # { _nixPath = "rel"; } -> ./rel and { _mkForce = v; } -> lib.mkForce v,
+  # anywhere in a variant's config.
+  withPaths =
+    v:
+    if builtins.isAttrs v then
+      (
+        if v ? _nixPath then
+          ./. + "/${v._nixPath}"
+        else if v ? _mkForce then
+          lib.mkForce (withPaths v._mkForce)
+        else
+          builtins.mapAttrs (_: withPaths) v
+      )
+    else if builtins.isList v then
+      map withPaths v
+    else
+      v;
+
+  parsed = builtins.mapAttrs (_: withPaths) (builtins.fromJSON variants);
   evaluated = lib.mapAttrs evalVariant parsed;
 in
 {

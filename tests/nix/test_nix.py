@@ -152,6 +152,25 @@ def test_missing_systemd_initrd_or_zfs_is_reported(env: dict[str, Any], needle: 
             cfg(keystore={"keyfile": "/etc/lczfs-unlockd/keystore.key"}),
             'boot.initrd.secrets."/etc/lczfs-unlockd/keystore.key"',
         ),
+        (cfg(root_dataset="tank/root"), 'root_dataset = "tank/root" is not a dataset of the pool'),
+        (cfg(root_dataset="rpoolx/root"), "is not a dataset of the pool"),
+        (cfg(verify_datasets=["tank/nix"]), 'verify_datasets contains "tank/nix"'),
+        (cfg(trusted_roots=["tank/crypt"]), 'trusted_roots contains "tank/crypt"'),
+        (cfg(trusted_roots=[]), "trusted_roots is an empty list"),
+        (
+            cfg(keystore={"tpm2_signature": "sig.json"}),
+            "must be an absolute path\ninside the initrd",
+        ),
+        (cfg(keystore={"tpm2_pcrlock": "/etc/pcrlock.json"}), "is not put into the initrd"),
+        (
+            cfg(
+                keystore={
+                    "unlock": ["passphrase"],
+                    "tpm2_signature": "/.extra/tpm2-pcr-signature.json",
+                }
+            ),
+            '"token" is not in keystore.unlock',
+        ),
     ],
 )
 def test_configurations_that_cannot_work_are_reported(config: dict[str, Any], needle: str) -> None:
@@ -174,6 +193,44 @@ def test_keyfile_under_the_keystore_itself_is_reported() -> None:
 
 def test_datasets_of_the_pool_are_accepted() -> None:
     assert problems(cfg(datasets=["rpool/crypt", "rpool/crypt/safe"])) == []
+
+
+def test_root_check_of_the_pool_is_accepted() -> None:
+    config = cfg(
+        root_dataset="rpool/crypt/local/root",
+        verify_datasets=["rpool/crypt/local/nix", "rpool"],
+        trusted_roots=["rpool/crypt"],
+    )
+    assert problems(config) == []
+
+
+@pytest.mark.parametrize(
+    ("path", "files"),
+    [
+        # systemd-stub's and runtime places need not be in the image.
+        ("/.extra/tpm2-pcr-signature.json", []),
+        ("/run/systemd/pcrlock.json", []),
+        (
+            "/etc/lczfs-unlockd/tpm2-pcr-signature.json",
+            ["/etc/lczfs-unlockd/tpm2-pcr-signature.json"],
+        ),
+    ],
+)
+def test_tpm2_policy_files_that_exist_at_boot_are_accepted(path: str, files: list[str]) -> None:
+    env = {**ENV_OK, "initrdFiles": files}
+    config = cfg(keystore={"tpm2_signature": path, "tpm2_pcrlock": path})
+    assert problems(config, env) == []
+
+
+@pytest.mark.parametrize(("measure", "refused"), [(15, True), (True, True), (False, False)])
+def test_measure_pcr_needs_tpm2_in_the_initrd(measure: bool | int, refused: bool) -> None:
+    env = {**ENV_OK, "tpm2": False, "tpm2OptionName": "boot.initrd.systemd.tpm2.enable"}
+    found = problems(cfg(keystore={"measure_pcr": measure}), env)
+    assert bool(found) == refused, found
+    if refused:
+        assert "boot.initrd.systemd.tpm2.enable\nis false" in found[0]
+    # TPM2 on: any value is fine (the module's type bounds the number).
+    assert problems(cfg(keystore={"measure_pcr": measure}), {**env, "tpm2": True}) == []
 
 
 @pytest.mark.parametrize(
@@ -216,7 +273,9 @@ def test_pyzfs_gets_a_pep440_version(zfs_version: str, expected: str) -> None:
 def test_module_declares_every_config_key_in_settings() -> None:
     """Every key the daemon reads is a typed, documented option inside `settings`."""
     module = (ROOT / "nix" / "module.nix").read_text()
-    for key in (*DEFAULTS, *DEFAULTS["keystore"], "keyfile"):
+    root_check = ("root_dataset", "verify_datasets", "trusted_roots")
+    measured = ("measure_pcr", "tpm2_signature", "tpm2_pcrlock")
+    for key in (*DEFAULTS, *DEFAULTS["keystore"], "keyfile", *root_check, *measured):
         assert f"        {key} = mkOption" in module or f"      {key} = mkOption" in module, key
 
 

@@ -66,6 +66,23 @@ def _host_inputs(tmp: Path) -> dict[str, str]:
     }
 
 
+def _post_patch(systems: dict[str, Any], build: Path, tmp: Path) -> str:
+    """nix/package.nix's postPatch on the host: nix/build-paths.sh, then the
+    tpm2-tss entries (the package's own shell, as evaluated) with the host's
+    tpm2-tss."""
+    out = _bash(build / "nix" / "build-paths.sh", cwd=build, env=_host_inputs(tmp))
+    proc = subprocess.run(
+        ["bash", "-euo", "pipefail", "-c", systems["default"]["package"]["tss2BuildPaths"]],
+        cwd=build,
+        env={**os.environ, "TSS2_LIBDIR": str(HOST_LIB)},
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    assert proc.returncode == 0, f"the tpm2-tss entries failed:\n{proc.stdout}\n{proc.stderr}"
+    return out
+
+
 def _bash(script: Path, *args: str, cwd: Path, env: dict[str, str] | None = None) -> str:
     proc = subprocess.run(
         ["bash", str(script), *args],
@@ -92,7 +109,7 @@ def test_package_check_phase_passes_on_exactly_its_fileset(
         p.chmod(p.stat().st_mode | 0o200)  # the store copy is read-only; the build's is not
     # postPatch, then postInstall (into a scratch $out), then pytestCheckHook
     # with the flags of nix/package.nix.
-    _bash(build / "nix" / "build-paths.sh", cwd=build, env=_host_inputs(tmp_path))
+    _post_patch(systems, build, tmp_path)
     _bash(build / "nix" / "install-unit.sh", str(tmp_path / "out"), "/EXE", cwd=build)
     flags = systems["default"]["package"]["pytestFlags"]  # pytestFlagsArray, as evaluated
     assert "tests/unit" in flags
@@ -159,6 +176,100 @@ def test_build_paths_pins_sonames(tmp_path: Path) -> None:
     assert namespace["LIBZFS_CORE"] == (str(HOST_LIB / "libzfs_core.so.3"),)
     assert namespace["LIBNVPAIR"] == (str(HOST_LIB / "libnvpair.so.3"),)
     assert namespace["LIBCRYPTSETUP"] == (str(HOST_LIB / "libcryptsetup.so.12"),)
+
+
+def _host_tss2() -> None:
+    for lib in ("libtss2-esys.so.0", "libtss2-tctildr.so.0", "libtss2-tcti-device.so.0"):
+        if not (HOST_LIB / lib).exists():
+            missing(
+                f"{HOST_LIB / lib} is not installed (scripts/setup-host installs the tss2 libraries)"
+            )
+
+
+def test_build_paths_pin_the_tss_libraries(systems: dict[str, Any], tmp_path: Path) -> None:
+    """_build_paths.py gets LIBTSS2_ESYS, LIBTSS2_TCTILDR and TPM2_TCTI, and paths.py takes them."""
+    _host_tss2()
+    (tmp_path / "lczfs_unlockd").mkdir()
+    shutil.copy(ROOT / "lczfs_unlockd" / "paths.py", tmp_path / "lczfs_unlockd" / "paths.py")
+    (tmp_path / "lczfs_unlockd" / "__init__.py").write_text("")
+    (tmp_path / "nix").mkdir()
+    shutil.copy(ROOT / "nix" / "build-paths.sh", tmp_path / "nix")
+    _post_patch(systems, tmp_path, tmp_path)
+    namespace: dict[str, Any] = {}
+    exec((tmp_path / "lczfs_unlockd" / "_build_paths.py").read_text(), namespace)
+    assert namespace["LIBTSS2_ESYS"] == (str(HOST_LIB / "libtss2-esys.so.0"),)
+    assert namespace["LIBTSS2_TCTILDR"] == (str(HOST_LIB / "libtss2-tctildr.so.0"),)
+    assert namespace["TPM2_TCTI"] == f"{HOST_LIB}/libtss2-tcti-device.so.0:/dev/tpmrm0"
+    # The names paths.py defines, so its star import overrides them.
+    check = (
+        "import sys; sys.path.insert(0, sys.argv[1]); from lczfs_unlockd import paths;"
+        " print(paths.LIBTSS2_ESYS[0], paths.LIBTSS2_TCTILDR[0], paths.TPM2_TCTI)"
+    )
+    out = subprocess.run(
+        [PYTHON, "-I", "-c", check, str(tmp_path)], capture_output=True, text=True, check=True
+    ).stdout.split()
+    assert out == [
+        str(HOST_LIB / "libtss2-esys.so.0"),
+        str(HOST_LIB / "libtss2-tctildr.so.0"),
+        f"{HOST_LIB}/libtss2-tcti-device.so.0:/dev/tpmrm0",
+    ]
+
+
+# tctildr's answers: the TCTI library was loaded but its device did not
+# open (IO_ERROR), or no library was found under that name (NOT_SUPPORTED).
+TSS2_TCTI_RC_IO_ERROR = 0xA000A
+TSS2_TCTI_RC_NOT_SUPPORTED = 0xA0015
+
+
+def _tctildr_initialize(name_conf: str) -> int:
+    """Tss2_TctiLdr_Initialize(name_conf) with the host's tctildr, in a child (it logs to stderr)."""
+    code = (
+        "import ctypes, sys; lib = ctypes.CDLL(sys.argv[1]);"
+        " f = lib.Tss2_TctiLdr_Initialize;"
+        " f.argtypes = [ctypes.c_char_p, ctypes.POINTER(ctypes.c_void_p)];"
+        " f.restype = ctypes.c_uint32; ctx = ctypes.c_void_p();"
+        " print(f(sys.argv[2].encode(), ctypes.byref(ctx)))"
+    )
+    out = subprocess.run(
+        [PYTHON, "-I", "-c", code, str(HOST_LIB / "libtss2-tctildr.so.0"), name_conf],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
+    return int(out)
+
+
+def test_tctildr_loads_the_tcti_by_the_path_in_tpm2_tcti(tmp_path: Path) -> None:
+    """TPM2_TCTI names the device TCTI by path: tctildr dlopen()s it as given.
+
+    The device part points nowhere, so the library loads and then fails to
+    open it -- a different error from a name no library answers to.
+    """
+    _host_tss2()
+    device = tmp_path / "no-tpm"
+    by_path = f"{HOST_LIB}/libtss2-tcti-device.so.0:{device}"
+    assert _tctildr_initialize(by_path) == TSS2_TCTI_RC_IO_ERROR
+    assert _tctildr_initialize(f"{tmp_path}/libtss2-tcti-device.so.0:{device}") == (
+        TSS2_TCTI_RC_NOT_SUPPORTED
+    )
+
+
+def test_tss_entries_refuse_a_tpm2_tss_without_its_libraries(
+    systems: dict[str, Any], tmp_path: Path
+) -> None:
+    (tmp_path / "lczfs_unlockd").mkdir()
+    empty = tmp_path / "lib"
+    empty.mkdir()
+    proc = subprocess.run(
+        ["bash", "-euo", "pipefail", "-c", systems["default"]["package"]["tss2BuildPaths"]],
+        cwd=tmp_path,
+        env={**os.environ, "TSS2_LIBDIR": str(empty)},
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    assert proc.returncode != 0
+    assert f"would name {empty}/libtss2-esys.so.0, which does not exist" in proc.stderr
 
 
 # --- nix/pyzfs.nix ---------------------------------------------------------
@@ -526,7 +637,7 @@ def test_initrd_python_tree_builds_and_its_size(
             shutil.copytree(package_src, src)
             for p in [src, *src.rglob("*")]:
                 p.chmod(p.stat().st_mode | 0o200)
-            _bash(src / "nix" / "build-paths.sh", cwd=src, env=_host_inputs(tmp_path))
+            _post_patch(systems, src, tmp_path)
             deps.append(_pip_target(deps_base, name, src))
         elif name == "pyzfs":
             newest = max(zfs_sources, key=_release)

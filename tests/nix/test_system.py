@@ -12,6 +12,7 @@ flake's nixosModules.default with nixpkgs overridden by the same tree.
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import tomllib
 from collections.abc import Iterator
@@ -20,8 +21,8 @@ from typing import Any
 
 import pytest
 
-from .nixtools import ROOT, Nixpkgs, run_nix
-from .variants import KEYFILE, REFUSED, WORKING
+from .nixtools import ROOT, SYSTEM_NIX, Nixpkgs, nix_env, run_nix
+from .variants import KEYFILE, OWN_PCRLOCK, REFUSED, WORKING, lczfs
 
 VENV_BIN = Path(__file__).resolve().parents[2] / ".venv" / "bin"
 
@@ -178,6 +179,14 @@ def test_initrd_config_file_is_read_back_by_the_daemon(
     assert loaded.force_import is False  # boot.zfs.forceImportRoot = false in system.nix
     assert loaded.timeout == 300.0
     assert [m.value for m in loaded.keystore.unlock] == ["token", "keyfile", "passphrase"]
+    # The root check, from system.nix's fileSystems: / and /nix are
+    # datasets of rpool (/boot is vfat).
+    assert loaded.root_dataset == "rpool/crypt/local/root"
+    assert loaded.verify_datasets == ("rpool/crypt/local/nix",)
+    assert loaded.trusted_roots is None
+    assert loaded.keystore.measure_pcr is None  # TPM2 is on: the daemon decides
+    assert loaded.keystore.tpm2_signature is None
+    assert loaded.keystore.tpm2_pcrlock is None
 
 
 def test_keyfile_through_initrd_secrets(systems: dict[str, Any], tmp_path: Path) -> None:
@@ -309,3 +318,246 @@ def test_configuration_that_cannot_work_is_refused(systems: dict[str, Any], name
     failed = systems[name]["failed"]
     assert any(needle in message for message in failed), failed
     assert "initrd" not in systems[name]
+
+
+# --- the root check and the measured unlock --------------------------------
+
+SIGNATURE_IN_INITRD = "/etc/lczfs-unlockd/tpm2-pcr-signature.json"
+PCRLOCK_IN_INITRD = "/etc/lczfs-unlockd/tpm2-pcrlock.json"
+FIXTURES = Path(__file__).with_name("fixtures")
+TSS2 = (
+    "libtss2-esys.so.0",
+    "libtss2-tctildr.so.0",
+    "libtss2-tcti-device.so.0",
+    "libtss2-mu.so.0",
+    "libtss2-rc.so.0",
+)
+
+
+def written(result: dict[str, Any], tmp: Path) -> dict[str, Any]:
+    """The initrd's /etc/lczfs-unlockd.toml as TOML reads it (types included)."""
+    return tomllib.loads(toml_of(result, tmp).read_text())
+
+
+@pytest.mark.parametrize(
+    ("name", "root", "verify"),
+    [
+        ("default", "rpool/crypt/local/root", ["rpool/crypt/local/nix"]),
+        # / is no dataset: nothing to say about it; /nix (NixOS's list) and
+        # /persist (neededForBoot) are checked, /home (stage 2) is not.
+        ("root-tmpfs", None, ["rpool/crypt/local/nix", "rpool/safe/persist"]),
+        # / is on another pool, which this run does not unlock.
+        ("root-other-pool", None, ["rpool/crypt/local/nix"]),
+        ("root-check-off", None, []),
+        ("root-check", "rpool/crypt/local/root", ["rpool/safe/persist"]),
+    ],
+)
+def test_root_dataset_and_verify_datasets_follow_file_systems(
+    systems: dict[str, Any], tmp_path: Path, name: str, root: str | None, verify: list[str]
+) -> None:
+    from lczfs_unlockd import config
+
+    parsed = written(systems[name], tmp_path)
+    assert parsed.get("root_dataset") == root
+    assert "root_dataset" in parsed or root is None
+    assert parsed["verify_datasets"] == verify
+    loaded = config.load(str(tmp_path / "lczfs-unlockd.toml"))
+    assert loaded.root_dataset == root
+    assert loaded.verify_datasets == tuple(verify)
+
+
+def test_root_check_and_measurement_keys_keep_their_toml_types(
+    systems: dict[str, Any], tmp_path: Path
+) -> None:
+    from lczfs_unlockd import config
+
+    parsed = written(systems["root-check"], tmp_path)
+    assert parsed["verify_datasets"] == ["rpool/safe/persist"]
+    assert parsed["trusted_roots"] == ["rpool/crypt", "rpool/safe"]
+    keystore = parsed["keystore"]
+    assert keystore["measure_pcr"] == 15 and type(keystore["measure_pcr"]) is int
+    # A file of the build is copied to a fixed place; a path inside the
+    # initrd is written as given.
+    assert keystore["tpm2_signature"] == SIGNATURE_IN_INITRD
+    assert keystore["tpm2_pcrlock"] == OWN_PCRLOCK
+    loaded = config.load(str(tmp_path / "lczfs-unlockd.toml"))
+    assert loaded.trusted_roots == ("rpool/crypt", "rpool/safe")
+    assert loaded.keystore.measure_pcr == 15
+    assert loaded.keystore.tpm2_signature == SIGNATURE_IN_INITRD
+    assert loaded.keystore.tpm2_pcrlock == OWN_PCRLOCK
+
+
+@pytest.mark.parametrize(
+    ("name", "measure"),
+    [
+        ("measure-off", False),
+        # TPM2 off in the initrd (either option name): no TSS libraries, so
+        # the module says false rather than leave it to the daemon.
+        ("tpm2-old-off", False),
+        ("tpm2-new-off", False),
+        ("tpm2-new-on", None),
+        ("default", None),
+    ],
+)
+def test_measure_pcr_false_stays_a_boolean(
+    systems: dict[str, Any], tmp_path: Path, name: str, measure: bool | None
+) -> None:
+    from lczfs_unlockd import config
+
+    keystore = written(systems[name], tmp_path)["keystore"]
+    if measure is None:
+        assert "measure_pcr" not in keystore
+    else:
+        assert keystore["measure_pcr"] is measure
+    assert config.load(str(tmp_path / "lczfs-unlockd.toml")).keystore.measure_pcr is measure
+
+
+def test_unset_root_check_keys_are_left_out(systems: dict[str, Any]) -> None:
+    file = json.loads(systems["default"]["configJSON"])
+    assert "trusted_roots" not in file
+    for key in ("tpm2_signature", "tpm2_pcrlock", "measure_pcr"):
+        assert key not in file["keystore"]
+    assert systems["default"]["settings"]["trusted_roots"] is None
+
+
+def test_policy_files_of_the_build_are_copied_into_the_initrd(systems: dict[str, Any]) -> None:
+    contents = systems["root-check"]["lczfsContents"]
+    assert contents[SIGNATURE_IN_INITRD] == str(FIXTURES / "tpm2-pcr-signature.json")
+    # Put there by the configuration itself, not by the module.
+    assert contents[OWN_PCRLOCK] == str(FIXTURES / "pcrlock.json")
+    assert PCRLOCK_IN_INITRD not in contents
+    copied = systems["pcrlock-copied"]["lczfsContents"]
+    assert copied[PCRLOCK_IN_INITRD] == str(FIXTURES / "pcrlock.json")
+    assert json.loads(systems["pcrlock-copied"]["configJSON"])["keystore"]["tpm2_pcrlock"] == (
+        PCRLOCK_IN_INITRD
+    )
+    # systemd-stub's /.extra file: nothing to copy.
+    off = systems["measure-off"]
+    assert set(off["lczfsContents"]) == {"/etc/lczfs-unlockd.toml"}
+    assert json.loads(off["configJSON"])["keystore"]["tpm2_signature"] == (
+        "/.extra/tpm2-pcr-signature.json"
+    )
+
+
+def test_policy_files_reach_the_initrd_derivation(systems: dict[str, Any]) -> None:
+    """make-initrd-ng's input pairs each store file with its place in the initrd."""
+    drv = Path(systems["root-check"]["initrd"]).read_text()
+    for name, target in (
+        ("tpm2-pcr-signature.json", SIGNATURE_IN_INITRD),
+        ("pcrlock.json", OWN_PCRLOCK),
+    ):
+        # The drv's string escapes the newlines between object and symlink.
+        pair = re.search(
+            rf"(/nix/store/[0-9a-z]{{32}}-{re.escape(name)})\\n{re.escape(target)}\\n", drv
+        )
+        assert pair, f"{target} is not in the initrd's contents"
+        # Evaluation copied the file to the store; it is the fixture.
+        assert Path(pair[1]).read_bytes() == (FIXTURES / name).read_bytes()
+
+
+@pytest.mark.parametrize(
+    ("name", "present"),
+    [
+        ("default", True),
+        ("root-check", True),
+        ("tpm2-new-on", True),
+        ("measure-off", False),
+        ("tpm2-old-off", False),
+        ("tpm2-new-off", False),
+    ],
+)
+def test_tss_libraries_are_in_the_initrd_when_measuring(
+    systems: dict[str, Any], name: str, present: bool
+) -> None:
+    result = systems[name]
+    tss = result["package"]["tpm2Tss"]
+    assert tss == result["tpm2Tss"]  # the package's tpm2-tss is nixpkgs' (systemd's)
+    paths = result["storePaths"]
+    for lib in TSS2:
+        assert (f"{tss}/lib/{lib}" in paths) == present, (lib, paths)
+
+
+def test_build_paths_get_the_tss_libraries(systems: dict[str, Any]) -> None:
+    package = systems["default"]["package"]
+    tss = package["tpm2Tss"]
+    post_patch = package["postPatch"]
+    assert f"TSS2_LIBDIR={tss}/lib\n" in post_patch
+    assert package["tss2BuildPaths"] in post_patch
+    # After nix/build-paths.sh, which writes the file anew.
+    assert post_patch.index("bash nix/build-paths.sh") < post_patch.index(package["tss2BuildPaths"])
+    for name in ("LIBTSS2_ESYS", "LIBTSS2_TCTILDR", "TPM2_TCTI"):
+        assert f"\n{name} = " in package["tss2BuildPaths"]
+
+
+@pytest.mark.parametrize(
+    ("name", "mounts"),
+    [
+        ("default", ["sysroot.mount", "sysroot-nix.mount"]),
+        ("root-tmpfs", ["sysroot-nix.mount", "sysroot-persist.mount"]),
+        ("root-other-pool", ["sysroot-nix.mount"]),
+        ("root-check-off", ["sysroot.mount", "sysroot-nix.mount"]),
+    ],
+)
+def test_the_pools_stage_1_mounts_require_the_unlock(
+    systems: dict[str, Any], name: str, mounts: list[str]
+) -> None:
+    """A failed run (a refused root) leaves them undone, as a failed zfs-import-rpool does."""
+    result = systems[name]
+    assert sorted(result["unitRequiredBy"]) == sorted(mounts)
+    # NixOS's own import is required by the same mounts (and by the pool's
+    # stage-2 ones, which do not exist in the initrd).
+    assert set(mounts) <= set(result["importRequiredBy"])
+    # Ordered before them already, by the package's unit (Before=sysroot.mount)
+    # and the mounts' own After= on sysroot.mount.
+    assert "sysroot.mount" in (ROOT / "units" / "lczfs-unlockd.service").read_text()
+
+
+@pytest.mark.parametrize("name", ["default", "root-tmpfs", "root-check-off", "flake"])
+def test_sysroot_mount_asserts_the_daemons_verdict(systems: dict[str, Any], name: str) -> None:
+    """The dracut module's drop-in, as a NixOS drop-in: mounted only once the root was vouched for."""
+    dropin = systems[name]["sysrootDropin"]
+    # sysroot.mount is the fstab generator's: a drop-in, never a unit of its own.
+    assert dropin["overrideStrategy"] == "asDropin"
+    shipped = (ROOT / "units" / "sysroot.mount.d-lczfs-unlockd.conf").read_text()
+    assert dropin["text"] == shipped
+    from lczfs_unlockd import paths
+
+    assert effective_unit(dropin["text"]) == {
+        "Unit": {"AssertPathExists": [paths.ROOT_CHECKED_FLAG, f"!{paths.ROOT_REFUSED_FLAG}"]}
+    }
+    # Imported but not enabled: sysroot.mount is left alone.
+    assert systems["disabled"]["sysrootDropin"] is False
+
+
+@pytest.mark.parametrize("value", [24, -1, "15"])
+def test_measure_pcr_outside_0_to_23_fails_evaluation(nixpkgs: Nixpkgs, value: Any) -> None:
+    config = lczfs(keystore={"measure_pcr": value})
+    proc = subprocess.run(
+        [
+            "nix-instantiate",
+            "--eval",
+            "--strict",
+            "--json",
+            str(SYSTEM_NIX),
+            "-A",
+            "results",
+            "--arg",
+            "nixpkgs",
+            str(nixpkgs.tree),
+            "--argstr",
+            "variants",
+            json.dumps({"bad": {"config": config}}),
+        ],
+        capture_output=True,
+        text=True,
+        check=False,
+        env=nix_env(),
+        stdin=subprocess.DEVNULL,
+        timeout=600,
+    )
+    assert proc.returncode != 0
+    assert (
+        "boot.initrd.lczfs-unlockd.settings.keystore.measure_pcr' is not of type"
+        " `null, a boolean or a TPM2 PCR index between 0 and 23'"
+    ) in proc.stderr, proc.stderr[-3000:]
+    assert f"system.nix': {json.dumps(value)}" in proc.stderr

@@ -5,6 +5,11 @@ from __future__ import annotations
 from typing import Any
 
 KEYFILE = "/etc/lczfs-unlockd/keystore.key"
+# Files of the build (Nix paths, see system.nix), and a path a test puts
+# into the initrd itself.
+SIGNATURE = {"_nixPath": "fixtures/tpm2-pcr-signature.json"}
+PCRLOCK = {"_nixPath": "fixtures/pcrlock.json"}
+OWN_PCRLOCK = "/etc/lczfs-test/pcrlock.json"
 
 
 def lczfs(**settings: Any) -> dict[str, Any]:
@@ -100,6 +105,55 @@ WORKING: dict[str, dict[str, Any]] = {
     "tpm2-old-off": {
         "config": merge(lczfs(), {"boot": {"initrd": {"systemd": {"enableTpm2": False}}}})
     },
+    # The root check and the measured unlock, every key given.
+    "root-check": {
+        "full": True,
+        "config": merge(
+            lczfs(
+                verify_datasets=["rpool/safe/persist"],
+                trusted_roots=["rpool/crypt", "rpool/safe"],
+                keystore={
+                    "measure_pcr": 15,
+                    "tpm2_signature": SIGNATURE,
+                    "tpm2_pcrlock": OWN_PCRLOCK,
+                },
+            ),
+            {"boot": {"initrd": {"systemd": {"contents": {OWN_PCRLOCK: {"source": PCRLOCK}}}}}},
+        ),
+    },
+    "measure-off": {
+        "config": lczfs(
+            keystore={"measure_pcr": False, "tpm2_signature": "/.extra/tpm2-pcr-signature.json"}
+        )
+    },
+    "pcrlock-copied": {"config": lczfs(keystore={"tpm2_pcrlock": PCRLOCK})},
+    # Impermanence: / on tmpfs, the pool's datasets needed for boot
+    # (/nix by NixOS's list, /persist by neededForBoot) checked instead;
+    # /home is mounted in stage 2 and not checked.
+    "root-tmpfs": {
+        "config": merge(
+            lczfs(),
+            {
+                "fileSystems": {
+                    "/": {"_mkForce": {"device": "none", "fsType": "tmpfs"}},
+                    "/persist": {
+                        "device": "rpool/safe/persist",
+                        "fsType": "zfs",
+                        "neededForBoot": True,
+                    },
+                    "/home": {"device": "rpool/safe/home", "fsType": "zfs"},
+                }
+            },
+        )
+    },
+    # / on another pool: not this pool's to check.
+    "root-other-pool": {
+        "config": merge(
+            lczfs(),
+            {"fileSystems": {"/": {"_mkForce": {"device": "tank/root", "fsType": "zfs"}}}},
+        )
+    },
+    "root-check-off": {"config": lczfs(root_dataset=None, verify_datasets=[])},
 }
 
 # Configurations that cannot work, and a piece of the assertion message.
@@ -141,6 +195,34 @@ REFUSED: dict[str, tuple[dict[str, Any], str]] = {
             {"boot": {"initrd": {"secrets": {"/bootsecrets/k": "/etc/k"}}}},
         ),
         "which is empty until the keystore is open",
+    ),
+    "root-outside-pool": (
+        lczfs(root_dataset="tank/root"),
+        'settings.root_dataset = "tank/root" is not a dataset of the pool',
+    ),
+    "verify-outside-pool": (
+        lczfs(verify_datasets=["rpool/crypt/a", "tank/data"]),
+        'settings.verify_datasets contains "tank/data", which is not a dataset',
+    ),
+    "trusted-roots-outside-pool": (
+        lczfs(trusted_roots=["tank/crypt"]),
+        'settings.trusted_roots contains "tank/crypt", which is not a dataset',
+    ),
+    "trusted-roots-empty": (lczfs(trusted_roots=[]), "trusted_roots is an empty list"),
+    "measure-without-tpm2": (
+        merge(
+            lczfs(keystore={"measure_pcr": 7}),
+            {"boot": {"initrd": {"systemd": {"enableTpm2": False}}}},
+        ),
+        "keystore.measure_pcr = 7 but boot.initrd.systemd.enableTpm2\nis false",
+    ),
+    "signature-not-in-initrd": (
+        lczfs(keystore={"tpm2_signature": "/etc/sig.json"}),
+        'keystore.tpm2_signature = "/etc/sig.json" is not put into the initrd',
+    ),
+    "signature-without-token": (
+        lczfs(keystore={"unlock": ["passphrase"], "tpm2_signature": SIGNATURE}),
+        'keystore.tpm2_signature is set but "token" is not in keystore.unlock',
     ),
     "tpm2-plugin-without-tpm2": (
         merge(
