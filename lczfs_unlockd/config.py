@@ -826,8 +826,9 @@ def _measure_summary(ks: KeystoreConfig) -> str:
         line = "TPM2 measurement: off (keystore.measure_pcr = false)"
     elif ks.measure_pcr is None:
         line = (
-            f"TPM2 measurement: the unlock is measured into PCR {DEFAULT_MEASURE_PCR} when a "
-            "TPM2 is present and a systemd-tpm2 token is enrolled (keystore.measure_pcr)"
+            f"TPM2 measurement: the unlock is measured into PCR {DEFAULT_MEASURE_PCR} whenever "
+            "a TPM2 is present; a failed measurement fails it when a systemd-tpm2 token is "
+            "enrolled (keystore.measure_pcr)"
         )
     else:
         line = f"TPM2 measurement: the unlock is measured into PCR {ks.measure_pcr}, required"

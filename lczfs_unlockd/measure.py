@@ -17,10 +17,11 @@ and into the log.  The TPM work is the ``Tpm`` port (``tpm2.py``: tpm2-tss).
 
 Unlike systemd-cryptsetup, which skips the measurement unless the kernel
 was booted as a measured UKI and ignores its failure, the measurement here
-is on whenever a TPM2 and a systemd-tpm2 token are there (or
-``keystore.measure_pcr`` asks for it), and a failed measurement fails the
-unlock: a token the PCR no longer guards would be a key for anyone later in
-the boot.
+is on whenever a TPM2 is there (or ``keystore.measure_pcr`` asks for it),
+whatever the header lists, and with a TPM2 token enrolled a failed
+measurement fails the unlock: a token the PCR no longer guards would be a
+key for anyone later in the boot.  A failed unlock of such a keystore
+extends the PCR with a marker instead (``cap_if_unmeasured``).
 """
 
 from __future__ import annotations
