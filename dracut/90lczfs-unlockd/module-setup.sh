@@ -12,6 +12,13 @@
 #   lczfs_unlockd_unit=/path/to/lczfs-unlockd.service  the unit
 #       (default: the installed unit, else the one next to the package source)
 #   lczfs_unlockd_config=/etc/lczfs-unlockd.toml       the config copied in
+#   lczfs_unlockd_sysroot_dropin=/path/to/sysroot.mount.d-lczfs-unlockd.conf
+#       the sysroot.mount drop-in (default: the installed one, else the one
+#       next to the unit)
+#
+# Besides the config, the files it names are copied in: the keystore's key
+# file (keystore.keyfile) and the TPM2 policy files (keystore.tpm2_signature,
+# keystore.tpm2_pcrlock), at the same paths.
 #
 # The module is included automatically when the config file exists; without
 # it, only on request (--add lczfs-unlockd).
@@ -60,6 +67,71 @@ _lczfs_unit() {
     return 1
 }
 
+_lczfs_sysroot_dropin() {
+    local unit candidate
+    if [[ -n ${lczfs_unlockd_sysroot_dropin-} ]]; then
+        printf '%s\n' "$lczfs_unlockd_sysroot_dropin"
+        return 0
+    fi
+    unit=$(_lczfs_unit) || unit=
+    for candidate in \
+        "/etc/systemd/system/sysroot.mount.d/lczfs-unlockd.conf" \
+        "${systemdsystemunitdir:-/usr/lib/systemd/system}/sysroot.mount.d/lczfs-unlockd.conf" \
+        "/usr/lib/systemd/system/sysroot.mount.d/lczfs-unlockd.conf" \
+        "/usr/local/lib/systemd/system/sysroot.mount.d/lczfs-unlockd.conf" \
+        ${unit:+"${unit%/*}/sysroot.mount.d-lczfs-unlockd.conf"}; do
+        if [[ -f ${dracutsysrootdir-}$candidate ]]; then
+            printf '%s\n' "$candidate"
+            return 0
+        fi
+    done
+    return 1
+}
+
+# The files the config names, one "KEY<TAB>VALUE" line each (keyfile,
+# tpm2_signature, tpm2_pcrlock; token: yes when the keystore may be opened
+# with a token), from python-closure.py's TOML reader.  No config: token yes.
+_lczfs_config_files() {
+    local config
+    config=$(_lczfs_config)
+    if [[ ! -f ${dracutsysrootdir-}$config ]]; then
+        printf 'token\tyes\n'
+        return 0
+    fi
+    "${dracutsysrootdir-}$(_lczfs_python)" -I "$moddir/python-closure.py" \
+        --config-files "${dracutsysrootdir-}$config"
+}
+
+# Copy one file the config names into the initrd at the same path.
+_lczfs_inst_config_file() {
+    local what=$1 path=$2 mode=$3
+    if [[ -f ${dracutsysrootdir-}$path ]]; then
+        inst_simple "$path"
+        chmod "$mode" "${initdir}$path"
+    else
+        dwarn "lczfs-unlockd: $what $path not found; not installed"
+    fi
+}
+
+# Install the files the config names: the keystore's key file, the TPM2
+# policy files for systemd's token plugin (a signed PCR policy, a pcrlock
+# policy).  Sets _lczfs_token (yes: the keystore may be opened with a token).
+_lczfs_install_config_files() {
+    local key value
+    _lczfs_token=
+    while IFS=$'\t' read -r key value; do
+        case $key in
+            keyfile) _lczfs_inst_config_file "keystore key file" "$value" 0400 ;;
+            tpm2_signature) _lczfs_inst_config_file "TPM2 PCR signature" "$value" 0644 ;;
+            tpm2_pcrlock) _lczfs_inst_config_file "TPM2 pcrlock policy" "$value" 0644 ;;
+            token) _lczfs_token=$value ;;
+        esac
+    done < <(_lczfs_config_files || {
+        dwarn "lczfs-unlockd: cannot read $(_lczfs_config); its key file and TPM2 policy files are not installed"
+        printf 'token\tyes\n'
+    })
+}
+
 # called by dracut
 check() {
     require_binaries python3 zpool zfs systemd-ask-password || return 1
@@ -69,6 +141,10 @@ check() {
     fi
     if ! _lczfs_unit > /dev/null; then
         derror "lczfs-unlockd: lczfs-unlockd.service not found (set lczfs_unlockd_unit)"
+        return 1
+    fi
+    if ! _lczfs_sysroot_dropin > /dev/null; then
+        derror "lczfs-unlockd: sysroot.mount.d-lczfs-unlockd.conf not found (set lczfs_unlockd_sysroot_dropin)"
         return 1
     fi
     [[ -f ${dracutsysrootdir-}$(_lczfs_config) ]] && return 0
@@ -114,7 +190,7 @@ _lczfs_inst_elf() {
 
 # called by dracut
 install() {
-    local python pkg unit config keyfile elf
+    local python pkg unit config elf
     local -a ext=()
 
     python=$(_lczfs_python)
@@ -154,24 +230,26 @@ install() {
     # section or on the host's enablement.
     $SYSTEMCTL -q --root "$initdir" add-wants initrd.target lczfs-unlockd.service
 
+    # The distribution's sysroot.mount mounts only a root the daemon vouched
+    # for (the drop-in asserts its flag files): after a refused root it must
+    # fail instead of mounting an impostor.
+    inst_simple "$(_lczfs_sysroot_dropin)" \
+        "${systemdsystemunitdir:-/usr/lib/systemd/system}/sysroot.mount.d/lczfs-unlockd.conf"
+
     config=$(_lczfs_config)
     if [[ -f ${dracutsysrootdir-}$config ]]; then
         inst_simple "$config" /etc/lczfs-unlockd.toml
-        # A LUKS key file for the keystore, if the config names one.
-        keyfile=$("${dracutsysrootdir-}$python" -I -c '
-import sys, tomllib
-with open(sys.argv[1], "rb") as f:
-    print(tomllib.load(f).get("keystore", {}).get("keyfile", ""))
-' "${dracutsysrootdir-}$config" 2> /dev/null) || keyfile=
-        if [[ -n $keyfile ]]; then
-            if [[ -f ${dracutsysrootdir-}$keyfile ]]; then
-                inst_simple "$keyfile"
-                chmod 0400 "${initdir}$keyfile"
-            else
-                dwarn "lczfs-unlockd: keystore key file $keyfile not found; not installed"
-            fi
-        fi
     else
         dwarn "lczfs-unlockd: $config not found; the service will fail until it exists"
+    fi
+    _lczfs_install_config_files
+
+    # The daemon measures the keystore's volume key into a PCR (as
+    # systemd-cryptsetup's tpm2-measure-pcr=yes) through tpm2-tss, opened
+    # with ctypes by soname; the device TCTI is dlopen()ed by tctildr.
+    # tpm2-tss's own module brings most of these, not always all.
+    if [[ $_lczfs_token == yes ]] || dracut_module_included "tpm2-tss"; then
+        inst_libdir_file "libtss2-esys.so.*" "libtss2-tctildr.so.*" "libtss2-tcti-device.so.*" \
+            "libtss2-mu.so.*" "libtss2-rc.so.*"
     fi
 }

@@ -35,6 +35,12 @@ imports — no hand-kept module list:
    lazy import that the rehearsal misses shows up in the build log.
 
 Runs on the interpreter that goes into the initrd (Python >= 3.11).
+
+``python-closure.py --config-files CONFIG`` is module-setup.sh's reader of
+the daemon's config instead: one ``KEY<TAB>VALUE`` line for each file the
+initrd must carry (``keyfile``, ``tpm2_signature``, ``tpm2_pcrlock``, from
+the ``[keystore]`` table) and ``token<TAB>yes|no``, whether the keystore may
+be opened with a token (``unlock``, the daemon's default includes it).
 """
 
 from __future__ import annotations
@@ -383,7 +389,43 @@ def install(
         shutil.rmtree(tmp, ignore_errors=True)
 
 
+# --- the files the config names (module-setup.sh) -------------------------------
+
+CONFIG_FILES = ("keyfile", "tpm2_signature", "tpm2_pcrlock")
+
+
+def config_files(path: str) -> list[tuple[str, str]]:
+    """(key, value) pairs for module-setup.sh: the files to copy, whether a token may be used.
+
+    Only what the initrd needs to carry is read; the daemon validates the rest
+    at boot (and ``lczfs-unlockd --check-config`` before).
+    """
+    import tomllib
+
+    with open(path, "rb") as f:
+        keystore = tomllib.load(f).get("keystore", {})
+    if not isinstance(keystore, dict):
+        raise SystemExit(f"python-closure: {path}: keystore is not a table")
+    out = []
+    for key in CONFIG_FILES:
+        value = keystore.get(key)
+        if isinstance(value, str) and value and "\t" not in value and "\n" not in value:
+            out.append((key, value))
+    unlock = keystore.get("unlock")
+    token = not isinstance(unlock, list) or "token" in unlock
+    out.append(("token", "yes" if token else "no"))
+    return out
+
+
 def main() -> int:
+    if len(sys.argv) == 3 and sys.argv[1] == "--config-files":
+        try:
+            pairs = config_files(sys.argv[2])
+        except (OSError, ValueError) as e:  # tomllib.TOMLDecodeError is a ValueError
+            print(f"python-closure: {sys.argv[2]}: {e}", file=sys.stderr)
+            return 1
+        sys.stdout.writelines(f"{k}\t{v}\n" for k, v in pairs)
+        return 0
     if len(sys.argv) >= 4 and sys.argv[1] == "--rehearse":
         _rehearse(sys.argv[2], sys.argv[3], sys.argv[4:])
         return 0

@@ -19,6 +19,7 @@ import importlib.util
 import json
 import os
 import shutil
+import subprocess
 import sys
 import textwrap
 import time
@@ -30,7 +31,7 @@ from typing import Any, ClassVar
 
 import pytest
 from lczfsvm import build, cache, cpio, proc, qemu, vm
-from lczfsvm.paths import GUEST_DIR
+from lczfsvm.paths import DRACUT_MODULE, GUEST_DIR, SYSROOT_DROPIN, UNIT
 
 STUB = textwrap.dedent(
     """\
@@ -279,7 +280,8 @@ class StandInMachine:
         (report,) = (d.path for d in self.disks if d.serial == "lczfsreport")
         pools = [d.serial for d in self.disks if d.serial != "lczfsreport"]
         guids = "".join(f"guid {serial} {40 + i}\n" for i, serial in enumerate(pools))
-        report.write_bytes(b"LCZFSPROVISION OK\n" + guids.encode())
+        records = "record layout-uuid 0f0e-11\nsecret layout.vk 00ff10\nfile sig.json e30=\n"
+        report.write_bytes(b"LCZFSPROVISION OK\n" + guids.encode() + records.encode())
 
     def wait(self, deadline: float) -> int:
         return 0
@@ -309,7 +311,7 @@ def built(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     monkeypatch.setenv("LCZFS_VM_CACHE", str(tmp_path / "cache"))
     monkeypatch.setattr(build, "rootfs", lambda: root)
     monkeypatch.setattr(build, "kernel", lambda r: tmp_path / "vmlinuz")
-    monkeypatch.setattr(build, "base_initrd", lambda r: empty)
+    monkeypatch.setattr(build, "base_initrd", lambda r, config=None: empty)
     monkeypatch.setattr(build, "provision_initrd", lambda r: empty)
     monkeypatch.setattr(qemu, "Machine", StandInMachine)
     monkeypatch.setattr(StandInMachine, "started", [])
@@ -336,6 +338,11 @@ def test_guest_provisions_its_recipes_disks_not_the_projects(built: Path, tmp_pa
     assert sorted(p.name for p in guest.golden.glob("*.qcow2")) == ["layout0.qcow2"]
     assert guest.guids == {"layout0": 40}
     assert guest.secrets.bytes("keystore.key") == b"layout key"
+    # What the script recorded besides GUIDs: facts, a secret made in the guest, a file.
+    assert guest.records == {"layout-uuid": "0f0e-11"}
+    assert guest.secrets.bytes("layout.vk") == b"\x00\xff\x10"
+    assert b"\x00\xff\x10" in guest.secrets.needles and b"00ff10" in guest.secrets.needles
+    assert guest.file("sig.json") == b"{}"
 
 
 def test_project_disks_are_the_default_recipe(built: Path) -> None:
@@ -358,6 +365,7 @@ def test_a_boots_files_and_units_reach_its_initrd(built: Path, tmp_path: Path) -
         keyfile=True,
         files=(("etc/layout/extra", b"extra", 0o600),),
         units=("my.service",),
+        checks=vm.Checks(tpm=True, unseal="/dev/zvol/p/ks-part1"),
     )
     entries = cpio.read(
         build.test_initrd(guest.root, guest.overlay(spec), tmp_path / "i.img").read_bytes()
@@ -367,6 +375,169 @@ def test_a_boots_files_and_units_reach_its_initrd(built: Path, tmp_path: Path) -
     assert entries["etc/layout/extra"] == (0o100600, b"extra")
     assert json.loads(entries["etc/lczfs-test/units.json"][1]) == ["my.service"]
     assert b"layout key".hex() in json.loads(entries["etc/lczfs-test/needles.json"][1])
+    assert json.loads(entries["etc/lczfs-test/checks.json"][1]) == {
+        "tpm": True,
+        "unseal": "/dev/zvol/p/ks-part1",
+        "sysroot": False,
+    }
 
     derived = cpio.read(build.overlay(guest.overlay(vm.Boot("layout", config))))
     assert "etc/lczfs-test/units.json" not in derived  # the report reads the config
+    assert "etc/lczfs-test/checks.json" not in derived  # ordinary boots: the usual report
+
+
+def test_a_boots_initrd_config_chooses_its_base_initrd(
+    built: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    asked: list[build.InitrdConfig | None] = []
+    empty = tmp_path / "empty.img"
+
+    def base(root: Path, config: build.InitrdConfig | None = None) -> Path:
+        asked.append(config)
+        return empty
+
+    monkeypatch.setattr(build, "base_initrd", base)
+    guest = vm.Guest.get(LAYOUT)
+    initrd_config = build.InitrdConfig("pool = 'p'\n", (("/etc/x/sig.json", b"{}"),))
+    spec = vm.Boot("layout", None, initrd_config=initrd_config)
+    build.test_initrd(guest.root, guest.overlay(spec), tmp_path / "i.img", spec.initrd_config)
+    assert asked[-1] == initrd_config
+    with pytest.raises(ValueError, match="only files under /etc"):
+        build.InitrdConfig("", (("/usr/lib/x.json", b""),))
+
+
+def test_project_secrets_hold_a_pcr_signing_key_pair(tmp_path: Path) -> None:
+    from cryptography.hazmat.primitives import serialization
+
+    vm.make_secrets(tmp_path / "s")
+    secrets = vm.Secrets(tmp_path / "s")
+    private = serialization.load_pem_private_key(
+        secrets.bytes("tpm2-pcr-private-key.pem"), password=None
+    )
+    public = serialization.load_pem_public_key(secrets.bytes("tpm2-pcr-public-key.pem"))
+    assert private.public_key().public_numbers() == public.public_numbers()  # type: ignore[union-attr]
+    assert private.key_size == 2048  # type: ignore[union-attr]
+    assert secrets.bytes("tpm2-pcr-private-key.pem") in secrets.needles
+    assert secrets.bytes("tpm2-pcr-public-key.pem") not in secrets.needles  # no secret
+
+
+# --- the dracut module: the files its config names, the sysroot.mount drop-in ----------
+
+
+def _config_reader(config: str, tmp_path: Path) -> list[list[str]]:
+    path = tmp_path / "lczfs-unlockd.toml"
+    path.write_text(config)
+    out = subprocess.run(
+        [sys.executable, "-I", str(DRACUT_MODULE / "python-closure.py"), "--config-files", str(path)],
+        capture_output=True, text=True, check=True,
+    ).stdout  # fmt: skip
+    return [line.split("\t") for line in out.splitlines()]
+
+
+def test_module_config_reader_names_the_files_to_copy(tmp_path: Path) -> None:
+    config = vm.toml_config(
+        unlock=("token", "keyfile"),
+        keyfile="/etc/k.key",
+        tpm2_signature="/etc/lczfs/sig.json",
+        tpm2_pcrlock="/var/lib/pcrlock.json",
+    )
+    assert _config_reader(config, tmp_path) == [
+        ["keyfile", "/etc/k.key"],
+        ["tpm2_signature", "/etc/lczfs/sig.json"],
+        ["tpm2_pcrlock", "/var/lib/pcrlock.json"],
+        ["token", "yes"],
+    ]
+    assert _config_reader(vm.toml_config(unlock=("passphrase",)), tmp_path) == [["token", "no"]]
+    # No unlock list: the daemon's default tries a token first.
+    assert _config_reader('pool = "p"\n[keystore]\nvolume = "p/v"\n', tmp_path) == [
+        ["token", "yes"]
+    ]
+
+
+MODULE_STUBS = """
+set -euo pipefail
+find_binary() { command -v "$1"; }
+inst_simple() {
+    local dst=${2:-$1}
+    mkdir -p "$initdir${dst%/*}"
+    cp "$1" "$initdir$dst"
+    echo "inst $1 -> $dst"
+}
+dwarn() { echo "warn $*"; }
+derror() { echo "error $*"; }
+moddir=$MODULE
+dracutsysrootdir=
+. "$MODULE/module-setup.sh"
+"""
+
+
+def _module(script: str, tmp_path: Path, **env: str) -> str:
+    result = subprocess.run(
+        ["bash", "-c", MODULE_STUBS + script],
+        env={"PATH": os.environ["PATH"], "MODULE": str(DRACUT_MODULE),
+             "initdir": str(tmp_path / "initdir"), **env},
+        capture_output=True, text=True, check=False,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stdout + result.stderr
+    return result.stdout
+
+
+def test_module_installs_the_files_the_config_names(tmp_path: Path) -> None:
+    signature = tmp_path / "sig.json"
+    signature.write_text("{}")
+    keyfile = tmp_path / "k.key"
+    keyfile.write_bytes(b"key")
+    config = tmp_path / "c.toml"
+    config.write_text(
+        vm.toml_config(
+            keyfile=str(keyfile),
+            tpm2_signature=str(signature),
+            tpm2_pcrlock=str(tmp_path / "missing.json"),
+        )
+    )
+    out = _module(
+        '_lczfs_install_config_files; echo "token=$_lczfs_token"',
+        tmp_path,
+        lczfs_unlockd_config=str(config),
+    )
+    initdir = tmp_path / "initdir"
+    assert (initdir / str(signature).lstrip("/")).read_text() == "{}"
+    assert (initdir / str(keyfile).lstrip("/")).stat().st_mode & 0o777 == 0o400
+    assert f"warn lczfs-unlockd: TPM2 pcrlock policy {tmp_path}/missing.json not found" in out
+    assert out.rstrip().endswith("token=yes")
+    # No config at all: nothing to copy, a token may still be used (the TSS libraries).
+    out = _module(
+        '_lczfs_install_config_files; echo "token=$_lczfs_token"',
+        tmp_path,
+        lczfs_unlockd_config=str(tmp_path / "none.toml"),
+    )
+    assert out == "token=yes\n"
+
+
+def test_module_finds_the_sysroot_dropin_next_to_the_unit(tmp_path: Path) -> None:
+    out = _module("_lczfs_sysroot_dropin", tmp_path, lczfs_unlockd_unit=str(UNIT))
+    assert out.strip() == str(SYSROOT_DROPIN)
+    text = SYSROOT_DROPIN.read_text()
+    assert "[Unit]\n" in text
+    assert "\nAssertPathExists=/run/lczfs-unlockd/root-checked\n" in text
+    assert "\nAssertPathExists=!/run/lczfs-unlockd/root-refused\n" in text
+
+
+# --- the report's TPM state ------------------------------------------------------------
+
+
+def test_report_reads_pcrs_of_every_bank_and_the_measure_log(tmp_path: Path) -> None:
+    report = _guest_report()
+    for bank, size in (("sha1", 20), ("sha256", 32)):
+        (tmp_path / f"pcr-{bank}").mkdir()
+        for n in (7, 11, 15):
+            (tmp_path / f"pcr-{bank}" / str(n)).write_text("AB" * size + "\n")
+    log = tmp_path / "tpm2-measure.log"
+    assert report.tpm_state(str(tmp_path), str(log))["measure_log"] is None
+    log.write_bytes(b'\x1e{"pcr":15}\n')
+    state = report.tpm_state(str(tmp_path), str(log))
+    assert state["pcrs"] == {
+        "sha1": {"7": "ab" * 20, "11": "ab" * 20, "15": "ab" * 20},
+        "sha256": {"7": "ab" * 32, "11": "ab" * 32, "15": "ab" * 32},
+    }
+    assert state["measure_log"] == '\x1e{"pcr":15}\n'

@@ -10,10 +10,14 @@ builds the guest first, ~12 min).
 
 from __future__ import annotations
 
+import hashlib
+import hmac
+import json
 import re
 from collections.abc import Callable
 
 import pytest
+from lczfsvm import build, scenarios
 from lczfsvm.vm import Guest, Result
 
 pytestmark = pytest.mark.vm
@@ -66,16 +70,114 @@ def assert_failed(r: Result, *words: str) -> None:
         assert status != "available" or not ds.startswith("rpool/crypt"), (ds, status)
 
 
+def assert_no_secret_on_console(r: Result, guest: Guest) -> None:
+    """No secret (keys, passphrase, the keystore's volume key) on the serial console."""
+    console = (r.workdir / "console.log").read_bytes()
+    shown = [n.hex()[:16] for n in guest.secrets.needles if len(n) >= 8 and n in console]
+    assert shown == [], f"secrets on the console (hex prefixes): {shown}"
+
+
+BASE_INITRD_PATHS = (
+    "usr/bin/lczfs-unlockd", "usr/lib/systemd/system/lczfs-unlockd.service",
+    "etc/systemd/system/initrd.target.wants/lczfs-unlockd.service",
+    "usr/lib/systemd/system/sysroot.mount.d/lczfs-unlockd.conf",
+    "usr/lib/python3/dist-packages/lczfs_unlockd/cli.py",
+    "usr/lib/python3/dist-packages/libzfs_core/__init__.py",
+    "usr/lib/python3/dist-packages/pystemd/dbuslib", "lczfs_unlockd/text.py",
+    "libcryptsetup.so.12", "libzfs_core.so.3", "libnvpair.so.3",
+    # The PCR measurement's tpm2-tss libraries (ctypes, by soname).
+    "libtss2-esys.so.0", "libtss2-tctildr.so.0", "libtss2-tcti-device.so.0",
+    "libtss2-mu.so.0", "libtss2-rc.so.0",
+    "usr/bin/systemd-ask-password", "usr/sbin/zpool",
+    # Test only (build.TEST_INSTALL): the report's second unseal.
+    "usr/sbin/cryptsetup",
+)  # fmt: skip
+
+
 def test_dracut_module_in_base_initrd(guest: Guest) -> None:
     listing = (guest.base_initrd.parent / "lsinitrd.txt").read_text()
-    for path in ("usr/bin/lczfs-unlockd", "usr/lib/systemd/system/lczfs-unlockd.service",
-                 "etc/systemd/system/initrd.target.wants/lczfs-unlockd.service",
-                 "usr/lib/python3/dist-packages/lczfs_unlockd/cli.py",
-                 "usr/lib/python3/dist-packages/libzfs_core/__init__.py",
-                 "usr/lib/python3/dist-packages/pystemd/dbuslib", "lczfs_unlockd/text.py",
-                 "libcryptsetup.so.12", "libzfs_core.so.3", "libnvpair.so.3",
-                 "usr/bin/systemd-ask-password", "usr/sbin/zpool"):  # fmt: skip
+    for path in BASE_INITRD_PATHS:
         assert path in listing, path
+
+
+def test_dracut_module_copies_the_files_the_config_names(guest: Guest) -> None:
+    """The signed-policy scenarios' base initrd: built with a config naming
+    tpm2_signature, whose file the module copied in at the same path."""
+    config = scenarios._signed_initrd(guest)
+    listing = (build.base_initrd(guest.root, config).parent / "lsinitrd.txt").read_text()
+    for path in ("etc/lczfs-unlockd.toml", scenarios.SIGNATURE.lstrip("/"),
+                 "usr/lib/systemd/system/sysroot.mount.d/lczfs-unlockd.conf"):  # fmt: skip
+        assert path in listing, path
+
+
+# --- the PCR measurement, computed here from what provisioning recorded ---------------
+DIGEST_SIZE = {"sha1": 20, "sha256": 32, "sha384": 48, "sha512": 64}
+
+
+def extend(bank: str, value: bytes, digest: bytes) -> bytes:
+    return hashlib.new(bank, value + digest).digest()
+
+
+def expected_pcr15(guest: Guest, bank: str, name: str) -> str:
+    """PCR 15 after systemd-cryptsetup's tpm2-measure-pcr=yes of the seed0
+    keystore: extend(0, HMAC_bank(volume key, "cryptsetup:NAME:UUID"))."""
+    vk = guest.secrets.bytes("seed0-keystore.vk")
+    uuid = guest.records["seed0-keystore-uuid"]
+    digest = hmac.new(vk, f"cryptsetup:{name}:{uuid}".encode(), bank).digest()
+    return extend(bank, bytes(DIGEST_SIZE[bank]), digest).hex()
+
+
+def measure_log(r: Result) -> list[dict[str, object]]:
+    """The records of /run/log/systemd/tpm2-measure.log (JSON-SEQ: RS, JSON, LF)."""
+    text = r.report["tpm"]["measure_log"] or ""
+    return [json.loads(chunk) for chunk in text.split("\x1e") if chunk.strip()]
+
+
+def replay(records: list[dict[str, object]], pcr: int, bank: str) -> str:
+    value = bytes(DIGEST_SIZE[bank])
+    for rec in records:
+        if rec.get("pcr") != pcr:
+            continue
+        for d in rec["digests"]:  # type: ignore[attr-defined]
+            if d["hashAlg"] == bank:
+                value = extend(bank, value, bytes.fromhex(d["digest"]))
+    return value.hex()
+
+
+def pcr_banks(r: Result) -> dict[str, dict[str, str]]:
+    """PCR values by bank: every bank the TPM allocated (swtpm: sha1, sha256, sha384, sha512)."""
+    pcrs: dict[str, dict[str, str]] = r.report["tpm"]["pcrs"]
+    assert "sha256" in pcrs, pcrs
+    assert set(pcrs) <= set(DIGEST_SIZE), pcrs
+    return pcrs
+
+
+def assert_measured(r: Result, guest: Guest, name: str = MAPPER) -> None:
+    """PCR 15 moved, equals the replay of the log and the value computed from the volume key."""
+    records = measure_log(r)
+    uuid = guest.records["seed0-keystore-uuid"]
+    ours = [rec for rec in records if rec.get("pcr") == 15]
+    assert len(ours) == 1, records
+    content = ours[0]["content"]
+    assert ours[0]["content_type"] == "systemd", ours[0]
+    assert content["string"] == f"cryptsetup:{name}:{uuid}", content  # type: ignore[index]
+    assert content["eventType"] == "volume-key", content  # type: ignore[index]
+    for bank, values in pcr_banks(r).items():
+        value = values["15"]
+        assert value != "0" * 2 * DIGEST_SIZE[bank], (bank, value)
+        assert value == replay(records, 15, bank), (bank, value, records)
+        assert value == expected_pcr15(guest, bank, name), (bank, value)
+    banks = {d["hashAlg"] for d in ours[0]["digests"]}  # type: ignore[attr-defined]
+    assert set(pcr_banks(r)) <= banks, (banks, pcr_banks(r))
+    line = f'with "cryptsetup:{name}:{uuid}" and the volume key'
+    assert re.search(r"extended PCR 15 \([^)]*\) " + re.escape(line), r.journal), r.journal
+
+
+def assert_pcr15_untouched(r: Result) -> None:
+    for bank, values in pcr_banks(r).items():
+        assert values["15"] == "0" * 2 * DIGEST_SIZE[bank], (bank, values)
+    assert not [rec for rec in measure_log(r) if rec.get("pcr") == 15], measure_log(r)
+    assert "extended PCR" not in r.journal, r.journal
 
 
 # --- the matrix --------------------------------------------------------------------
@@ -98,10 +200,107 @@ def test_debug_log(boot: Boot) -> None:
     assert "debug" in r.journal.lower()
 
 
-def test_tpm2_token_no_prompt(boot: Boot) -> None:
+def test_tpm2_token_no_prompt_measured_into_pcr15(boot: Boot, guest: Guest) -> None:
+    """The token opens the keystore; then PCR 15 holds the volume key's
+    measurement (as systemd-cryptsetup's tpm2-measure-pcr=yes), so the token,
+    sealed to PCR 15 all zero, cannot be unsealed again in this boot."""
     r = boot("tpm2")
     assert_unlocked(r, SEED_CRYPT)
     assert "Please enter" not in r.console
+    assert "keystore opened with token" in r.journal, r.journal
+    assert_measured(r, guest)
+    unseal = r.report["second_unseal"]
+    assert unseal["rc"] not in (0, -1), unseal  # failed, not timed out or missing
+    # The token is sealed to PCR 7 as provisioning saw it: the same here (SeaBIOS).
+    assert r.report["tpm"]["pcrs"]["sha256"]["7"] == guest.records["pcr7-sha256"].lower()
+    assert_no_secret_on_console(r, guest)
+
+
+def test_tpm2_unmeasured_leaves_pcr15_and_the_token_unsealable(boot: Boot, guest: Guest) -> None:
+    """The control for the test above: measure_pcr = false."""
+    r = boot("tpm2-unmeasured")
+    assert_unlocked(r, SEED_CRYPT)
+    assert "Please enter" not in r.console
+    assert_pcr15_untouched(r)
+    unseal = r.report["second_unseal"]
+    assert unseal["rc"] == 0, unseal
+    assert_no_secret_on_console(r, guest)
+
+
+def test_tpm2_signed_pcr_policy(boot: Boot, guest: Guest) -> None:
+    """Signature A (for this boot's PCR 11), named by the config, copied into
+    the initrd by the dracut module: the token opens the keystore, no prompt."""
+    r = boot("tpm2-signed")
+    assert_unlocked(r, ["rpool/crypt"])
+    assert "Please enter" not in r.console
+    assert "keystore opened with token" in r.journal, r.journal
+    # Not a UKI: nothing measured into PCR 11, as when A was signed.
+    pcr11 = r.report["tpm"]["pcrs"]["sha256"]["11"]
+    assert pcr11 == guest.records["pcr11-sha256"].lower() == "0" * 64, pcr11
+    assert_no_secret_on_console(r, guest)
+
+
+def test_tpm2_signed_pcr_policy_for_another_kernel_falls_back_to_the_passphrase(
+    boot: Boot, guest: Guest
+) -> None:
+    r = boot("tpm2-signed-changed")
+    assert len(r.prompts) == 1, r.prompts
+    assert_unlocked(r, ["rpool/crypt"])
+    assert "token did not open" in r.journal or "no token could open" in r.journal, r.journal
+    assert "keystore opened with passphrase" in r.journal, r.journal
+    assert guest.secrets.passphrase not in r.journal
+    assert_no_secret_on_console(r, guest)
+
+
+def assert_refused(r: Result, guest: Guest, *words: str) -> str:
+    """The daemon refused root=zfs:rpool/crypt/local/root; returns its message."""
+    prefix = "refusing root dataset rpool/crypt/local/root: "
+    assert_failed(r, re.escape(prefix))
+    lines = [line for line in r.journal.splitlines() if prefix in line]
+    assert lines, r.journal
+    message = lines[0].split(prefix, 1)[1]
+    for w in words:
+        assert re.search(w, message), (w, message)
+    # The token was used, so the keystore was measured before the verdict.
+    assert_measured(r, guest)
+    assert r.report["root_refused"] is True, r.report["root_refused"]
+    assert r.report["root_checked"] is False, r.report["root_checked"]
+    # The pool stays imported (only the keys are unloaded).
+    assert "rpool" in str(r.report["zpool_list"]["out"]), r.report["zpool_list"]
+    # The distribution's sysroot.mount fails on the drop-in's assertion.
+    sysroot = r.report["sysroot"]
+    assert sysroot["start"]["rc"] != 0, sysroot
+    assert sysroot["after"]["AssertResult"] == "no", sysroot
+    assert "lczfs-unlockd.conf" in sysroot["after"]["DropInPaths"], sysroot
+    assert sysroot["mounted"] == [] and sysroot["left_mounted"] == [], sysroot
+    assert r.mounts_at("/sysroot") == []
+    assert_no_secret_on_console(r, guest)
+    return message
+
+
+def test_evil_maid_unencrypted_root_is_refused(boot: Boot, guest: Guest) -> None:
+    r = boot("evil-unencrypted-root")
+    assert "is now an unencrypted impostor" in r.report["journal"]["out"]
+    assert_refused(r, guest, r"not encrypted")
+    ks = r.keystatus()
+    # The real encryption root, loaded by this run (datasets = auto), unloaded again.
+    assert ks.get("rpool/crypt-real") == "unavailable", ks
+    assert ks.get("rpool/crypt/local/root") == "-", ks  # the impostor: no key at all
+    # systemd tried sysroot.mount itself first (this report runs after it).
+    sysroot = r.report["sysroot"]
+    assert sysroot["before"]["AssertResult"] == "no", sysroot
+    assert sysroot["units"]["initrd-root-fs.target"]["ActiveState"] != "active", sysroot
+    assert sysroot["units"]["emergency.target"]["ActiveState"] == "active", sysroot
+
+
+def test_evil_maid_foreign_encryption_root_is_refused(boot: Boot, guest: Guest) -> None:
+    r = boot("evil-foreign-root")
+    assert "is now an encryption root of the attacker's" in r.report["journal"]["out"]
+    # Names the encryption root found (the impostor is its own) and the one expected.
+    assert_refused(r, guest, r"rpool/crypt/local/root", r"rpool/crypt(?!/)")
+    ks = r.keystatus()
+    assert ks.get("rpool/crypt") == "unavailable", ks
+    assert ks.get("rpool/crypt/local/root") == "unavailable", ks
 
 
 def test_tpm2_token_with_pin_asked_again_after_a_wrong_one(boot: Boot, guest: Guest) -> None:
@@ -266,6 +465,8 @@ def test_handoff_to_sysroot_mount(boot: Boot) -> None:
     assert_unlocked(r, SEED_CRYPT)
     sysroot = r.mounts_at("/sysroot")
     assert sysroot and "rpool/crypt/local/root" in sysroot[-1], sysroot
+    # The daemon vouched for the root: sysroot.mount's drop-in let it mount.
+    assert r.report["root_checked"] is True and r.report["root_refused"] is False
     assert "Encrypted ZFS password" not in r.console
     assert_ordered(r)
 

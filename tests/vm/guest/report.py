@@ -4,6 +4,13 @@ to the report disk (virtio serial "lczfsreport"), then power off.
 
 With --sigterm-at-prompt: wait until lczfs-unlockd asks for a password, then
 send it SIGTERM (the report unit writes the report afterwards).
+
+What a scenario asks for beyond the usual (/etc/lczfs-test/checks.json, from
+vm.Checks), so that ordinary boots stay fast:
+  tpm      the PCR values of every bank (sysfs) and the measurement log
+  unseal   DEVICE: a second unseal of its systemd-tpm2 token, check-only
+  sysroot  start sysroot.mount, record its result, unmount /sysroot if it
+           mounted (ordered before sysroot.mount, the start ignores ordering)
 """
 
 from __future__ import annotations
@@ -27,6 +34,13 @@ ORDERED_UNITS = (
 MAGIC = b"LCZFSREPORT1"
 CONFIG = "/etc/lczfs-unlockd.toml"
 UNITS = "/etc/lczfs-test/units.json"  # the harness's list (Boot.units), when it has one
+CHECKS = "/etc/lczfs-test/checks.json"  # the harness's extra checks (Boot.checks)
+# The daemon's verdicts on the root, which sysroot.mount's drop-in asserts.
+ROOT_CHECKED = "/run/lczfs-unlockd/root-checked"
+ROOT_REFUSED = "/run/lczfs-unlockd/root-refused"
+MEASURE_LOG = "/run/log/systemd/tpm2-measure.log"
+TPM_SYSFS = "/sys/class/tpm/tpm0"
+REPORT_PCRS = (7, 11, 15)
 
 
 def run(*cmd: str, timeout: float = 60) -> dict[str, object]:
@@ -170,6 +184,87 @@ def write_report(data: bytes) -> None:
         os.close(fd)
 
 
+def load_checks(path: str = CHECKS) -> dict[str, object]:
+    try:
+        with open(path) as f:
+            return dict(json.load(f))
+    except FileNotFoundError:
+        return {}
+
+
+def tpm_state(sysfs: str = TPM_SYSFS, log: str = MEASURE_LOG) -> dict[str, object]:
+    """PCRs 7, 11 and 15 of every bank the TPM has, and the measurement log (JSON-SEQ)."""
+    pcrs: dict[str, dict[str, str]] = {}
+    for d in sorted(glob.glob(f"{sysfs}/pcr-*")):
+        values = {}
+        for n in REPORT_PCRS:
+            try:
+                with open(f"{d}/{n}") as f:
+                    values[str(n)] = f.read().strip().lower()
+            except OSError as e:
+                values[str(n)] = f"error: {e}"
+        pcrs[os.path.basename(d).removeprefix("pcr-")] = values
+    try:
+        with open(log, "rb") as f:
+            text: str | None = f.read().decode(errors="replace")
+    except FileNotFoundError:
+        text = None
+    return {"tpmrm0": os.path.exists("/dev/tpmrm0"), "pcrs": pcrs, "measure_log": text}
+
+
+def second_unseal(device: str) -> dict[str, object]:
+    """The same TPM2 token again, after the daemon: check-only, nothing mapped."""
+    start = time.monotonic()
+    if not os.path.exists(device):
+        return {"rc": -1, "out": "", "err": f"{device} does not exist", "seconds": 0.0}
+    r = run(
+        "cryptsetup", "open", "--test-passphrase", "--token-only",
+        "--token-type", "systemd-tpm2", device, timeout=120,
+    )  # fmt: skip
+    r["seconds"] = round(time.monotonic() - start, 2)
+    return r
+
+
+def under_sysroot() -> list[str]:
+    with open("/proc/self/mountinfo") as f:
+        return [
+            line
+            for line in f.read().splitlines()
+            if line.split()[4] == "/sysroot" or line.split()[4].startswith("/sysroot/")
+        ]
+
+
+def try_sysroot(late: bool) -> dict[str, object]:
+    """The distribution's sysroot.mount: does it mount, after the daemon's verdict?
+
+    Late (lczfs.test.report=late, ordered after sysroot.mount): systemd has
+    tried it already ("before"); start it once more.  Early (ordered before
+    it): its start job waits for this unit, so the start ignores ordering.
+    Whatever it mounted is recorded, then unmounted.
+    """
+    props = ["LoadState", "ActiveState", "SubState", "Result", "AssertResult",
+             "ConditionResult", "DropInPaths"]  # fmt: skip
+    before = unit_props("sysroot.mount", props)
+    cmd = ["systemctl", "start"]
+    if not late:
+        cmd.append("--job-mode=ignore-dependencies")
+    start = run(*cmd, "sysroot.mount", timeout=90)
+    after = unit_props("sysroot.mount", props)
+    mounted = under_sysroot()
+    umount = run("umount", "-R", "/sysroot") if mounted else None
+    others = ("initrd-root-fs.target", "emergency.target", "emergency.service")
+    return {
+        "late": late,
+        "before": before,
+        "start": start,
+        "after": after,
+        "mounted": mounted,
+        "umount": umount,
+        "left_mounted": under_sysroot(),
+        "units": {u: unit_props(u, ["ActiveState", "Result"]) for u in others},
+    }
+
+
 def sigterm_at_prompt() -> int:
     deadline = time.monotonic() + 300
     while time.monotonic() < deadline:
@@ -221,6 +316,19 @@ def main() -> int:
     stamps = ["LoadState", "ActiveState", "InactiveExitTimestampMonotonic",
               "ActiveEnterTimestampMonotonic"]  # fmt: skip
     ordering = {unit: unit_props(unit, stamps) for unit in ORDERED_UNITS}
+    checks = load_checks()
+    extra: dict[str, object] = {
+        "root_checked": os.path.exists(ROOT_CHECKED),
+        "root_refused": os.path.exists(ROOT_REFUSED),
+    }
+    if checks.get("tpm"):
+        extra["tpm"] = tpm_state()
+    if checks.get("unseal"):
+        extra["second_unseal"] = second_unseal(str(checks["unseal"]))
+    if checks.get("sysroot"):
+        with open("/proc/cmdline") as f:
+            late = "lczfs.test.report=late" in f.read().split()
+        extra["sysroot"] = try_sysroot(late)
     masked: dict[str, object] = {}
     for unit in keystore_units():
         masked[unit] = {
@@ -244,6 +352,7 @@ def main() -> int:
         "dev_mapper": sorted(os.listdir("/dev/mapper")) if os.path.isdir("/dev/mapper") else [],
         "mountinfo": mountinfo,
         "units": masked,
+        **extra,
         "ordering": ordering,
         "transient_units": sorted(
             os.path.relpath(p, "/run/systemd")

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from . import cache, cpio, proc
-from .paths import DRACUT_MODULE, GUEST_DIR, PACKAGE, REPO, UNIT
+from .paths import DRACUT_MODULE, GUEST_DIR, PACKAGE, REPO, SYSROOT_DROPIN, UNIT
 from .proc import log
 
 MIRROR = os.environ.get("LCZFS_VM_MIRROR", "http://deb.debian.org/debian")
@@ -78,8 +78,13 @@ def chroot_script(
     *,
     log_to: Path,
     timeout: float = CHROOT_TIMEOUT,
+    writable_etc: bool = False,
 ) -> None:
-    """Run a bash script in the chroot, with host paths bound in (read-only)."""
+    """Run a bash script in the chroot, with host paths bound in (read-only).
+
+    writable_etc: /etc is an overlay whose writes land in a tmpfs and vanish
+    with the script (the cached tree is never changed).
+    """
     mounts = [
         f"mount -t proc proc {root}/proc",
         f"mount -t sysfs sysfs {root}/sys",
@@ -88,6 +93,14 @@ def chroot_script(
         f"mount -t tmpfs tmpfs {root}/var/tmp",
         f"mount -t tmpfs tmpfs {root}/mnt",
     ]
+    if writable_etc:
+        etc = shlex.quote(f"{root}/etc")
+        upper = shlex.quote(f"{root}/mnt/.etc")
+        mounts += [
+            f"mkdir -p {upper}/upper {upper}/work",
+            f"mount -t overlay overlay -o lowerdir={etc},upperdir={upper}/upper,"
+            f"workdir={upper}/work {etc}",
+        ]
     for dst, src in binds.items():
         target = shlex.quote(f"{root}{dst}")
         if src.is_dir():
@@ -107,42 +120,91 @@ def chroot_script(
     unshared(["bash", "-c", outer], log_to=log_to, timeout=timeout, what="chroot script")
 
 
-def base_initrd(root: Path) -> Path:
+@dataclass(frozen=True)
+class InitrdConfig:
+    """A config present in the tree when dracut runs, with the files it names.
+
+    The dracut module copies the config and the files it names (key file,
+    tpm2_signature, tpm2_pcrlock) into the initrd itself, as on a user's
+    machine.  files: (absolute path under /etc, content).
+    """
+
+    config: str
+    files: tuple[tuple[str, bytes], ...] = ()
+
+    def __post_init__(self) -> None:
+        for path, _ in self.files:
+            if not path.startswith("/etc/") or ".." in path.split("/"):
+                raise ValueError(f"InitrdConfig: {path}: only files under /etc")
+
+
+# The base initrd's extra programs: the report's second TPM2 unseal
+# (cryptsetup open --test-passphrase --token-only) needs the cryptsetup CLI.
+TEST_INSTALL = "cryptsetup"
+
+
+def base_initrd(root: Path, config: InitrdConfig | None = None) -> Path:
     """dracut (systemd, zfs, crypt) + the project's dracut module.
 
     Rebuilt (~40 s) whenever the dracut module, the daemon package or its
-    unit changes: the module computes the Python closure from the package,
+    units change: the module computes the Python closure from the package,
     so the initrd under test is exactly what `dracut --add lczfs-unlockd`
-    gives a user.  Test boots only append config and test units.
+    gives a user.  Test boots only append config and test units.  With a
+    config (InitrdConfig), that config and the files it names are in the
+    tree when dracut runs (a base initrd of its own).
     """
-    name = f"initrd-{root.name.removeprefix('rootfs-')}-" + cache.recipe_hash(
-        [DRACUT_MODULE, PACKAGE, UNIT, " ".join(COMMON_DRACUT_ARGS)]
-    )
+    parts: list[Path | str | bytes] = [
+        DRACUT_MODULE, PACKAGE, UNIT, SYSROOT_DROPIN, " ".join(COMMON_DRACUT_ARGS), TEST_INSTALL
+    ]  # fmt: skip
+    if config is not None:
+        parts += ["config", config.config]
+        for path, data in config.files:
+            parts += [path, data]
+    name = f"initrd-{root.name.removeprefix('rootfs-')}-" + cache.recipe_hash(parts)
 
     def build(tmp: Path) -> None:
         kver = kernel_version(root)
         conf = tmp / "conf"
         conf.mkdir()
-        (conf / "lczfs.conf").write_text(
+        settings = (
             "lczfs_unlockd_package_dir=/mnt/src/lczfs_unlockd\n"
             "lczfs_unlockd_unit=/mnt/src/lczfs-unlockd.service\n"
         )
+        binds = {
+            "/usr/lib/dracut/modules.d/90lczfs-unlockd": DRACUT_MODULE,
+            "/mnt/src/lczfs_unlockd": PACKAGE,
+            "/mnt/src/lczfs-unlockd.service": UNIT,
+            # Next to the unit, where the module looks for it.
+            "/mnt/src/sysroot.mount.d-lczfs-unlockd.conf": SYSROOT_DROPIN,
+            "/mnt/conf": conf,
+        }
+        setup = ""
+        if config is not None:
+            src = tmp / "config"
+            src.mkdir()
+            (src / "lczfs-unlockd.toml").write_text(config.config)
+            settings += "lczfs_unlockd_config=/mnt/config/lczfs-unlockd.toml\n"
+            for i, (path, data) in enumerate(config.files):
+                (src / f"file{i}").write_bytes(data)
+                setup += f"install -D -m 0644 /mnt/config/file{i} {shlex.quote(path)}\n"
+            binds["/mnt/config"] = src
+        (conf / "lczfs.conf").write_text(settings)
         out = tmp / "out"
         out.mkdir()
+        binds["/mnt/out"] = out
         args = [*COMMON_DRACUT_ARGS, "--confdir", "/mnt/conf", "--kver", kver,
-                "--add", "lczfs-unlockd tpm2-tss", "/mnt/out/initrd.img"]  # fmt: skip
+                "--add", "lczfs-unlockd tpm2-tss", "--install", TEST_INSTALL,
+                "/mnt/out/initrd.img"]  # fmt: skip
         log(f"dracut: base initrd with the lczfs-unlockd module for {kver}")
         chroot_script(
             root,
-            "dracut " + shlex.join(args) + "\nlsinitrd /mnt/out/initrd.img > /mnt/out/lsinitrd.txt",
-            {
-                "/usr/lib/dracut/modules.d/90lczfs-unlockd": DRACUT_MODULE,
-                "/mnt/src/lczfs_unlockd": PACKAGE,
-                "/mnt/src/lczfs-unlockd.service": UNIT,
-                "/mnt/conf": conf,
-                "/mnt/out": out,
-            },
+            setup
+            + "dracut "
+            + shlex.join(args)
+            + "\nlsinitrd /mnt/out/initrd.img > /mnt/out/lsinitrd.txt",
+            binds,
             log_to=tmp / "dracut.log",
+            writable_etc=config is not None,
         )
         shutil.move(out / "initrd.img", tmp / "initrd.img")
         shutil.move(out / "lsinitrd.txt", tmp / "lsinitrd.txt")
@@ -153,7 +215,7 @@ def base_initrd(root: Path) -> Path:
 PROVISION_TOOLS = (
     "bash sfdisk blkid wipefs mkfs.ext4 cryptsetup systemd-cryptenroll dmsetup dd sync "
     "head od tr sha256sum truncate sleep cmp install mkdir chmod rm mv ls readlink "
-    "debugfs dumpe2fs grep"
+    "debugfs dumpe2fs grep cat base64 /usr/lib/systemd/systemd-measure"
 )
 
 
@@ -197,6 +259,7 @@ class Overlay:
     files: tuple[tuple[str, bytes, int], ...] = ()  # (path, content, mode)
     needles: tuple[bytes, ...] = ()  # secrets the report greps /run for
     report: bool = True  # the report unit that powers off
+    checks: str | None = None  # /etc/lczfs-test/checks.json: what else the report records
     # The units whose masking the report records; None: those the config
     # names (keystore.name's cryptsetup unit, keystore.mountpoint's mount
     # unit, the mask extras), escaped in the guest by systemd-escape.
@@ -225,11 +288,13 @@ def overlay(spec: Overlay) -> bytes:
         a.file("etc/lczfs-test/needles.json", json.dumps([n.hex() for n in spec.needles]), 0o600)
         if spec.units is not None:
             a.file("etc/lczfs-test/units.json", json.dumps(list(spec.units)), 0o644)
+        if spec.checks is not None:
+            a.file("etc/lczfs-test/checks.json", spec.checks, 0o644)
     return a.to_bytes()
 
 
-def test_initrd(root: Path, spec: Overlay, dest: Path) -> Path:
-    base = base_initrd(root).read_bytes()
+def test_initrd(root: Path, spec: Overlay, dest: Path, config: InitrdConfig | None = None) -> Path:
+    base = base_initrd(root, config).read_bytes()
     dest.write_bytes(cpio.append(base, overlay(spec)))
     return dest
 

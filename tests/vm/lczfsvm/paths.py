@@ -1,5 +1,5 @@
 """Where the harness finds what it builds from: the repository's daemon
-package, unit and dracut module, and the guest-side files in tests/vm/guest."""
+package, units and dracut module, and the guest-side files in tests/vm/guest."""
 
 from __future__ import annotations
 
@@ -11,3 +11,5 @@ REPO = VM_DIR.parent.parent
 DRACUT_MODULE = REPO / "dracut" / "90lczfs-unlockd"
 PACKAGE = REPO / "lczfs_unlockd"
 UNIT = REPO / "units" / "lczfs-unlockd.service"
+# The sysroot.mount drop-in the dracut module installs next to the unit.
+SYSROOT_DROPIN = REPO / "units" / "sysroot.mount.d-lczfs-unlockd.conf"

@@ -10,13 +10,19 @@ from collections.abc import Callable
 from dataclasses import replace
 from typing import IO
 
+from .build import InitrdConfig
 from .paths import GUEST_DIR
-from .vm import Boot, Guest, toml_config
+from .vm import Boot, Checks, Guest, toml_config
 
 KEYFILE = "/etc/lczfs-unlockd/keystore.key"
 SEED_PART = "/dev/disk/by-id/virtio-seed0-part1"
 MIRROR_PARTS = ("/dev/disk/by-id/virtio-mirror0-part1", "/dev/disk/by-id/virtio-mirror1-part1")
 DEBUG = "rd.lczfs.debug"
+SEED_KEYSTORE = "/dev/zvol/rpool/volumes/bootsecrets-part1"
+ROOT_CMDLINE = "root=zfs:rpool/crypt/local/root"
+# Where the signed-policy scenarios' config names the PCR signature: the dracut
+# module copies it from the build tree into the initrd.
+SIGNATURE = "/etc/lczfs-unlockd/tpm2-pcr-signature.json"
 
 
 def _keyfile_config(**kw: object) -> str:
@@ -31,12 +37,57 @@ def _guest_file(name: str, dest: str, mode: int = 0o755) -> tuple[str, bytes, in
     return (dest, (GUEST_DIR / name).read_bytes(), mode)
 
 
+def _evil(mode: str) -> tuple[tuple[str, bytes, int], ...]:
+    """An evil maid's changes to the pool (guest/evil-dataset.py's mode), before the daemon."""
+    return (
+        _guest_file("evil-dataset.py", "usr/lib/lczfs-test/evil-dataset.py"),
+        _guest_file(
+            "lczfs-test-evil.service", "usr/lib/systemd/system/lczfs-test-evil.service", 0o644
+        ),
+        ("etc/lczfs-test/evil-mode", f"{mode}\n".encode(), 0o644),
+        _dropin("evil", "[Unit]\nWants=lczfs-test-evil.service\nAfter=lczfs-test-evil.service\n"),
+    )
+
+
 # An attacker's dataset, written into keys0's pool before the daemon runs.
-EVIL_DATASET = (
-    _guest_file("evil-dataset.py", "usr/lib/lczfs-test/evil-dataset.py"),
-    _guest_file("lczfs-test-evil.service", "usr/lib/systemd/system/lczfs-test-evil.service", 0o644),
-    _dropin("evil", "[Unit]\nWants=lczfs-test-evil.service\nAfter=lczfs-test-evil.service\n"),
+EVIL_DATASET = _evil("hostile-kdf")
+
+# After a refused root, sysroot.mount's failure sends initrd-root-fs.target to
+# emergency.target; dracut's emergency.service would then power off
+# (rd.emergency=poweroff) under the report.  Here it only says it was reached.
+EMERGENCY_REACHED = (
+    "etc/systemd/system/emergency.service.d/lczfs-test.conf",
+    b"[Service]\nType=oneshot\nRemainAfterExit=yes\nExecStart=\n"
+    b"ExecStart=/usr/bin/echo lczfs-test: emergency.service reached\nExecStopPost=\n"
+    b"StandardInput=null\nStandardOutput=journal+console\nStandardError=journal+console\n",
+    0o644,
 )
+
+
+def _evil_root(name: str, mode: str, late: bool) -> Callable[[Guest], Boot]:
+    """seed0 with an impostor at root=zfs:rpool/crypt/local/root, TPM only."""
+    return lambda g: Boot(
+        name,
+        toml_config(unlock=("token",)),
+        tpm=True,
+        cmdline=ROOT_CMDLINE + (" lczfs.test.report=late" if late else ""),
+        files=(*_evil(mode), EMERGENCY_REACHED),
+        checks=Checks(tpm=True, sysroot=True),
+    )
+
+
+def _signed_config() -> str:
+    return toml_config(
+        unlock=("token", "passphrase"),
+        volume="rpool/volumes/signedks",
+        datasets=["rpool/crypt"],
+        tpm2_signature=SIGNATURE,
+    )
+
+
+def _signed_initrd(g: Guest) -> InitrdConfig:
+    """The config and signature A in the tree when dracut runs: the module copies both."""
+    return InitrdConfig(_signed_config(), ((SIGNATURE, g.file("tpm2-pcr-signature-a.json")),))
 
 
 def _bad_key(which: str) -> Callable[[Guest], Boot]:
@@ -60,7 +111,51 @@ SCENARIOS: dict[str, Callable[[Guest], Boot]] = {
     "keyfile": lambda g: Boot("keyfile", _keyfile_config(), keyfile=True),
     # rd.lczfs.debug: libcryptsetup's debug log goes through a callback.
     "debug": lambda g: Boot("debug", _keyfile_config(), keyfile=True, cmdline=DEBUG),
-    "tpm2": lambda g: Boot("tpm2", toml_config(unlock=("token",)), tpm=True),
+    # The token opens the keystore, then the daemon measures the volume key
+    # into PCR 15 (by default: a TPM and a systemd-tpm2 token), which the
+    # token is sealed to as all zero: a second unseal in this boot fails.
+    "tpm2": lambda g: Boot(
+        "tpm2",
+        toml_config(unlock=("token",)),
+        tpm=True,
+        checks=Checks(tpm=True, unseal=SEED_KEYSTORE),
+    ),
+    # The control: measure_pcr = false leaves PCR 15 alone, a second unseal works.
+    "tpm2-unmeasured": lambda g: Boot(
+        "tpm2-unmeasured",
+        toml_config(unlock=("token",), measure_pcr=False),
+        tpm=True,
+        checks=Checks(tpm=True, unseal=SEED_KEYSTORE),
+    ),
+    # A token sealed to a signed PCR 11 policy, the signature named by the
+    # config and copied into the initrd by the dracut module: A is for this
+    # boot's PCR 11; B (laid over it) for another kernel's, so the token
+    # fails and the passphrase is asked.
+    "tpm2-signed": lambda g: Boot(
+        "tpm2-signed",
+        _signed_config(),
+        disks=("keys0",),
+        tpm=True,
+        initrd_config=_signed_initrd(g),
+        checks=Checks(tpm=True),
+    ),
+    "tpm2-signed-changed": lambda g: Boot(
+        "tpm2-signed-changed",
+        _signed_config(),
+        disks=("keys0",),
+        tpm=True,
+        initrd_config=_signed_initrd(g),
+        files=((SIGNATURE.lstrip("/"), g.file("tpm2-pcr-signature-b.json"), 0o644),),
+        answers=(g.secrets.passphrase,),
+        checks=Checks(tpm=True),
+    ),
+    # Evil maids: the name root= mounts is an unencrypted impostor (the real
+    # encryption root renamed away, still loaded by datasets = auto), or an
+    # encryption root of the attacker's.  The daemon refuses the root (after
+    # measuring the keystore); the distribution's sysroot.mount must fail.
+    # The first reports after systemd's own sysroot.mount attempt.
+    "evil-unencrypted-root": _evil_root("evil-unencrypted-root", "unencrypted-root", late=True),
+    "evil-foreign-root": _evil_root("evil-foreign-root", "foreign-root", late=False),
     "disabled": lambda g: Boot("disabled", _keyfile_config(), keyfile=True, cmdline="rd.lczfs=0"),
     "dry-run": lambda g: Boot(
         "dry-run", _keyfile_config(), keyfile=True, cmdline="rd.lczfs.dry_run=1"

@@ -12,6 +12,7 @@ unit names (or ``Boot(units=...)``).
 
 from __future__ import annotations
 
+import base64
 import builtins
 import json
 import re
@@ -25,6 +26,7 @@ from pathlib import Path
 from typing import IO, Any, ClassVar
 
 from . import build, cache, cpio, qemu
+from .build import InitrdConfig
 from .paths import GUEST_DIR
 from .proc import log
 
@@ -33,9 +35,18 @@ DISK_SIZE = "512M"
 PROVISION_TIMEOUT = 900.0
 
 
+# Files of the secrets directory that are no secret (not searched for in a boot).
+PUBLIC_FILES = frozenset({"tpm2-pcr-public-key.pem"})
+
+
 @dataclass(frozen=True)
 class Secrets:
-    """What provisioning put on the golden disks (random per provisioning)."""
+    """What provisioning put on the golden disks (random per provisioning).
+
+    Besides what the harness generated (make_secrets), provisioning may
+    report secrets of its own (``secret NAME HEX`` lines): e.g. the seed0
+    keystore's LUKS volume key, ``seed0-keystore.vk``.
+    """
 
     dir: Path
 
@@ -57,12 +68,14 @@ class Secrets:
         if not self.dir.is_dir():  # a recipe without secrets
             return ()
         for p in sorted(self.dir.iterdir()):
+            if p.name in PUBLIC_FILES:
+                continue
             data = p.read_bytes()
             out.append(data)
             stripped = data.rstrip(b"\n")
             if stripped != data:
                 out.append(stripped)
-            if p.name in ("raw.key", "keystore.key"):
+            if p.name in ("raw.key", "keystore.key") or p.name.endswith(".vk"):
                 out.append(data.hex().encode())
             if (
                 p.name.endswith(".key")
@@ -86,9 +99,48 @@ def make_secrets(d: Path) -> None:
         "garbage.key": bytes(range(256))[-64:],  # 64 bytes, not hex
         "wrong.key": (secrets.token_hex(32) + "\n").encode(),
         "tpm2.pin": f"pin-{secrets.token_hex(4)}".encode(),
+        **_pcr_signing_key(),
     }
     for name, data in files.items():
         (d / name).write_bytes(data)
+
+
+def _pcr_signing_key() -> dict[str, builtins.bytes]:
+    """An RSA-2048 key pair for signed TPM2 PCR policies (systemd-measure sign, PEM)."""
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.asymmetric import rsa
+
+    key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
+    return {
+        "tpm2-pcr-private-key.pem": key.private_bytes(
+            serialization.Encoding.PEM,
+            serialization.PrivateFormat.PKCS8,
+            serialization.NoEncryption(),
+        ),
+        "tpm2-pcr-public-key.pem": key.public_key().public_bytes(
+            serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo
+        ),
+    }
+
+
+@dataclass(frozen=True)
+class Checks:
+    """What a boot's report records beyond the usual (each costs boot time).
+
+    tpm: the PCR values (sysfs, every bank) and the measurement log
+    (/run/log/systemd/tpm2-measure.log).  unseal: a second unseal of this
+    LUKS device's systemd-tpm2 token after the daemon, check-only
+    (``cryptsetup open --test-passphrase --token-only``).  sysroot: start
+    sysroot.mount (after the natural attempt, with ``lczfs.test.report=late``),
+    record its result, and unmount /sysroot if it mounted.
+    """
+
+    tpm: bool = False
+    unseal: str | None = None
+    sysroot: bool = False
+
+    def to_json(self) -> str:
+        return json.dumps({"tpm": self.tpm, "unseal": self.unseal, "sysroot": self.sysroot})
 
 
 @dataclass(frozen=True)
@@ -106,6 +158,10 @@ class Boot:
     files: Sequence[tuple[str, bytes, int]] = ()  # more initrd files: (path, content, mode)
     units: Sequence[str] | None = None  # masking reported for these (None: the config's)
     answers: Sequence[str] = ()  # typed at each password prompt, in order
+    checks: Checks | None = None  # more for the report to record (None: the usual)
+    # A base initrd of its own, built with this config (and the files it names) in
+    # the tree, so the dracut module copies them in (None: the project's base).
+    initrd_config: InitrdConfig | None = None
     prompt: str = r"Please enter the (passphrase|security token PIN) for keystore [^\n]*:"
     timeout: float = 300.0  # wall clock for the whole boot
     echo: IO[str] | None = None
@@ -243,7 +299,7 @@ class Provisioning:
             m.wait(self.timeout)
         finally:
             m.close()
-        status = report.read_bytes()[:4096].split(b"\0", 1)[0].decode(errors="replace")
+        status = report.read_bytes().split(b"\0", 1)[0].decode(errors="replace")
         if not status.startswith("LCZFSPROVISION OK"):
             tail = "\n".join(m.console_text().splitlines()[-60:])
             raise RuntimeError(
@@ -257,8 +313,33 @@ class Provisioning:
             if len(f) == 3 and f[0] == "guid" and f[2].isdigit()
         }
         (tmp / "guids.json").write_text(json.dumps(guids))
+        _save_records(status, tmp)
         for p in (initrd, report):
             p.unlink()
+
+
+def _save_records(status: str, golden: Path) -> None:
+    """What a provisioning script reported besides GUIDs, one line each:
+
+    ``record NAME VALUE`` -> records.json (facts: a LUKS UUID, PCR values);
+    ``secret NAME HEX`` -> secrets/NAME (a secret made in the guest: the
+    harness greps every boot for it); ``file NAME BASE64`` -> files/NAME.
+    """
+    records: dict[str, str] = {}
+    for line in status.splitlines():
+        kind, _, rest = line.partition(" ")
+        name, _, value = rest.partition(" ")
+        if not name or "/" in name or name.startswith("."):
+            continue
+        if kind == "record":
+            records[name] = value.strip()
+        elif kind == "secret":
+            (golden / "secrets").mkdir(exist_ok=True)
+            (golden / "secrets" / name).write_bytes(bytes.fromhex(value.strip()))
+        elif kind == "file":
+            (golden / "files").mkdir(exist_ok=True)
+            (golden / "files" / name).write_bytes(base64.b64decode(value.strip()))
+    (golden / "records.json").write_text(json.dumps(records, indent=1, sort_keys=True))
 
 
 PROJECT_DISKS = Provisioning()  # guest/provision.sh: seed0, keys0, mirror0, mirror1, dup0
@@ -280,6 +361,9 @@ class Guest:
         # Each golden disk's pool GUID (zpool get guid), for pool_guid.
         guids = self.golden / "guids.json"
         self.guids: dict[str, int] = json.loads(guids.read_text()) if guids.exists() else {}
+        # What provisioning recorded (``record NAME VALUE``), e.g. seed0-keystore-uuid.
+        records = self.golden / "records.json"
+        self.records: dict[str, str] = json.loads(records.read_text()) if records.exists() else {}
         self.build_seconds = time.monotonic() - start
 
     @classmethod
@@ -289,11 +373,17 @@ class Guest:
             cls._instances[provisioning] = cls(provisioning)
         return cls._instances[provisioning]
 
+    def file(self, name: str) -> bytes:
+        """A file provisioning made (``file NAME BASE64``), e.g. a PCR signature."""
+        return (self.golden / "files" / name).read_bytes()
+
     # -- test boots -----------------------------------------------------------------
     def boot(self, spec: Boot, workdir: Path | None = None) -> Result:
         work = workdir or Path(tempfile.mkdtemp(prefix=f"lczfs-vm-{spec.name}-"))
         work.mkdir(parents=True, exist_ok=True)
-        initrd = build.test_initrd(self.root, self.overlay(spec), work / "initrd.img")
+        initrd = build.test_initrd(
+            self.root, self.overlay(spec), work / "initrd.img", spec.initrd_config
+        )
 
         def keep_crash_logs() -> None:
             n = len(list(work.glob("crashed*-qemu.log"))) + 1
@@ -319,6 +409,7 @@ class Guest:
             # Typed answers, wrong ones included, must not leak either.
             needles=(*self.secrets.needles, *(a.encode() for a in spec.answers)),
             units=None if spec.units is None else tuple(spec.units),
+            checks=None if spec.checks is None else spec.checks.to_json(),
         )
 
     def _boot_once(self, spec: Boot, initrd: Path, work: Path) -> Result:
@@ -416,11 +507,16 @@ def toml_config(
     partition: int = 1,
     name: str = "secretsroot",
     mountpoint: str = "/bootsecrets",
+    measure_pcr: int | bool | None = None,
+    tpm2_signature: str | None = None,
+    tpm2_pcrlock: str | None = None,
 ) -> str:
     """The daemon's config file, in the documented format.
 
     partition, name and mountpoint are the keystore's (its partition on the
-    zvol, the device-mapper name, where it is mounted).
+    zvol, the device-mapper name, where it is mounted); measure_pcr,
+    tpm2_signature and tpm2_pcrlock are left out when None (the daemon's
+    defaults).
     """
 
     def q(v: object) -> str:
@@ -451,4 +547,10 @@ def toml_config(
         f"prompt_timeout = {q(prompt_timeout)}",
         f"token_timeout = {q(token_timeout)}",
     ]
+    if measure_pcr is not None:
+        lines.append(f"measure_pcr = {q(measure_pcr)}")  # JSON false/15 are TOML too
+    if tpm2_signature is not None:
+        lines.append(f"tpm2_signature = {q(tpm2_signature)}")
+    if tpm2_pcrlock is not None:
+        lines.append(f"tpm2_pcrlock = {q(tpm2_pcrlock)}")
     return "\n".join(lines) + "\n"
