@@ -100,14 +100,18 @@ def test_dracut_module_in_base_initrd(guest: Guest) -> None:
         assert path in listing, path
 
 
-def test_dracut_module_copies_the_files_the_config_names(guest: Guest) -> None:
-    """The signed-policy scenarios' base initrd: built with a config naming
-    tpm2_signature, whose file the module copied in at the same path."""
-    config = scenarios._signed_initrd(guest)
+@pytest.mark.parametrize("which", ["signed", "pcrlock"])
+def test_dracut_module_copies_the_files_the_config_names(guest: Guest, which: str) -> None:
+    """The signed-policy and pcrlock scenarios' base initrds: built with a config
+    naming tpm2_signature or tpm2_pcrlock, whose file the module copied in."""
+    if which == "signed":
+        config, path = scenarios._signed_initrd(guest), scenarios.SIGNATURE
+    else:
+        config, path = scenarios._pcrlock_initrd(guest), scenarios.PCRLOCK
     listing = (build.base_initrd(guest.root, config).parent / "lsinitrd.txt").read_text()
-    for path in ("etc/lczfs-unlockd.toml", scenarios.SIGNATURE.lstrip("/"),
-                 "usr/lib/systemd/system/sysroot.mount.d/lczfs-unlockd.conf"):  # fmt: skip
-        assert path in listing, path
+    for p in ("etc/lczfs-unlockd.toml", path.lstrip("/"),
+              "usr/lib/systemd/system/sysroot.mount.d/lczfs-unlockd.conf"):  # fmt: skip
+        assert p in listing, p
 
 
 # --- the PCR measurement, computed here from what provisioning recorded ---------------
@@ -249,6 +253,28 @@ def test_tpm2_signed_pcr_policy_for_another_kernel_falls_back_to_the_passphrase(
     assert "token did not open" in r.journal or "no token could open" in r.journal, r.journal
     assert "keystore opened with passphrase" in r.journal, r.journal
     assert guest.secrets.passphrase not in r.journal
+    assert_no_secret_on_console(r, guest)
+
+
+def test_tpm2_pcrlock_policy(boot: Boot, guest: Guest) -> None:
+    """A pcrlock policy (PCRs 0, 2, 7 predicted by systemd-pcrlock, kept in an
+    NV index), its JSON at the path the config names, copied in by the dracut
+    module (the plugin's own default paths hold nothing): no prompt."""
+    r = boot("tpm2-pcrlock")
+    assert_unlocked(r, ["rpool/crypt"])
+    assert "Please enter" not in r.console
+    assert "keystore opened with token" in r.journal, r.journal
+    assert_no_secret_on_console(r, guest)
+
+
+def test_tpm2_pcrlock_policy_for_another_firmware_falls_back_to_the_passphrase(
+    boot: Boot, guest: Guest
+) -> None:
+    r = boot("tpm2-pcrlock-stale")
+    assert len(r.prompts) == 1, r.prompts
+    assert_unlocked(r, ["rpool/crypt"])
+    assert "token did not open" in r.journal or "no token could open" in r.journal, r.journal
+    assert "keystore opened with passphrase" in r.journal, r.journal
     assert_no_secret_on_console(r, guest)
 
 

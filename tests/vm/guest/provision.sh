@@ -109,6 +109,7 @@ export_pool() {  # export_pool DISK: record the pool's GUID for the harness, exp
 #   tpm-pin  no PCRs, a PIN
 #   signed   a signed PCR policy for PCR 11 (the harness's public key),
 #            checked at enrollment with signature A
+#   pcrlock  the pcrlock policy in /run/systemd/pcrlock.json (make_pcrlock)
 open_new_keystore() {  # open_new_keystore VOLUME [TOKEN [zfs create options]]
     local vol=$1 tpm=${2:-}
     shift 2 || shift $#
@@ -132,6 +133,9 @@ open_new_keystore() {  # open_new_keystore VOLUME [TOKEN [zfs create options]]
         systemd-cryptenroll --unlock-key-file="$S/passphrase" --tpm2-device=auto \
             --tpm2-public-key="$S/tpm2-pcr-public-key.pem" --tpm2-public-key-pcrs=11 \
             --tpm2-signature=/tmp/tpm2-pcr-signature-a.json --tpm2-pcrs= "$dev"
+    elif [[ $tpm == pcrlock ]]; then
+        systemd-cryptenroll --unlock-key-file="$S/passphrase" --tpm2-device=auto \
+            --tpm2-pcrlock=/run/systemd/pcrlock.json --tpm2-pcrs= "$dev"
     fi
     cryptsetup luksDump "$dev"
     cryptsetup open --key-file "$S/passphrase" "$dev" secretsroot
@@ -238,6 +242,18 @@ close_keystore
 # and slowkdf: keys0's 512 MiB (less ZFS's 128 MiB slop) hold no seventh
 # 64 MiB reservation.
 open_new_keystore rpool/volumes/signedks signed -s
+put_key rpoolcrypt.key rpoolcrypt.key
+close_keystore
+# A keystore whose token is sealed to a pcrlock policy (and the passphrase):
+# systemd-pcrlock predicts PCRs 0 and 2 from the firmware's event log
+# (lock-firmware-code) and 7 (SeaBIOS measures only a separator there), and
+# keeps the policy in a TPM NV index; /run/systemd/pcrlock.json (written in
+# an initrd) goes to the tests, which put it where the config names it.
+PCRLOCK=/usr/lib/systemd/systemd-pcrlock
+"$PCRLOCK" lock-firmware-code
+"$PCRLOCK" make-policy --pcr=0 --pcr=2 --pcr=7
+record_file pcrlock.json /run/systemd/pcrlock.json
+open_new_keystore rpool/volumes/pcrlockks pcrlock -s
 put_key rpoolcrypt.key rpoolcrypt.key
 close_keystore
 # A keystore whose ext4 says its journal needs recovery, as after a crash

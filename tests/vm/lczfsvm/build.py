@@ -215,7 +215,14 @@ def base_initrd(root: Path, config: InitrdConfig | None = None) -> Path:
 PROVISION_TOOLS = (
     "bash sfdisk blkid wipefs mkfs.ext4 cryptsetup systemd-cryptenroll dmsetup dd sync "
     "head od tr sha256sum truncate sleep cmp install mkdir chmod rm mv ls readlink "
-    "debugfs dumpe2fs grep cat base64 /usr/lib/systemd/systemd-measure"
+    "debugfs dumpe2fs grep cat base64 /usr/lib/systemd/systemd-measure "
+    # systemd-pcrlock and the components that recognise SeaBIOS's separators
+    # (PCRs 0-6, 7); lock-firmware-code covers the rest of PCRs 0 and 2.
+    "/usr/lib/systemd/systemd-pcrlock "
+    "/usr/lib/pcrlock.d/500-separator.pcrlock.d/300-0x00000000.pcrlock "
+    "/usr/lib/pcrlock.d/500-separator.pcrlock.d/600-0xffffffff.pcrlock "
+    "/usr/lib/pcrlock.d/400-secureboot-separator.pcrlock.d/300-0x00000000.pcrlock "
+    "/usr/lib/pcrlock.d/400-secureboot-separator.pcrlock.d/600-0xffffffff.pcrlock"
 )
 
 

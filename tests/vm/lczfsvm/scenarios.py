@@ -6,6 +6,8 @@ name (``python3 -m lczfsvm boot passphrase --console``).
 
 from __future__ import annotations
 
+import hashlib
+import json
 from collections.abc import Callable
 from dataclasses import replace
 from typing import IO
@@ -23,6 +25,7 @@ ROOT_CMDLINE = "root=zfs:rpool/crypt/local/root"
 # Where the signed-policy scenarios' config names the PCR signature: the dracut
 # module copies it from the build tree into the initrd.
 SIGNATURE = "/etc/lczfs-unlockd/tpm2-pcr-signature.json"
+PCRLOCK = "/etc/lczfs-unlockd/pcrlock.json"
 
 
 def _keyfile_config(**kw: object) -> str:
@@ -90,6 +93,31 @@ def _signed_initrd(g: Guest) -> InitrdConfig:
     return InitrdConfig(_signed_config(), ((SIGNATURE, g.file("tpm2-pcr-signature-a.json")),))
 
 
+def _pcrlock_config() -> str:
+    return toml_config(
+        unlock=("token", "passphrase"),
+        volume="rpool/volumes/pcrlockks",
+        datasets=["rpool/crypt"],
+        tpm2_pcrlock=PCRLOCK,
+    )
+
+
+def _pcrlock_initrd(g: Guest) -> InitrdConfig:
+    """The config and provisioning's pcrlock.json in the tree: the module copies both."""
+    return InitrdConfig(_pcrlock_config(), ((PCRLOCK, g.file("pcrlock.json")),))
+
+
+def _stale_pcrlock(policy: bytes) -> bytes:
+    """The pcrlock policy predicted for another firmware (PCR 0): it matches neither
+    this boot's PCRs nor the policy in the TPM's NV index."""
+    data = json.loads(policy)
+    other = hashlib.sha256(b"another firmware").hexdigest()
+    for entry in data["pcrValues"]:
+        if entry["pcr"] == 0:
+            entry["values"] = [other]
+    return json.dumps(data).encode()
+
+
 def _bad_key(which: str) -> Callable[[Guest], Boot]:
     return lambda g: Boot(
         f"keyfile-{which}",
@@ -146,6 +174,27 @@ SCENARIOS: dict[str, Callable[[Guest], Boot]] = {
         tpm=True,
         initrd_config=_signed_initrd(g),
         files=((SIGNATURE.lstrip("/"), g.file("tpm2-pcr-signature-b.json"), 0o644),),
+        answers=(g.secrets.passphrase,),
+        checks=Checks(tpm=True),
+    ),
+    # A token sealed to a pcrlock policy (systemd-pcrlock, NV index), the
+    # policy file named by the config and copied into the initrd by the dracut
+    # module; then one predicted for another firmware laid over it.
+    "tpm2-pcrlock": lambda g: Boot(
+        "tpm2-pcrlock",
+        _pcrlock_config(),
+        disks=("keys0",),
+        tpm=True,
+        initrd_config=_pcrlock_initrd(g),
+        checks=Checks(tpm=True),
+    ),
+    "tpm2-pcrlock-stale": lambda g: Boot(
+        "tpm2-pcrlock-stale",
+        _pcrlock_config(),
+        disks=("keys0",),
+        tpm=True,
+        initrd_config=_pcrlock_initrd(g),
+        files=((PCRLOCK.lstrip("/"), _stale_pcrlock(g.file("pcrlock.json")), 0o644),),
         answers=(g.secrets.passphrase,),
         checks=Checks(tpm=True),
     ),
