@@ -43,7 +43,9 @@ def without_initrd(root: Path, with_initrd: Path) -> Path:
     """The same dracut run without lczfs-unlockd (exact same module list)."""
     lsinitrd = (with_initrd.parent / "lsinitrd.txt").read_text()
     modules = [m for m in _modules_of(lsinitrd) if m != "lczfs-unlockd"]
-    args = [a for a in build.COMMON_DRACUT_ARGS]
+    # The base initrd carries the harness's test-only programs
+    # (build.TEST_INSTALL): the same here, so the delta is the module's alone.
+    args = [*build.COMMON_DRACUT_ARGS, "--install", build.TEST_INSTALL]
     name = f"bench-initrd-without-{root.name.removeprefix('rootfs-')}-" + recipe_hash(
         [" ".join(args), " ".join(modules)]
     )
