@@ -61,7 +61,7 @@ class KeystoreConfig:
     prompt_timeout: float = 0.0  # 0 or math.inf = no limit
     token_timeout: float = 30.0  # 0 = do not wait for a token; math.inf = wait for ever
     # The PCR the unlock is measured into; None = "auto" (DEFAULT_MEASURE_PCR
-    # when a TPM2 is there and a systemd-tpm2 token is enrolled), False = never.
+    # whenever a TPM2 is there), False = never.
     measure_pcr: int | bool | None = None
     # For systemd's TPM2 token plugin; None = the plugin's own default.
     tpm2_signature: str | None = None

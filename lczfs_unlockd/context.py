@@ -117,6 +117,11 @@ class State:
     # Keys that did not load: raised after the root check, which must run
     # even then (a hostile pool adds a failing dataset to skip it).
     key_errors: list[UnlockError] = field(default_factory=list)
+    # The root check vouched for the root (its flag is written): the keys stay.
+    root_checked: bool = False
+    unloaded: set[str] = field(default_factory=set)  # keys unloaded again by this run
+    luks_uuid: str = ""  # the keystore's, once its header is loaded
+    completed: bool = False  # every step ran without an error
 
 
 class Context:

@@ -443,8 +443,12 @@ class LuksVolume:
         # measurement: the handler would raise right after get_key returns.
         # Held back until the key is wiped; the KDF in get_key was never
         # interruptible anyway (systemd's SIGKILL still is).
-        blocked = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM, signal.SIGINT})
+        # The mask is read first (a query changes nothing) and blocked inside
+        # the try, so that a handler already pending cannot raise between
+        # the block and the try and leave the signals blocked for good.
+        before = signal.pthread_sigmask(signal.SIG_BLOCK, ())
         try:
+            signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM, signal.SIGINT})
             got = ctypes.c_size_t(size)
             slot = get_key(buf, got)
             if slot < 0:
@@ -465,7 +469,7 @@ class LuksVolume:
             ctypes.memset(buf, 0, size)
             del buf
             wipe(key)
-            signal.pthread_sigmask(signal.SIG_SETMASK, blocked)
+            signal.pthread_sigmask(signal.SIG_SETMASK, before)
 
     def _handle(self) -> ctypes.c_void_p:
         if self._cd is None:

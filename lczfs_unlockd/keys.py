@@ -11,6 +11,7 @@ to ZFS, and wiped.
 from __future__ import annotations
 
 import errno
+import functools
 import logging
 
 from .context import Context
@@ -80,6 +81,12 @@ def load_keys(ctx: Context) -> None:
     """Load (a dry run: verify) the key of every target; the others still load if one fails."""
     c, p = ctx.config, ctx.ports
     verb = "verifying" if c.dry_run else "loading"
+    if not c.dry_run:
+        # Registered before any key loads: whatever ends the run before the
+        # root check vouched for the root (a refusal, SIGTERM in a later
+        # dataset's KDF, a bug), the keys are gone again when it exits.
+        ctx.on_exit("unload the keys of a root nobody vouched for",
+                    functools.partial(_unload_unless_checked, ctx))  # fmt: skip
     with ctx.step(f"{verb} keys", "keys"):
         mp = c.keystore.mountpoint
         errors: list[KeyLoadError] = []
@@ -124,6 +131,24 @@ def load_keys(ctx: Context) -> None:
             ctx.state.key_errors.append(
                 KeyLoadError("; ".join(str(e) for e in errors), errno=errors[0].errno)
             )
+
+
+def _unload_unless_checked(ctx: Context) -> None:
+    if ctx.state.root_checked:
+        return
+    failed = []
+    for name, _ in ctx.report.loaded:
+        if name in ctx.state.unloaded:
+            continue
+        try:
+            ctx.ports.keys.unload_key(name)
+        except KeyLoadError as exc:
+            failed.append(f"{exc}: zfs unload-key {name} by hand")
+            continue
+        ctx.state.unloaded.add(name)
+        log.warning("unloaded the key of %s again: the root was not vouched for", name)
+    if failed:
+        raise KeyLoadError("; ".join(failed))
 
 
 def raise_failures(ctx: Context) -> None:

@@ -28,7 +28,6 @@ from .errors import (
     PinRequiredError,
     PoolError,
     PromptError,
-    UnlockError,
     WrongKeyError,
 )
 from .ports import LuksDevice, MappingState, Tpm2Policy, VolumeKeyHook
@@ -122,24 +121,11 @@ def _open(ctx: Context, device: str) -> None:
         try:
             hook = measure.volume_key_hook(ctx, luks)
             ctx.state.activated = True  # from here on, a mapping may be ours
-            try:
-                ctx.report.keystore_method = _unlock(ctx, luks, device, hook)
-            except BaseException:
-                if hook is not None:
-                    _cap(ctx, luks)
-                raise
+            ctx.state.luks_uuid = luks.uuid
+            ctx.report.keystore_method = _unlock(ctx, luks, device, hook)
         finally:
             luks.close()
         log.info("keystore opened with %s", ctx.report.keystore_method)
-
-
-def _cap(ctx: Context, luks: LuksDevice) -> None:
-    """The unlock failed: make sure the TPM2 token cannot be unsealed later this boot."""
-    try:
-        measure.cap_if_unmeasured(ctx, luks)
-    except UnlockError as exc:
-        log.error("cannot extend the PCR after the failed unlock: %s", exc)
-        ctx.report.teardown_problems.append(f"PCR not extended after the failed unlock: {exc}")
 
 
 def _unlock(ctx: Context, luks: LuksDevice, device: str, hook: VolumeKeyHook | None) -> str:

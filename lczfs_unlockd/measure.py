@@ -21,11 +21,12 @@ is on whenever a TPM2 is there (or ``keystore.measure_pcr`` asks for it),
 whatever the header lists, and with a TPM2 token enrolled a failed
 measurement fails the unlock: a token the PCR no longer guards would be a
 key for anyone later in the boot.  A failed unlock of such a keystore
-extends the PCR with a marker instead (``cap_if_unmeasured``).
+extends the PCR with a marker instead (``cap_on_failure``).
 """
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import hmac
 import logging
@@ -141,24 +142,30 @@ def volume_key_hook(ctx: Context, luks: LuksDevice) -> VolumeKeyHook | None:
     return measure
 
 
-def cap_if_unmeasured(ctx: Context, luks: LuksDevice) -> None:
-    """After a failed unlock of a keystore with a TPM2 token: move the PCR anyway.
+def cap_on_failure(ctx: Context) -> None:
+    """Register, first thing: a run that fails leaves the PCR moved anyway."""
+    ctx.on_exit("extend the PCR after a failed run", functools.partial(_cap, ctx))
 
-    The token may have been unsealed (a key no slot took, a signal) without
-    a volume key to measure, or not tried; either way nothing later in this
-    boot (an emergency shell, a root the attacker put in place) may unseal
-    it.  Extended with a plain hash of a marker, event type "phase".
+
+def _cap(ctx: Context) -> None:
+    """After a failed real run on a machine with a TPM2: move the PCR anyway.
+
+    A TPM2 token may have been unsealed without a volume key to measure (a
+    key no slot took, an interrupted call), or the attacker made the run
+    fail before any unlock and kept a copy of the header with the token:
+    whatever the header lists now, nothing later in this boot (an emergency
+    shell, a root the attacker put in place) may unseal it.  Extended with a
+    plain hash of a marker, event type "phase".  Runs in the teardown (no
+    signal interrupts it); only a SIGKILL can skip it.
     """
     ks = ctx.config.keystore
-    if ctx.report.measured or ctx.config.dry_run or ks.measure_pcr is False:
+    if ctx.state.completed or ctx.report.measured or ctx.config.dry_run:
         return
-    if not any(t.type == TPM2_TOKEN for t in luks.tokens()):
+    if ks.measure_pcr is False or not ctx.ports.tpm.available():
         return
     pcr = DEFAULT_MEASURE_PCR if ks.measure_pcr is None else int(ks.measure_pcr)
     tpm = ctx.ports.tpm
-    if not tpm.available():
-        return
-    marker = f"lczfs-unlockd:unlock-failed:{xescape(ks.name)}:{luks.uuid}"
+    marker = f"lczfs-unlockd:unlock-failed:{xescape(ks.name)}:{ctx.state.luks_uuid}"
     banks = tpm.banks()
     tpm.extend(
         pcr,
@@ -166,10 +173,10 @@ def cap_if_unmeasured(ctx: Context, luks: LuksDevice) -> None:
         event_type="phase",
         description=marker,
     )
-    ctx.report.measured = f"PCR {pcr} ({', '.join(banks)}, unlock failed)"
+    ctx.report.measured = f"PCR {pcr} ({', '.join(banks)}, run failed)"
     log.warning(
-        'the unlock failed: extended PCR %d with "%s", so that the TPM2 token cannot be '
-        "unsealed again in this boot",
+        'the run failed: extended PCR %d with "%s", so that no TPM2 token can be unsealed '
+        "again in this boot",
         pcr, marker,
     )  # fmt: skip
 

@@ -28,7 +28,7 @@ import logging
 from . import paths
 from .config import BOOTFS, Config
 from .context import Context
-from .errors import KeyLoadError, NoSuchDatasetError, PoolError, RootRefusedError
+from .errors import NoSuchDatasetError, PoolError, RootRefusedError
 from .ports import DatasetInfo
 
 log = logging.getLogger("lczfs_unlockd")
@@ -112,6 +112,7 @@ def _ours(config: Config) -> bool:
 def _mark_checked(ctx: Context, why: str) -> None:
     try:
         ctx.ports.fs.write_flag(paths.ROOT_CHECKED_FLAG, why + "\n")
+        ctx.state.root_checked = True
     except OSError as exc:
         # Fails closed: without the flag, sysroot.mount's assertion fails.
         log.error(
@@ -189,15 +190,10 @@ def check_root(ctx: Context) -> None:
 
 
 def _fail_closed(ctx: Context) -> list[str]:
-    """Unload what this run loaded, block sysroot.mount; what could not be done."""
-    c, p, report = ctx.config, ctx.ports, ctx.report
+    """Block sysroot.mount; what could not be done.  (The keys this run
+    loaded are unloaded by keys.py's undo: the root was not vouched for.)"""
+    c, p = ctx.config, ctx.ports
     left = []
-    for name, _ in report.loaded:
-        try:
-            p.keys.unload_key(name)
-            log.warning("unloaded the key of %s again", name)
-        except KeyLoadError as exc:
-            left.append(f"{exc}: zfs unload-key {name} by hand")
     try:
         p.fs.write_flag(
             paths.ROOT_REFUSED_FLAG, f"lczfs-unlockd refused the root of pool {c.pool}\n"

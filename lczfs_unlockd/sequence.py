@@ -13,7 +13,7 @@ from __future__ import annotations
 import logging
 import signal
 
-from . import keys, keystore, mount, pool, rootcheck, teardown
+from . import keys, keystore, measure, mount, pool, rootcheck, teardown
 from .config import Config
 from .context import Context
 from .errors import Interrupted, TeardownError, UnlockError
@@ -39,12 +39,14 @@ def run(config: Config, ports: Ports) -> Report:
                     try:
                         teardown.mask_at_end(ctx)  # registered first: runs last
                         rootcheck.prepare(ctx)
+                        measure.cap_on_failure(ctx)  # after the keystore is closed
                         pool.import_pool(ctx)
                         device = keystore.open_keystore(ctx)
                         mount.mount_keystore(ctx, device)
                         keys.load_keys(ctx)
                         rootcheck.check_root(ctx)
                         keys.raise_failures(ctx)
+                        ctx.state.completed = True
                     finally:
                         ctx.tear_down()  # before the undo actions run
             finally:

@@ -145,9 +145,17 @@ def parse_properties(
     values: dict[str, dict[str, str]] = {}
     names: list[str] = []
     for line in text.splitlines():
+        if not line:
+            continue
         fields = line.split("\t")
         if len(fields) != 3:
-            continue
+            # A tab or newline in a name or value from the disk (zfs never
+            # writes one): the rest of the answer cannot be trusted either.
+            raise PoolError(
+                f"zfs get printed a line that is not name, property and value "
+                f"({_printable_name(line)}): the pool's metadata is not what zfs wrote; "
+                "inspect it from a trusted system"
+            )
         name, prop, value = fields
         if asked and not any(name == a or (recursive and name.startswith(a + "/")) for a in asked):
             raise PoolError(

@@ -152,8 +152,33 @@ def test_a_failed_unlock_with_a_tpm2_token_caps_the_pcr(world, make_config, run,
     assert (pcr, event) == (15, "phase")
     assert marker == f"lczfs-unlockd:unlock-failed:lczfs-keystore:{world.luks_uuid}"
     assert digests == {"sha256": hashlib.sha256(marker.encode()).digest()}
-    assert "cannot be unsealed again in this boot" in caplog.text
+    assert "no TPM2 token can be unsealed again in this boot" in caplog.text
     assert_clean(world)
+
+
+@pytest.mark.parametrize("failure", ["pool missing", "header broken", "token deleted"])
+def test_any_failed_run_with_a_tpm_caps_the_pcr(world, make_config, run, failure):
+    # The attacker makes the run fail before any unlock, keeping a copy of
+    # the header with its token: PCR 15 must still move (review finding).
+    world.tpm_present = True
+    if failure == "pool missing":
+        world.disks = {d: False for d in world.disks}
+    elif failure == "header broken":
+        world.luks_valid = False
+    else:
+        world.answers = ["wrong", "wrong", "wrong"]
+    report = run(make_config({"unlock": ["passphrase"]}, timeout="1s", online_grace="0"))
+    assert not report.ok
+    assert [event for _, _, event, _ in world.tpm_log] == ["phase"]
+    assert 15 in world.pcrs["sha256"]
+
+
+def test_a_successful_run_is_not_capped(world, make_config, run):
+    world.tpm_present = True
+    world.answers = ["luks pass"]
+    report = run(make_config())
+    assert report.ok
+    assert [event for _, _, event, _ in world.tpm_log] == ["volume-key"]
 
 
 def test_a_dry_run_does_not_measure_a_passphrase(world, make_config, run):

@@ -245,7 +245,30 @@ def test_a_key_that_will_not_unload_is_reported(world, make_config, run):
 
     world.hooks["unload_key"] = busy
     report = run(make_config(root_dataset=ROOT))
-    assert "zfs unload-key rpool/crypt by hand" in str(report.error)
+    assert "zfs unload-key rpool/crypt by hand" in report.summary
+
+
+def test_a_sigterm_after_the_key_loaded_unloads_it(world, make_config, run):
+    # A later dataset's KDF (its cost from the disk) runs into systemd's
+    # start timeout: the real key must not stay loaded for the emergency
+    # shell (second review).
+    import os
+    import signal
+
+    world.answers = ["luks pass"]
+    world.add_encryption_root("rpool/zz", "hex", b"ab" * 32)
+    calls = {"n": 0}
+
+    def term_on_second(w):
+        calls["n"] += 1
+        if calls["n"] == 2:
+            os.kill(os.getpid(), signal.SIGTERM)
+
+    world.hooks["load_key"] = term_on_second
+    report = run(with_cmdline(make_config(), f"root=zfs:{ROOT}"))
+    assert not report.ok
+    assert world.loaded_keys() == {"rpool/crypt": False, "rpool/zz": False}
+    assert paths.ROOT_CHECKED_FLAG not in world.files
 
 
 def test_a_flag_that_cannot_be_written_is_reported(world, make_config, run):
@@ -277,3 +300,12 @@ def test_a_flag_that_cannot_be_written_is_reported(world, make_config, run):
 )
 def test_kernel_root_forms(make_config, cmdline, root):
     assert configmod.apply_cmdline(make_config(), cmdline)[0].kernel_root == root
+
+
+def test_a_line_with_a_tab_or_newline_in_a_value_fails():
+    # A name or value holding a newline truncates into a short line.
+    from lczfs_unlockd.errors import PoolError
+    from lczfs_unlockd.zpool import parse_properties
+
+    with pytest.raises(PoolError, match="not name, property and value"):
+        parse_properties(f"{ROOT}\tencryptionroot\trpool/crypt\njunk\n", [ROOT], recursive=False)
