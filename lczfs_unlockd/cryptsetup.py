@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import ctypes
 import errno
+import functools
 import logging
 import os
 import signal
@@ -350,6 +351,29 @@ def _strerror(code: int) -> str:
     return os.strerror(code).lower()
 
 
+def _key_by_context(
+    lib: ctypes.CDLL,
+    cd: ctypes.c_void_p,
+    init: Callable[[object], int],
+    buf: ctypes.Array[ctypes.c_char],
+    size: ctypes.c_size_t,
+) -> int:
+    """The volume key through the keyslot context ``init`` makes (given the
+    context's out-pointer): the key slot, or -errno.  The context is freed
+    before returning; what it points to (a PIN, a key file path, usrptr) is
+    kept by pointer, not copied, so ``init`` must hold it alive."""
+    kc = ctypes.c_void_p()
+    r = int(init(ctypes.byref(kc)))
+    if r < 0:
+        return r
+    try:
+        return int(lib.crypt_volume_key_get_by_keyslot_context(
+            cd, CRYPT_ANY_SLOT, buf, ctypes.byref(size), kc
+        ))  # fmt: skip
+    finally:
+        lib.crypt_keyslot_context_free(kc)
+
+
 def _tpm2_params(policy: Tpm2Policy) -> _Tpm2PluginParams:
     def path(value: str | None) -> bytes | None:
         return None if value is None else os.fsencode(value)
@@ -532,24 +556,20 @@ class LuksVolume:
                     _flags(read_only),
                 ))  # fmt: skip
             else:
-
-                def get_key(
-                    buf: ctypes.Array[ctypes.c_char], size: ctypes.c_size_t, pin: object = pin_buf
-                ) -> int:
-                    kc = ctypes.c_void_p()
-                    r = int(lib.crypt_keyslot_context_init_by_token(
-                        cd, CRYPT_ANY_TOKEN, kind, pin, pin_size, usrptr, ctypes.byref(kc)
-                    ))  # fmt: skip
-                    if r < 0:
-                        return r
-                    try:
-                        return int(lib.crypt_volume_key_get_by_keyslot_context(
-                            cd, CRYPT_ANY_SLOT, buf, ctypes.byref(size), kc
-                        ))  # fmt: skip
-                    finally:
-                        lib.crypt_keyslot_context_free(kc)
-
-                r = self._through_volume_key("a token", name, read_only, get_key, on_volume_key)
+                init = functools.partial(
+                    lib.crypt_keyslot_context_init_by_token,
+                    cd,
+                    CRYPT_ANY_TOKEN,
+                    kind,
+                    pin_buf,
+                    pin_size,
+                    usrptr,
+                )
+                r = self._through_volume_key(
+                    "a token", name, read_only,
+                    functools.partial(_key_by_context, lib, cd, init), on_volume_key,
+                )  # fmt: skip
+                del init  # it holds the PIN's buffer too
         finally:
             del pin_buf  # release the export so the caller may resize/zero it
             logsetup.mark("kdf_done")
@@ -667,27 +687,15 @@ class LuksVolume:
                     )
                 )  # fmt: skip
             else:
-
-                def get_key(buf: ctypes.Array[ctypes.c_char], size: ctypes.c_size_t) -> int:
-                    kc = ctypes.c_void_p()
-                    # The context keeps the pointer, not a copy: the bytes
-                    # must outlive it (a temporary here was freed and reused).
-                    keyfile = os.fsencode(path)
-                    r = int(lib.crypt_keyslot_context_init_by_keyfile(
-                        cd, keyfile, 0, 0, ctypes.byref(kc)
-                    ))  # fmt: skip
-                    if r < 0:
-                        return r
-                    try:
-                        return int(lib.crypt_volume_key_get_by_keyslot_context(
-                            cd, CRYPT_ANY_SLOT, buf, ctypes.byref(size), kc
-                        ))  # fmt: skip
-                    finally:
-                        lib.crypt_keyslot_context_free(kc)
-
-                r = self._through_volume_key(
-                    f"key file {path}", name, read_only, get_key, on_volume_key
+                # The partial holds the encoded path for as long as the
+                # context needs it (a temporary was freed and reused under it).
+                init = functools.partial(
+                    lib.crypt_keyslot_context_init_by_keyfile, cd, os.fsencode(path), 0, 0
                 )
+                r = self._through_volume_key(
+                    f"key file {path}", name, read_only,
+                    functools.partial(_key_by_context, lib, cd, init), on_volume_key,
+                )  # fmt: skip
         finally:
             logsetup.mark("kdf_done")
         if r >= 0:
