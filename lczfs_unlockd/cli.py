@@ -1,4 +1,6 @@
-"""Command line: run (default), check-config, --dry-run, --version, --timings.
+"""Command line: run (default), check-config, --dry-run, --version, --timings,
+and the operations commands of the running system (setup, status, enroll,
+unenroll, arm-reboot, disarm), each in its ``ops_*`` module.
 
 The only module that builds the real adapters and hands them to the
 sequence, and the only place that picks exit codes and prints the final line.  Exit codes
@@ -67,7 +69,10 @@ def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="lczfs-unlockd",
         description="Unlock an encrypted ZFS pool from a LUKS keystore on one of its zvols.",
-        epilog="lczfs-unlockd check-config [PATH] validates a configuration file offline.",
+        epilog="commands: run (the default: what the initrd service runs), "
+        "check-config [PATH] (validate a configuration file offline), and for the "
+        "running system: " + ", ".join(OPERATIONS) + " (lczfs-unlockd COMMAND --help; "
+        "man lczfs-unlockd)",
     )
     parser.add_argument("--version", action="version", version=f"lczfs-unlockd {__version__}")
     parser.add_argument("--config", default=config.DEFAULT_PATH, metavar="PATH")
@@ -91,6 +96,25 @@ def _parser() -> argparse.ArgumentParser:
         help="where to read rd.lczfs.* parameters (default /proc/cmdline)",
     )
     return parser
+
+
+# The operations commands (stage 2): command -> (module, function).
+OPERATIONS: dict[str, tuple[str, str]] = {
+    "setup": ("ops_setup", "main"),
+    "status": ("ops_status", "main"),
+    "enroll": ("ops_enroll", "enroll_main"),
+    "unenroll": ("ops_enroll", "unenroll_main"),
+    "arm-reboot": ("ops_arm", "arm_main"),
+    "disarm": ("ops_arm", "disarm_main"),
+}
+
+
+def _operation(command: str, argv: Sequence[str]) -> int:
+    import importlib
+
+    module, function = OPERATIONS[command]
+    entry = getattr(importlib.import_module(f".{module}", __package__), function)
+    return int(entry(list(argv)))
 
 
 def check_config(argv: Sequence[str]) -> int:
@@ -128,6 +152,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv[:1] == ["check-config"]:
         return check_config(argv[1:])
+    if argv and argv[0] in OPERATIONS:
+        return _operation(argv[0], argv[1:])
     if argv[:1] == ["run"]:
         argv = argv[1:]
     args = _parser().parse_args(argv)

@@ -114,6 +114,16 @@ class TeardownError(UnlockError):
     errno = _errno.EBUSY
 
 
+class LuksAdminError(UnlockError):
+    """A LUKS header change or query of the operations commands failed (stage 2)."""
+
+
+class OpsError(UnlockError):
+    """An operations command (setup, status, enroll, arm-reboot) cannot go on:
+    the message says what is wrong and what to do; nothing was left half-done,
+    or the message lists the commands that finish or undo it."""
+
+
 class CommandTimeout(UnlockError):
     """A program did not finish in time (it was killed, and reaped if it could be)."""
 

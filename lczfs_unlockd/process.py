@@ -116,7 +116,9 @@ def _close(child: subprocess.Popen[bytes]) -> None:
             stream.close()
 
 
-def _spawn(argv: tuple[str, ...]) -> subprocess.Popen[bytes]:
+def _spawn(
+    argv: tuple[str, ...], pass_fds: Sequence[int] = (), env: dict[str, str] | None = None
+) -> subprocess.Popen[bytes]:
     log.debug("running %s", shlex.join(argv))
     logsetup.mark("first_subprocess")
     try:
@@ -125,8 +127,9 @@ def _spawn(argv: tuple[str, ...]) -> subprocess.Popen[bytes]:
             stdin=subprocess.DEVNULL,
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,
-            env=_environment(),
+            env={**_environment(), **(env or {})},
             close_fds=True,
+            pass_fds=tuple(pass_fds),
         )
     except FileNotFoundError as exc:
         raise _not_found(argv[0]) from exc
@@ -144,6 +147,8 @@ def _supervised(
     collect: Callable[[subprocess.Popen[bytes], float | None], T],
     *,
     grace: float = 0.0,
+    pass_fds: Sequence[int] = (),
+    env: dict[str, str] | None = None,
 ) -> T:
     """Spawn ``argv`` and ``collect`` its output within ``timeout`` s (None: no limit).
 
@@ -152,7 +157,7 @@ def _supervised(
     exception (SIGTERM turned into ``Interrupted`` included) the child is
     killed before it propagates.
     """
-    child = _spawn(argv)
+    child = _spawn(argv, pass_fds, env)
     try:
         return collect(child, timeout)
     except subprocess.TimeoutExpired:
@@ -213,6 +218,74 @@ def run(
         )
 
     result = _supervised(argv, _bound(timeout), collect)
+    if check and result.returncode != 0:
+        raise result.error()
+    return result
+
+
+def secret_pipe(secret: bytes | bytearray) -> int:
+    """A pipe holding ``secret``, its write end closed: the read end's descriptor.
+
+    What a child reads as a key file (``/proc/self/fd/N``) instead of a
+    file on disk or an argv/environment entry.  At most 64 KiB (one pipe
+    buffer: the write never blocks).  The caller closes the descriptor.
+    """
+    if len(secret) > 65536:
+        raise UnlockError("a secret longer than 64 KiB cannot go through a pipe")
+    r, w = os.pipe()
+    try:
+        with memoryview(secret) as view:
+            written = 0
+            while written < len(view):
+                written += os.write(w, view[written:])
+    except BaseException:
+        os.close(r)
+        raise
+    finally:
+        os.close(w)
+    return r
+
+
+def run_fed(
+    argv: Sequence[str],
+    secrets: Sequence[bytes | bytearray] = (),
+    *,
+    check: bool = True,
+    timeout: float | None = None,
+    env: dict[str, str] | None = None,
+) -> Result:
+    """``run`` with each of ``secrets`` readable by the child as a file.
+
+    ``argv`` names them ``{fd0}``, ``{fd1}``...: replaced with
+    ``/proc/self/fd/N`` of a pipe holding that secret (never the secret
+    itself: argv is world-readable in /proc).  ``env``: added to the fixed
+    environment (no secrets: /proc/PID/environ is root's to read, but a
+    core dump or a debug log could show it).
+    """
+    fds: list[int] = []
+    try:
+        for secret in secrets:
+            fds.append(secret_pipe(secret))
+        names = {f"fd{i}": f"/proc/self/fd/{fd}" for i, fd in enumerate(fds)}
+        full = tuple(a.format(**names) if "{fd" in a else a for a in argv)
+        shown = tuple(argv)
+
+        def collect(child: subprocess.Popen[bytes], limit: float | None) -> Result:
+            for fd in fds:  # the child has its copies
+                os.close(fd)
+            fds.clear()
+            out, err = child.communicate(timeout=limit)
+            return Result(
+                argv=shown,
+                returncode=child.returncode,
+                stdout=out.decode("utf-8", "replace"),
+                stderr=err.decode("utf-8", "replace"),
+            )
+
+        result = _supervised(full, _bound(timeout), collect, pass_fds=fds, env=env)
+    finally:
+        for fd in fds:
+            os.close(fd)
     if check and result.returncode != 0:
         raise result.error()
     return result
