@@ -2,7 +2,9 @@
 
 No maintained Python binding of libcryptsetup exists, and the daemon needs
 only a dozen calls: load a LUKS header, try tokens, a key file or a
-passphrase, activate (or only check) the key, and deactivate.  Negative
+passphrase, activate (or only check) the key, deactivate, and the one
+header change the daemon makes: destroying a used one-time unlock
+(``arm-reboot``'s key slot and tokens).  Negative
 errno values become the typed errors of ``errors.py`` with a message that
 names the device and says what to do.
 
@@ -44,7 +46,7 @@ from .ports import MappingState, Token
 from .secretbuf import wipe
 
 if TYPE_CHECKING:
-    from collections.abc import Callable
+    from collections.abc import Callable, Sequence
 
     from .ports import Cryptsetup, LuksDevice, Tpm2Policy, VolumeKeyHook
 
@@ -197,6 +199,12 @@ def _declare(lib: ctypes.CDLL) -> None:
         "crypt_set_debug_level": (None, [c_int]),
         "crypt_token_max": (c_int, [c_char_p]),
         "crypt_token_status": (c_int, [cd, c_int, ctypes.POINTER(c_char_p)]),
+        # (cd, token, JSON out: the library's, valid until the next call)
+        "crypt_token_json_get": (c_int, [cd, c_int, ctypes.POINTER(c_char_p)]),
+        # (cd, token, JSON (NULL: remove the token)); writes the header
+        "crypt_token_json_set": (c_int, [cd, c_int, c_char_p]),
+        # (cd, keyslot): wipes the slot's key material and writes the header
+        "crypt_keyslot_destroy": (c_int, [cd, c_int]),
         # (cd, name (NULL: check only), token type (NULL: any), token, pin,
         #  pin size, usrptr, flags)
         "crypt_activate_by_token_pin": (
@@ -538,9 +546,11 @@ class LuksVolume:
         read_only: bool,
         policy: Tpm2Policy | None = None,
         on_volume_key: VolumeKeyHook | None = None,
+        token: int | None = None,
     ) -> None:
         lib = _begin()
         cd = self._handle()
+        which = CRYPT_ANY_TOKEN if token is None else token
         pin_buf = None if pin is None else _key_buffer(pin)
         pin_size = 0 if pin is None else len(pin)
         # With a policy, only systemd-tpm2 tokens: another type's plugin
@@ -552,14 +562,14 @@ class LuksVolume:
         try:
             if on_volume_key is None:
                 r = int(lib.crypt_activate_by_token_pin(
-                    cd, _name_arg(name), kind, CRYPT_ANY_TOKEN, pin_buf, pin_size, usrptr,
+                    cd, _name_arg(name), kind, which, pin_buf, pin_size, usrptr,
                     _flags(read_only),
                 ))  # fmt: skip
             else:
                 init = functools.partial(
                     lib.crypt_keyslot_context_init_by_token,
                     cd,
-                    CRYPT_ANY_TOKEN,
+                    which,
                     kind,
                     pin_buf,
                     pin_size,
@@ -577,6 +587,48 @@ class LuksVolume:
             log.debug("a token of %s unlocked key slot %d", self.device, r)
             return
         raise self._token_error(name, -r, pin_given=pin is not None)
+
+    def token_json(self, token: int) -> str | None:
+        """Token ``token``'s JSON; None when the slot holds no token (or LUKS1)."""
+        lib = _begin()
+        cd = self._handle()
+        if self._luks_type != CRYPT_LUKS2:
+            return None
+        out = ctypes.c_char_p()
+        r = int(lib.crypt_token_json_get(cd, token, ctypes.byref(out)))
+        if r < 0:
+            if -r in (errno.ENOENT, errno.EINVAL):
+                return None
+            raise KeystoreError(
+                f"cannot read token {token} of {self.device}: {_strerror(-r)}: {_reason()}",
+                errno=-r,
+            )
+        # The library's buffer: copied at once.  Undecodable bytes stay
+        # visible as replacement characters (the parser refuses them).
+        return (out.value or b"").decode(errors="replace")
+
+    def destroy_one_time(self, slot: int, tokens: Sequence[int]) -> None:
+        """The slot first: without it the tokens open nothing, and a token left
+        over (the error below) names a slot that is gone, which status shows."""
+        lib = _begin()
+        cd = self._handle()
+        r = int(lib.crypt_keyslot_destroy(cd, slot))
+        if r < 0:
+            raise KeystoreError(
+                f"cannot destroy key slot {slot} of {self.device}: {_strerror(-r)}: {_reason()}",
+                errno=-r,
+            )
+        for n, token in enumerate(tokens):
+            _last_error.text = ""
+            r = int(lib.crypt_token_json_set(cd, token, None))
+            if r < 0:
+                left = ", ".join(map(str, tokens[n:]))
+                raise KeystoreError(
+                    f"destroyed key slot {slot} of {self.device}, but cannot remove token "
+                    f"{token}: {_strerror(-r)}: {_reason()} (left: token {left})",
+                    errno=-r,
+                )
+        log.debug("destroyed key slot %d and tokens %s of %s", slot, list(tokens), self.device)
 
     def _token_error(self, name: str | None, code: int, *, pin_given: bool) -> KeystoreError:
         """What a failed crypt_activate_by_token_pin() (-code) means for the operator."""

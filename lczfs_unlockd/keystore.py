@@ -7,14 +7,32 @@ hardware is absent, its PIN asked for), the key file, the passphrase
 of one method falls through to the next, and the error names each.
 Secrets are wiped after every try.  ``cryptsetup.py`` is the binding;
 the policy is here.
+
+Before them, in real runs, whatever ``keystore.unlock`` says: a one-time
+unlock armed in the running system by ``lczfs-unlockd arm-reboot`` (a key
+slot S, the systemd-tpm2 token T sealing its secret to PCR 7 and the
+measurement PCR's initial value, and a marker token M of type
+``lczfs-armed`` naming both, with its expiry).  A marker that parses
+strictly and has not expired gets one try of T, measured like any token;
+then S, T and M are destroyed whether it worked or not, by the daemon
+itself: the keystore's mapping is read-only, its header on the zvol is
+not, and leaving the destruction to a stage-2 unit would leave the slot in
+place when that unit never runs (a failed boot, a rescue shell).  The
+marker is on the disk, so its expiry only holds against whoever cannot
+write the disk; the one-boot limit holds against anyone: once the unlock
+is measured, T's policy no longer matches for the rest of the boot.  A
+dry run neither uses nor destroys it.
 """
 
 from __future__ import annotations
 
 import errno
 import functools
+import json
 import logging
-from collections.abc import Callable
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
 
 from . import measure
 from .config import UnlockMethod, format_duration
@@ -40,6 +58,93 @@ PARTITION_WAIT = 5.0  # after the zvol node, its partitions follow
 DEVICE_POLL = 0.1
 TOKEN_RETRY = 0.5
 AMBIGUOUS_TRIES = 3  # a token PIN refused for a reason that may not be the PIN
+
+# arm-reboot's one-time unlock (the marker token's JSON, the report's method).
+MARKER_TYPE = "lczfs-armed"
+TPM2_TOKEN = "systemd-tpm2"
+ONE_TIME_METHOD = "one-time TPM2 unlock (arm-reboot)"
+MARKER_KEYS = frozenset({"type", "keyslots", "lczfs_tpm2_token", "armed_at", "expires"})
+MAX_ARMED = 7 * 24 * 3600  # the longest an armed unlock may stay valid (arm-reboot --expires)
+# The initrd's clock may lag the one stage 2 set (an RTC not written back):
+# this much before armed_at is still believed.
+CLOCK_SKEW = 600
+MAX_MARKER_JSON = 4096  # a marker is ~120 bytes; more is not ours
+
+
+@dataclass(frozen=True)
+class OneTimeUnlock:
+    """A valid marker: key slot ``slot``, its systemd-tpm2 token ``token``,
+    the marker token ``marker`` itself, and when it was armed and expires
+    (Unix seconds)."""
+
+    marker: int
+    token: int
+    slot: int
+    armed_at: int
+    expires: int
+
+    def describe(self) -> str:
+        return f"key slot {self.slot}, tokens {self.token} and {self.marker}"
+
+
+def marker_json(slot: int, token: int, armed_at: int, expires: int) -> dict[str, object]:
+    """The marker token arm-reboot imports (the format parse_marker accepts)."""
+    return {
+        "type": MARKER_TYPE,
+        "keyslots": [str(slot)],
+        "lczfs_tpm2_token": str(token),
+        "armed_at": armed_at,
+        "expires": expires,
+    }
+
+
+def _number(value: object, what: str) -> int:
+    if not (isinstance(value, str) and value.isdigit() and len(value) <= 2 and int(value) <= 31):
+        raise ValueError(f"{what} is not a number 0-31 in a string")
+    return int(value)
+
+
+def _seconds(value: object, what: str) -> int:
+    if not isinstance(value, int) or isinstance(value, bool) or not 0 < value < 2**40:
+        raise ValueError(f"{what} is not a time in Unix seconds")
+    return value
+
+
+def parse_marker(
+    marker_id: int, marker: object, token_of: Callable[[int], object | None]
+) -> OneTimeUnlock:
+    """Check a marker token's JSON strictly (every field is hostile input):
+    ``ValueError`` saying what is wrong, without quoting the header.
+
+    ``token_of(n)``: token n's JSON object, None when there is none.  The
+    token the marker names must be a systemd-tpm2 token of exactly its slot.
+    """
+    if not isinstance(marker, Mapping) or marker.get("type") != MARKER_TYPE:
+        raise ValueError(f"token {marker_id} is not an {MARKER_TYPE} marker")
+    if set(marker) != MARKER_KEYS:
+        raise ValueError("its fields are not exactly " + ", ".join(sorted(MARKER_KEYS)))
+    slots = marker["keyslots"]
+    if not isinstance(slots, list) or len(slots) != 1:
+        raise ValueError("keyslots is not a list of one key slot")
+    slot = _number(slots[0], "its key slot")
+    token = _number(marker["lczfs_tpm2_token"], "lczfs_tpm2_token")
+    if token == marker_id:
+        raise ValueError("lczfs_tpm2_token names the marker itself")
+    armed_at = _seconds(marker["armed_at"], "armed_at")
+    expires = _seconds(marker["expires"], "expires")
+    if not armed_at < expires <= armed_at + MAX_ARMED:
+        raise ValueError(f"expires is not after armed_at by at most {MAX_ARMED // 86400} days")
+    tpm2 = token_of(token)
+    if not isinstance(tpm2, Mapping) or tpm2.get("type") != TPM2_TOKEN:
+        raise ValueError(f"token {token} is not a {TPM2_TOKEN} token")
+    if tpm2.get("keyslots") != [str(slot)]:
+        raise ValueError(f"token {token} does not belong to key slot {slot} alone")
+    return OneTimeUnlock(marker_id, token, slot, armed_at, expires)
+
+
+def utc(seconds: float) -> str:
+    """Unix seconds as ISO 8601 UTC (the form arm-reboot prints)."""
+    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(seconds))
 
 
 def open_keystore(ctx: Context) -> str:
@@ -139,6 +244,8 @@ def _unlock(ctx: Context, luks: LuksDevice, device: str, hook: VolumeKeyHook | N
         # out: the PCR must move); a passphrase checked in stage 2 must not
         # move a PCR that stage-2 secrets are bound to.
         hook = None
+    if _one_time(ctx, luks, device, reasons, token_hook):
+        return ONE_TIME_METHOD
     for method in ks.unlock:
         ctx.checkpoint()
         if method is UnlockMethod.TOKEN:
@@ -163,6 +270,128 @@ def _unlock(ctx: Context, luks: LuksDevice, device: str, hook: VolumeKeyHook | N
     )
 
 
+def _json_of(luks: LuksDevice, token: int) -> object | None:
+    text = luks.token_json(token)
+    if text is None or len(text) > MAX_MARKER_JSON:
+        return None
+    try:
+        value: object = json.loads(text)
+    except ValueError:
+        return None
+    return value
+
+
+def armed(luks: LuksDevice, device: str) -> list[OneTimeUnlock]:
+    """The valid markers of the header; each invalid one is a warning naming it."""
+    out = []
+    for t in luks.tokens():
+        if t.type != MARKER_TYPE:
+            continue
+        try:
+            marker = _json_of(luks, t.id)
+            if marker is None:
+                raise ValueError("its JSON is unreadable or too long")
+            out.append(parse_marker(t.id, marker, functools.partial(_json_of, luks)))
+        except (ValueError, KeystoreError) as exc:
+            log.warning(
+                "ignoring the %s marker in token %d of %s: %s (lczfs-unlockd disarm removes it)",
+                MARKER_TYPE, t.id, device, exc,
+            )  # fmt: skip
+    return out
+
+
+def _one_time(
+    ctx: Context, luks: LuksDevice, device: str, reasons: list[str], hook: VolumeKeyHook | None
+) -> bool:
+    """arm-reboot's one-time unlock: tried once if valid and not expired, then
+    destroyed in any case (see the module docstring)."""
+    if not any(t.type == MARKER_TYPE for t in luks.tokens()):
+        return False
+    if ctx.config.dry_run:
+        log.info(
+            "dry run: the one-time unlock (arm-reboot) on %s is neither used nor destroyed",
+            device,
+        )
+        return False
+    opened = False
+    for unlock in armed(luks, device):
+        try:
+            if not opened and _in_time(ctx, unlock, device):
+                opened = _try_one_time(ctx, luks, device, unlock, reasons, hook)
+        finally:
+            destroy(luks, device, unlock)
+    return opened
+
+
+def _in_time(ctx: Context, unlock: OneTimeUnlock, device: str) -> bool:
+    now = ctx.ports.clock.time()
+    if now >= unlock.expires:
+        log.warning(
+            "the one-time unlock (arm-reboot) of %s expired at %s (now %s): not using it",
+            device, utc(unlock.expires), utc(now),
+        )  # fmt: skip
+        return False
+    if now < unlock.armed_at - CLOCK_SKEW:
+        # A clock set back could make any expiry look fresh.
+        log.warning(
+            "the clock (%s) is before the one-time unlock (arm-reboot) of %s was armed (%s): "
+            "not trusting it, not using it",
+            utc(now), device, utc(unlock.armed_at),
+        )  # fmt: skip
+        return False
+    return True
+
+
+def _try_one_time(
+    ctx: Context,
+    luks: LuksDevice,
+    device: str,
+    unlock: OneTimeUnlock,
+    reasons: list[str],
+    hook: VolumeKeyHook | None,
+) -> bool:
+    """One unseal of token T; only the wait for the TPM to appear is repeated."""
+    p, ks = ctx.ports, ctx.config.keystore
+    start = p.clock.monotonic()
+    while True:
+        ctx.checkpoint()
+        try:
+            # The policy pins the type to systemd-tpm2 (parse_marker checked it).
+            luks.activate_by_token(
+                ks.name, None, read_only=True, policy=_policy(ctx) or Tpm2Policy(),
+                on_volume_key=hook, token=unlock.token,
+            )  # fmt: skip
+            return True
+        except NoTokenError as exc:
+            if exc.errno == errno.EAGAIN and p.clock.monotonic() - start < ks.token_timeout:
+                with ctx.extending():  # bounded by token_timeout
+                    p.clock.sleep(TOKEN_RETRY)
+                continue
+            failure: KeystoreError = exc
+        except KeystoreError as exc:  # PinRequiredError included: armed without a PIN
+            failure = exc
+        reasons.append(f"one-time TPM2 unlock: {failure}")
+        log.warning(
+            "the one-time unlock (arm-reboot, token %d) did not open %s: %s",
+            unlock.token, device, failure,
+        )  # fmt: skip
+        return False
+
+
+def destroy(luks: LuksDevice, device: str, unlock: OneTimeUnlock) -> None:
+    """Not a reason to fail the boot: status shows what is left, disarm removes it."""
+    try:
+        luks.destroy_one_time(unlock.slot, (unlock.token, unlock.marker))
+    except KeystoreError as exc:
+        log.error(
+            "cannot destroy the one-time unlock (%s) of %s: %s: remove it in the running "
+            "system with lczfs-unlockd disarm",
+            unlock.describe(), device, exc,
+        )  # fmt: skip
+        return
+    log.info("destroyed the one-time unlock (%s)", unlock.describe())
+
+
 def _policy(ctx: Context) -> Tpm2Policy | None:
     ks = ctx.config.keystore
     if ks.tpm2_signature is None and ks.tpm2_pcrlock is None:
@@ -180,7 +409,8 @@ def _try_token(
     matching token) falls through at once.
     """
     p, ks = ctx.ports, ctx.config.keystore
-    tokens = luks.tokens()
+    # arm-reboot's markers carry no key (and have no plugin: not worth a warning).
+    tokens = [t for t in luks.tokens() if t.type != MARKER_TYPE]
     if not tokens:
         reasons.append("token: none enrolled")
         log.info("no LUKS2 token enrolled on %s", device)

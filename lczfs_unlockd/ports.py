@@ -167,8 +167,10 @@ class LuksDevice(Protocol):
         read_only: bool,
         policy: Tpm2Policy | None = None,
         on_volume_key: VolumeKeyHook | None = None,
+        token: int | None = None,
     ) -> None:
-        """Any enrolled token; with ``policy``, only systemd-tpm2 tokens, given it."""
+        """Any enrolled token (``token``: only that one); with ``policy``, only
+        systemd-tpm2 tokens, given it."""
 
     def activate_by_passphrase(
         self,
@@ -187,6 +189,15 @@ class LuksDevice(Protocol):
         read_only: bool,
         on_volume_key: VolumeKeyHook | None = None,
     ) -> None: ...
+
+    def token_json(self, token: int) -> str | None:
+        """The JSON text of token ``token`` as the header has it (hostile input:
+        whoever can write the zvol wrote it); None when there is no such token."""
+
+    def destroy_one_time(self, slot: int, tokens: Sequence[int]) -> None:
+        """Destroy key slot ``slot``, then remove ``tokens`` in their order, in
+        the header on disk.  ``KeystoreError`` at the first failure, saying what
+        is left."""
 
     def close(self) -> None: ...
 
@@ -283,6 +294,9 @@ class Tpm(Protocol):
 
 class Clock(Protocol):
     def monotonic(self) -> float: ...
+
+    def time(self) -> float:
+        """Wall-clock time, seconds since the epoch (an armed unlock's expiry)."""
 
     def sleep(self, seconds: float) -> None: ...
 

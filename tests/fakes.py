@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import errno
 import hashlib
+import json
 import os
 import shutil
 from collections.abc import Callable, Mapping, Sequence
@@ -95,6 +96,9 @@ class Token:
     refusal: str = "wrong"
     broken: bool = False  # with a PIN given, refuses even the right one (ambiguously)
     wrong_key: bool = False  # unlocks, but its key opens no key slot (-EPERM)
+    # The token's JSON as the header has it; None: {"type": type, "keyslots": []}.
+    json: str | None = None
+    removed: bool = False  # crypt_token_json_set(NULL): its number stays free
 
 
 @dataclass
@@ -114,7 +118,10 @@ class World:
     luks_passphrases: set[str] = field(default_factory=lambda: {"luks pass"})
     luks_keyfiles: dict[str, bytes] = field(default_factory=dict)  # path -> content (slot key)
     luks_key_slots_for_files: set[bytes] = field(default_factory=set)
-    tokens: list[Token] = field(default_factory=list)
+    tokens: list[Token] = field(default_factory=list)  # token N = tokens[N]
+    keyslots: set[int] = field(default_factory=lambda: {0})  # the header's key slots
+    destroy_failure: str | None = None  # crypt_keyslot_destroy fails (read-only zvol)
+    wall_time: float = 1_800_000_000.0  # the wall clock when the run starts (Clock.time)
     keystore_files: dict[str, bytes] = field(default_factory=dict)  # relative path -> content
     keystore_symlinks: dict[str, str] = field(default_factory=dict)  # relative path -> target
     mappings: dict[str, bool] = field(default_factory=dict)  # name -> read_only
@@ -438,7 +445,28 @@ class FakeLuks:
                 unusable=None if t.plugin else f"no plugin /plugins/libcryptsetup-token-{t.type}.so",
             )
             for i, t in enumerate(self.w.tokens)
+            if not t.removed
         ]  # fmt: skip
+
+    def token_json(self, token: int) -> str | None:
+        if not 0 <= token < len(self.w.tokens) or self.w.tokens[token].removed:
+            return None
+        t = self.w.tokens[token]
+        return t.json if t.json is not None else json.dumps({"type": t.type, "keyslots": []})
+
+    def destroy_one_time(self, slot: int, tokens: Sequence[int]) -> None:
+        self.w.hook("destroy")
+        if self.w.destroy_failure:
+            raise KeystoreError(self.w.destroy_failure, errno=errno.EROFS)
+        if slot not in self.w.keyslots:
+            raise KeystoreError(f"cannot destroy key slot {slot}: no such slot")
+        self.w.keyslots.discard(slot)
+        self.w.events.append(f"destroy slot {slot}")
+        for n in tokens:
+            if self.token_json(n) is None:
+                raise KeystoreError(f"cannot remove token {n}: no such token")
+            self.w.tokens[n].removed = True
+            self.w.events.append(f"remove token {n}")
 
     @property
     def uuid(self) -> str:
@@ -470,10 +498,14 @@ class FakeLuks:
         read_only: bool,
         policy: Tpm2Policy | None = None,
         on_volume_key: VolumeKeyHook | None = None,
+        token: int | None = None,
     ) -> None:
         self.w.hook("token")
         self.w.token_policies.append(policy)
-        tokens = self.w.tokens
+        tokens = [t for t in self.w.tokens if not t.removed]
+        if token is not None:
+            self.w.events.append(f"try token {token}")
+            tokens = [self.w.tokens[token]] if self.token_json(token) is not None else []
         if policy is not None:
             tokens = [t for t in tokens if t.type == "systemd-tpm2"]
         known = [t for t in tokens if t.plugin]
@@ -730,6 +762,9 @@ class FakeClock:
 
     def monotonic(self) -> float:
         return self.w.time
+
+    def time(self) -> float:
+        return self.w.wall_time + self.w.time
 
     def sleep(self, seconds: float) -> None:
         self.w.hook("sleep")
