@@ -43,7 +43,7 @@ LAYERS: list[tuple[str, set[str]]] = [
             "luksadmin",
         },
     ),
-    ("pure helpers", {"config", "report", "keyformat", "unitnames"}),
+    ("pure helpers", {"config", "report", "keyformat", "unitnames", "tpm2policy"}),
     ("low-level", {"process", "libc", "pyzfs_ffi"}),
     ("logging", {"log"}),
     ("leaves", {"errors", "ports", "paths", "secretbuf", "text", "__init__"}),
