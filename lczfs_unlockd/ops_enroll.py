@@ -1,0 +1,238 @@
+"""``lczfs-unlockd enroll`` / ``unenroll``: add or remove one way into the keystore.
+
+Thin wrappers over ``luksadmin``: TPM2 and FIDO2 through
+``systemd-cryptenroll``, a passphrase and a recovery key through
+``cryptsetup``.  Their one rule of their own: never remove the last key
+slot a person can open (``Metadata.human_slots``: bound to no device
+token), and never guess which of several passphrases is meant.
+"""
+
+from __future__ import annotations
+
+import argparse
+from collections.abc import Callable
+
+from . import config, luksadmin
+from .config import DEFAULT_MEASURE_PCR
+from .errors import OpsError, UnlockError
+from .ops_common import (
+    EXIT_FAILURE,
+    EXIT_NOTCONFIGURED,
+    EXIT_OK,
+    ask_secret,
+    err,
+    load_config,
+    say,
+    show_plan,
+)
+from .secretbuf import wipe
+
+ZERO_PCR = "0" * 64
+KINDS = ("tpm2", "fido2", "passphrase", "recovery")
+# Extra cryptsetup arguments for a new passphrase's slot: none = cryptsetup's
+# defaults (argon2id); the tests make it cheap.
+PBKDF: tuple[str, ...] = ()
+TOKEN_TYPES = {"tpm2": "systemd-tpm2", "fido2": "systemd-fido2", "recovery": "systemd-recovery"}
+
+
+def tpm2_pcrs(user: str | None, measure_pcr: int | bool | None) -> str:
+    """The PCR policy: the user's PCRs (default 7) and the measurement PCR at
+    its initial value, so that the token unseals only before the daemon measured."""
+    if measure_pcr is False:
+        if user is None:
+            raise OpsError(
+                "keystore.measure_pcr = false: the daemon does not measure the unlock, so a "
+                "TPM2 token would unseal all boot long, for anything running after the "
+                "daemon; enable the measurement, or accept that by giving --tpm2-pcrs "
+                "explicitly"
+            )
+        return user
+    pcr = DEFAULT_MEASURE_PCR if measure_pcr is None or measure_pcr is True else measure_pcr
+    pcrs = [p for p in (user or "7").split("+") if p]
+    if any(p.split(":")[0] == str(pcr) for p in pcrs):
+        return "+".join(pcrs)  # the user pinned the measurement PCR already
+    return "+".join([*pcrs, f"{pcr}:sha256={ZERO_PCR}"])
+
+
+def _unlock(device: str, file: str | None) -> bytearray:
+    secret = ask_secret(f"Passphrase or recovery key of the keystore {device}: ", file=file)
+    try:
+        if not luksadmin.test_key(device, secret):
+            raise OpsError(
+                f"that passphrase or recovery key does not open {device}: nothing changed"
+            )
+    except BaseException:
+        wipe(secret)
+        raise
+    return secret
+
+
+def enroll(args: argparse.Namespace) -> int:
+    cfg = load_config(args.config)
+    device = cfg.keystore.device
+    extra: list[str] = []
+    if args.kind == "tpm2":
+        extra = [
+            f"--tpm2-device={args.tpm2_device}",
+            f"--tpm2-pcrs={tpm2_pcrs(args.tpm2_pcrs, cfg.keystore.measure_pcr)}",
+        ]
+        if args.tpm2_with_pin:
+            extra.append("--tpm2-with-pin=yes")
+    meta = luksadmin.metadata(device)
+    if meta.version != 2 and args.kind in TOKEN_TYPES:
+        raise OpsError(f"{device} is LUKS{meta.version}: tokens need LUKS2")
+    unlock = _unlock(device, args.passphrase_file)
+    try:
+        if args.kind == "passphrase":
+            new = ask_secret(
+                f"New passphrase for {device}: ", twice=True, file=args.new_passphrase_file
+            )
+            try:
+                slot = luksadmin.add_key(device, unlock, new, pbkdf=PBKDF)
+            finally:
+                wipe(new)
+            say(f"enrolled a passphrase in key slot {slot} of {device}")
+        elif args.kind == "recovery":
+            slot, key = luksadmin.add_recovery_key(device, unlock)
+            try:
+                say(f"RECOVERY KEY: {key.decode()}")
+            finally:
+                wipe(key)
+            say(
+                f"(key slot {slot} of {device}) Keep it away from this machine: on paper or in "
+                "a password manager; it opens the keystore when everything else fails."
+            )
+        else:
+            if args.kind == "fido2":
+                extra = ["--fido2-device=auto"]
+            luksadmin.cryptenroll(device, extra, unlock)
+            after = luksadmin.metadata(device)
+            added = sorted(set(after.keyslots) - set(meta.keyslots))
+            say(f"enrolled {args.kind} in key slot {', '.join(map(str, added)) or '?'} of {device}")
+    finally:
+        wipe(unlock)
+    return EXIT_OK
+
+
+def _slots_of(meta: luksadmin.Metadata, kind: str, slot: int | None) -> list[int]:
+    if kind == "slot":
+        if slot is None:
+            raise OpsError("unenroll slot needs --slot N")
+        if slot not in meta.keyslots:
+            raise OpsError(f"{meta.device} has no key slot {slot}")
+        return [slot]
+    if kind == "passphrase":
+        found = [s for s in meta.human_slots() if not meta.tokens_of(s)]
+    else:
+        found = sorted(
+            {s for t in meta.tokens.values() if t.type == TOKEN_TYPES[kind] for s in t.keyslots}
+        )
+    if slot is not None:
+        if slot not in found:
+            raise OpsError(f"key slot {slot} of {meta.device} is not a {kind} slot ({found})")
+        return [slot]
+    if kind == "passphrase" and len(found) > 1:
+        raise OpsError(
+            f"{meta.device} has several passphrase slots ({', '.join(map(str, found))}): "
+            "say which with --slot N"
+        )
+    return found
+
+
+def unenroll(args: argparse.Namespace) -> int:
+    cfg = load_config(args.config)
+    device = cfg.keystore.device
+    meta = luksadmin.metadata(device)
+    slots = _slots_of(meta, args.kind, args.slot)
+    if not slots:
+        say(f"{device} has no {args.kind} key slot: nothing to remove")
+        return EXIT_OK
+    left = [s for s in meta.human_slots() if s not in slots]
+    if not left:
+        raise OpsError(
+            f"refusing: key slot {', '.join(map(str, slots))} of {device} is the last one a "
+            "person can open (passphrase or recovery key); enroll another first "
+            "(lczfs-unlockd enroll passphrase / recovery)"
+        )
+    actions = []
+    for s in slots:
+        kinds = ", ".join(f"{t.type} token {t.id}" for t in meta.tokens_of(s)) or "no token"
+        actions.append(f"destroy key slot {s} of {device} ({kinds})")
+    show_plan(f"unenroll {args.kind}:", actions)
+    if not args.yes:
+        say("Nothing done. Run again with --yes to remove it.")
+        return EXIT_OK
+    for s in slots:
+        luksadmin.kill_slot(device, s)
+        say(f"removed key slot {s} of {device}")
+    return EXIT_OK
+
+
+def _run(fn: Callable[[argparse.Namespace], int], args: argparse.Namespace) -> int:
+    try:
+        return fn(args)
+    except OpsError as exc:
+        err(str(exc))
+        return EXIT_NOTCONFIGURED if "check-config" in str(exc) else EXIT_FAILURE
+    except UnlockError as exc:
+        err(str(exc))
+        return EXIT_FAILURE
+
+
+def enroll_main(argv: list[str]) -> int:
+    parser = argparse.ArgumentParser(
+        prog="lczfs-unlockd enroll",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        description="Add a way to open the keystore (config keystore.volume/partition).\n\n"
+        "  tpm2        systemd-cryptenroll --tpm2-device: sealed to --tpm2-pcrs (default 7)\n"
+        "              plus the daemon's measurement PCR (keystore.measure_pcr, default 15)\n"
+        "              at its initial value, e.g. 7+15:sha256=0000...: the TPM releases it\n"
+        "              only before the daemon measured the unlock, never later in that boot.\n"
+        "              Refused with keystore.measure_pcr = false unless --tpm2-pcrs is given.\n"
+        "  fido2       systemd-cryptenroll --fido2-device=auto\n"
+        "  passphrase  a new passphrase, typed twice\n"
+        "  recovery    a recovery key (systemd's format), printed once: RECOVERY KEY: ...\n\n"
+        "It first checks that the existing passphrase or recovery key opens the keystore.",
+        epilog="examples:\n  lczfs-unlockd enroll tpm2 --tpm2-pcrs 7\n"
+        "  lczfs-unlockd enroll recovery --passphrase-file -",
+    )
+    parser.add_argument("kind", choices=KINDS)
+    parser.add_argument("--config", default=config.DEFAULT_PATH, metavar="PATH")
+    parser.add_argument(
+        "--passphrase-file",
+        metavar="FILE",
+        help="an existing passphrase or recovery key from FILE (- = standard input); "
+        "default: asked on the terminal",
+    )
+    parser.add_argument(
+        "--new-passphrase-file", metavar="FILE", help="passphrase: the new one from FILE"
+    )
+    parser.add_argument(
+        "--tpm2-pcrs",
+        metavar="PCRS",
+        help="tpm2: the PCRs to bind to (systemd-cryptenroll syntax, default 7); the "
+        "measurement PCR is added at its initial value unless named here",
+    )
+    parser.add_argument(
+        "--tpm2-with-pin", action="store_true", help="tpm2: also ask for a PIN at boot"
+    )
+    parser.add_argument("--tpm2-device", default="auto", metavar="PATH")
+    return _run(enroll, parser.parse_args(argv))
+
+
+def unenroll_main(argv: list[str]) -> int:
+    parser = argparse.ArgumentParser(
+        prog="lczfs-unlockd unenroll",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        description="Remove a way into the keystore: the key slots of the TPM2/FIDO2/\n"
+        "recovery tokens, the passphrase slot (a slot with no token), or --slot N.\n"
+        "Prints the plan; changes nothing without --yes. Refuses to remove the last\n"
+        "slot a person can open, and asks for --slot when several passphrases match.",
+        epilog="examples:\n  lczfs-unlockd unenroll tpm2 --yes\n"
+        "  lczfs-unlockd unenroll passphrase --slot 2 --yes",
+    )
+    parser.add_argument("kind", choices=(*KINDS, "slot"))
+    parser.add_argument("--slot", type=int, metavar="N")
+    parser.add_argument("--config", default=config.DEFAULT_PATH, metavar="PATH")
+    parser.add_argument("--yes", action="store_true", help="do it (default: only the plan)")
+    return _run(unenroll, parser.parse_args(argv))
