@@ -115,6 +115,10 @@ OPERATIONS: dict[str, tuple[str, str]] = {
 def _operation(command: str, argv: Sequence[str]) -> int:
     import importlib
 
+    try:
+        libc.forbid_core_dumps()  # they hold passphrases, recovery keys, raw keys
+    except UnlockError as exc:
+        print(f"lczfs-unlockd: {exc}: a core dump could contain key material", file=sys.stderr)
     module, function = OPERATIONS[command]
     entry = getattr(importlib.import_module(f".{module}", __package__), function)
     return int(entry(list(argv)))

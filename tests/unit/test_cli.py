@@ -184,3 +184,21 @@ def test_timings_never_remove_a_file_they_did_not_make(world, wired, tmp_path, m
     args = ["--config", str(cfg), "--kernel-cmdline", str(cmdline), "--timings", str(out)]
     assert cli.main(args) == 0
     assert other.read_text() == "theirs\n" and not out.exists()
+
+
+def test_the_operations_commands_forbid_core_dumps_first():
+    """setup, enroll, arm-reboot hold passphrases and raw keys: no core dump of them."""
+    import subprocess
+    import sys
+
+    code = (
+        "import contextlib, io\n"
+        "from lczfs_unlockd import cli, libc\n"
+        "assert libc.dumpable() == 1\n"
+        "with contextlib.redirect_stdout(io.StringIO()), contextlib.suppress(SystemExit):\n"
+        "    cli.main(['status', '--help'])\n"
+        "print(libc.dumpable())\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "0"
