@@ -6,12 +6,13 @@ from __future__ import annotations
 import os
 import shutil
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 from lczfsvm import scenarios
-from lczfsvm.vm import Guest, Result
+from lczfsvm.vm import Guest, Result, Session
 
 _TIMES: list[tuple[str, str]] = []
 
@@ -38,6 +39,23 @@ def boot(guest: Guest, tmp_path: Path) -> Iterator[object]:
         return result
 
     yield run
+
+
+@pytest.fixture
+def session(guest: Guest, tmp_path: Path) -> Iterator[Callable[..., Session]]:
+    """Sessions (Guest.session) in the test's temporary directory; their boot times
+    join the summary."""
+    made: list[Session] = []
+
+    def start(name: str, disks: dict[str, str | None], **kw: Any) -> Session:
+        s = guest.session(name, tmp_path / name, disks, **kw)
+        made.append(s)
+        return s
+
+    yield start
+    for s in made:
+        for r in s.results:
+            _TIMES.append((r.boot.name, r.describe()))
 
 
 def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter) -> None:

@@ -109,6 +109,24 @@ def test_power_off_is_not_a_crash(stub_qemu: Path, monkeypatch: pytest.MonkeyPat
         assert "Power down" in m.console_text()
 
 
+def test_a_deep_workdir_gets_its_sockets_in_a_short_directory(
+    stub_qemu: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """sun_path holds 108 bytes: a session's NN-name/ under pytest's tmp_path is longer."""
+    monkeypatch.setenv("STUB_MODE", "poweroff")
+    deep = stub_qemu / ("d" * 100) / "01-session-boot"
+    m = qemu.Machine(stub_qemu / "vmlinuz", stub_qemu / "initrd.img", deep)
+    with m:
+        assert m.wait(30) == 0
+        args = (deep / "qemu-args.txt").read_text()
+        sockets = m._sockets
+        assert sockets is not None and sockets != deep
+        assert f"path={sockets}/console.sock" in args
+        assert len(str(sockets / "console.sock")) <= qemu.MAX_SOCKET_PATH
+    assert not sockets.exists()
+    assert "Power down" in (deep / "console.log").read_text()
+
+
 def test_killed_at_the_deadline_is_a_timeout_not_a_crash(
     stub_qemu: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -541,3 +559,206 @@ def test_report_reads_pcrs_of_every_bank_and_the_measure_log(tmp_path: Path) -> 
         "sha256": {"7": "ab" * 32, "11": "ab" * 32, "15": "ab" * 32},
     }
     assert state["measure_log"] == '\x1e{"pcr":15}\n'
+
+
+# --- sessions: boots in order on the same disks and TPM state ---------------------------
+
+
+class StandInSessionMachine:
+    """qemu.Machine for the boots of a session: records each boot's disks and TPM
+    state, changes the TPM state (as a guest would), and writes the report an
+    operations boot (LCZFSOPS) or a test boot (LCZFSREPORT1) writes."""
+
+    boots: ClassVar[list[dict[str, Any]]] = []
+    crash_next: ClassVar[int] = 0
+    ops_status: ClassVar[str] = "LCZFSOPS OK"
+
+    def __init__(self, kernel: Path, initrd: Path, workdir: Path, **kw: Any) -> None:
+        self.entries = cpio.read(initrd.read_bytes())
+        self.disks: list[qemu.Disk] = list(kw.get("disks", ()))
+        self.tpm: Path | None = kw.get("tpm_state")
+
+    def start(self) -> None:
+        boot = {
+            "entries": self.entries,
+            "backing": {d.serial: _backing(d.path) for d in self.disks if d.fmt == "qcow2"},
+            "tpm": sorted(p.name for p in self.tpm.iterdir()) if self.tpm else None,
+        }
+        StandInSessionMachine.boots.append(boot)
+        if StandInSessionMachine.crash_next:
+            StandInSessionMachine.crash_next -= 1
+            raise qemu.QemuCrashed("QEMU died of SIGABRT (stand-in)")
+        if self.tpm is not None:
+            (self.tpm / f"boot{len(StandInSessionMachine.boots)}").write_text("tpm state")
+        (report,) = (d.path for d in self.disks if d.serial == "lczfsreport")
+        if "usr/lib/lczfs-test/ops.sh" in self.entries:
+            report.write_bytes(
+                f"{StandInSessionMachine.ops_status}\nrecord a.rc 0\nfile a.out aGVsbG8=\n"
+                "file a.err \nsecret made.key 6d616465\nfile config cG9vbCA9ICJwIgo=\n".encode()
+            )
+        else:
+            data = json.dumps({"unit": {}, "datasets": []}).encode()
+            report.write_bytes(b"LCZFSREPORT1 %d\n" % len(data) + data)
+
+    def wait(self, deadline: float) -> int:
+        return 0
+
+    def close(self) -> None:
+        pass
+
+    def console_text(self) -> str:
+        return ""
+
+    def elapsed(self) -> float:
+        return 1.0
+
+    returncode = 0
+
+
+def _backing(path: Path) -> str | None:
+    out = subprocess.run(
+        ["qemu-img", "info", "--output=json", str(path)], capture_output=True, text=True, check=True
+    ).stdout
+    return json.loads(out).get("backing-filename")  # type: ignore[no-any-return]
+
+
+@pytest.fixture
+def session_guest(built: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> vm.Guest:
+    """A guest with the LAYOUT disks (stand-in provisioning, with a TPM state),
+    then the session stand-in QEMU."""
+    guest = vm.Guest.get(LAYOUT)
+    (guest.golden / "tpm").mkdir(exist_ok=True)
+    (guest.golden / "tpm" / "golden").write_text("golden tpm")
+    empty = tmp_path / "empty.img"
+    monkeypatch.setattr(build, "ops_initrd", lambda r: empty)
+    monkeypatch.setattr(qemu, "Machine", StandInSessionMachine)
+    monkeypatch.setattr(StandInSessionMachine, "boots", [])
+    monkeypatch.setattr(StandInSessionMachine, "crash_next", 0)
+    return guest
+
+
+def _session_secrets(d: Path) -> None:
+    d.mkdir()
+    (d / "old.pass").write_bytes(b"old passphrase")
+
+
+def test_session_boots_start_from_the_previous_boots_disks_and_tpm(
+    session_guest: vm.Guest, tmp_path: Path
+) -> None:
+    s = session_guest.session(
+        "s", tmp_path / "s", {"layout0": None, "new0": "1M"}, tpm=True, secrets=_session_secrets
+    )
+    script = tmp_path / "ops-script.sh"
+    script.write_text("step a echo hello\n")
+    r = s.ops(
+        vm.OpsBoot(
+            "ops",
+            script,
+            disks=("layout0", "new0"),
+            tpm=True,
+            config="pool = 'p'\n",
+            files=(("usr/lib/lczfs-test/extra", b"x", 0o755),),
+        )
+    )
+    first, *_ = StandInSessionMachine.boots
+    # The first boot: the golden image and a blank disk, the golden TPM state.
+    assert first["backing"] == {
+        "layout0": str(session_guest.golden / "layout0.qcow2"),
+        "new0": str(s.dir / "blank-new0.qcow2"),
+    }
+    assert first["tpm"] == ["golden"]
+    # What the operations boot got: the script, the library, its unit, the
+    # daemon's unit masked, the secrets, the config and files.
+    entries = first["entries"]
+    assert entries["usr/lib/lczfs-test/scenario.sh"][1] == script.read_bytes()
+    assert entries["usr/lib/lczfs-test/ops-lib.sh"][1] == (GUEST_DIR / "ops-lib.sh").read_bytes()
+    assert entries["etc/systemd/system/lczfs-unlockd.service"][1] == b"/dev/null"
+    assert "etc/systemd/system/initrd.target.wants/lczfs-test-ops.service" in entries
+    assert entries["etc/lczfs-session/old.pass"] == (0o100400, b"old passphrase")
+    assert entries["etc/lczfs-provision/keystore.key"] == (0o100400, b"layout key")
+    assert entries["etc/lczfs-unlockd.toml"][1] == b"pool = 'p'\n"
+    assert entries["usr/lib/lczfs-test/extra"] == (0o100755, b"x")
+    # What it recorded.
+    assert r.rc("a") == 0 and r.out("a") == "hello" and r.err("a") == ""
+    assert s.file("config") == b'pool = "p"\n'
+    assert s.secrets.bytes("made.key") == b"made"
+    assert s.secrets.bytes("keystore.key") == b"layout key"  # the golden ones too
+    assert b"made" in s.secrets.needles and b"old passphrase" in s.secrets.needles
+
+    # A test boot next: on the operations boot's overlays and TPM state, grepped
+    # for the session's secrets.
+    s.boot(vm.Boot("next", None, disks=("layout0",), tpm=True))
+    second = StandInSessionMachine.boots[1]
+    assert second["backing"] == {"layout0": str(r.workdir / "layout0.qcow2")}
+    assert second["tpm"] == ["boot1", "golden"]
+    needles = json.loads(second["entries"]["etc/lczfs-test/needles.json"][1])
+    assert b"made".hex() in needles and b"old passphrase".hex() in needles
+
+    # The untouched disk (new0) still continues from the operations boot.
+    s.ops(vm.OpsBoot("again", script, disks=("layout0", "new0")))
+    third = StandInSessionMachine.boots[2]
+    assert third["backing"] == {
+        "layout0": str(s.dir / "02-next" / "layout0.qcow2"),
+        "new0": str(r.workdir / "new0.qcow2"),
+    }
+    assert third["tpm"] is None
+    assert [p.name for p in sorted(s.dir.iterdir()) if p.is_dir()] == [
+        "01-ops", "02-next", "03-again", "secrets",
+    ]  # fmt: skip
+    with pytest.raises(KeyError, match="no disk 'other0'"):
+        s.boot(vm.Boot("missing", None, disks=("other0",)))
+
+
+def test_session_redoes_a_crashed_boot_from_the_same_start(
+    session_guest: vm.Guest, tmp_path: Path
+) -> None:
+    s = session_guest.session("s", tmp_path / "s", {"layout0": None}, tpm=True)
+    script = tmp_path / "ops-script.sh"
+    script.write_text("")
+    s.ops(vm.OpsBoot("ops", script, disks=("layout0",), tpm=True))
+    StandInSessionMachine.crash_next = 1
+    s.boot(vm.Boot("crashy", None, disks=("layout0",), tpm=True))
+    crashed, redone = StandInSessionMachine.boots[1:]
+    assert (
+        crashed["backing"]
+        == redone["backing"]
+        == {"layout0": str(s.dir / "01-ops" / "layout0.qcow2")}
+    )
+    assert crashed["tpm"] == redone["tpm"] == ["boot1", "golden"]
+
+
+def test_a_failed_operations_boot_says_so_and_the_session_stays(
+    session_guest: vm.Guest, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    s = session_guest.session("s", tmp_path / "s", {"layout0": None})
+    script = tmp_path / "ops-script.sh"
+    script.write_text("")
+    monkeypatch.setattr(StandInSessionMachine, "ops_status", "LCZFSOPS FAILED rc=3")
+    with pytest.raises(AssertionError, match=r"operations boot LCZFSOPS FAILED rc=3 .*report"):
+        s.ops(vm.OpsBoot("ops", script, disks=("layout0",)))
+    assert s.disk("layout0") == session_guest.golden / "layout0.qcow2"
+
+
+def test_checks_luks_dump_reaches_the_report_and_the_result(tmp_path: Path) -> None:
+    checks = vm.Checks(luks_dump=("/dev/zvol/p/ks-part1",))
+    assert json.loads(checks.to_json())["luks_dump"] == ["/dev/zvol/p/ks-part1"]
+    assert "luks_dump" not in json.loads(vm.Checks(tpm=True).to_json())
+    report = _guest_report()
+    missing = str(tmp_path / "missing")
+    assert report.luks_dump([missing])[missing]["rc"] == -1
+    if shutil.which("cryptsetup") is None:
+        pytest.skip("cryptsetup not installed")
+    img = tmp_path / "ks.img"
+    img.write_bytes(b"")
+    os.truncate(img, 32 * 1024 * 1024)
+    subprocess.run(
+        ["cryptsetup", "luksFormat", "-q", "--type", "luks2", "--pbkdf", "pbkdf2",
+         "--pbkdf-force-iterations", "1000", "--key-file", "-", str(img)],
+        input=b"pw", check=True, capture_output=True,
+    )  # fmt: skip
+    dumped = report.luks_dump([str(img)])
+    result = vm.Result(vm.Boot("x", None), {"luks_dump": dumped}, "", 0.0, tmp_path)
+    assert list(result.luks_metadata(str(img))["keyslots"]) == ["0"]
+    with pytest.raises(AssertionError, match="luksDump .* failed"):
+        vm.Result(vm.Boot("x", None), {"luks_dump": report.luks_dump([missing])}, "", 0.0,
+                  tmp_path).luks_metadata(missing)  # fmt: skip

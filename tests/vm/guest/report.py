@@ -11,6 +11,8 @@ vm.Checks), so that ordinary boots stay fast:
   unseal   DEVICE: a second unseal of its systemd-tpm2 token, check-only
   sysroot  start sysroot.mount, record its result, unmount /sysroot if it
            mounted (ordered before sysroot.mount, the start ignores ordering)
+  luks_dump  [DEVICE...]: each LUKS header's JSON metadata after the daemon
+           (cryptsetup luksDump --dump-json-metadata)
 """
 
 from __future__ import annotations
@@ -225,6 +227,17 @@ def second_unseal(device: str) -> dict[str, object]:
     return r
 
 
+def luks_dump(devices: list[str]) -> dict[str, dict[str, object]]:
+    """The LUKS2 headers as the daemon left them (e.g. a one-time key slot gone)."""
+    out = {}
+    for device in devices:
+        if not os.path.exists(device):
+            out[device] = {"rc": -1, "out": "", "err": f"{device} does not exist"}
+        else:
+            out[device] = run("cryptsetup", "luksDump", "--dump-json-metadata", device)
+    return out
+
+
 def under_sysroot() -> list[str]:
     with open("/proc/self/mountinfo") as f:
         return [
@@ -325,6 +338,8 @@ def main() -> int:
         extra["tpm"] = tpm_state()
     if checks.get("unseal"):
         extra["second_unseal"] = second_unseal(str(checks["unseal"]))
+    if checks.get("luks_dump"):
+        extra["luks_dump"] = luks_dump([str(d) for d in checks["luks_dump"]])  # type: ignore[attr-defined]
     if checks.get("sysroot"):
         with open("/proc/cmdline") as f:
             late = "lczfs.test.report=late" in f.read().split()

@@ -143,6 +143,57 @@ class InitrdConfig:
 TEST_INSTALL = "cryptsetup"
 
 
+def _module_dracut(
+    root: Path, tmp: Path, args: Sequence[str], config: InitrdConfig | None = None
+) -> None:
+    """dracut in the tree with the project's dracut module, package, unit and
+    sysroot.mount drop-in bound in (and config, when given, in /etc): writes
+    tmp/initrd.img and tmp/lsinitrd.txt."""
+    kver = kernel_version(root)
+    conf = tmp / "conf"
+    conf.mkdir()
+    settings = (
+        "lczfs_unlockd_package_dir=/mnt/src/lczfs_unlockd\n"
+        "lczfs_unlockd_unit=/mnt/src/lczfs-unlockd.service\n"
+    )
+    binds = {
+        "/usr/lib/dracut/modules.d/90lczfs-unlockd": DRACUT_MODULE,
+        "/mnt/src/lczfs_unlockd": PACKAGE,
+        "/mnt/src/lczfs-unlockd.service": UNIT,
+        # Next to the unit, where the module looks for it.
+        "/mnt/src/sysroot.mount.d-lczfs-unlockd.conf": SYSROOT_DROPIN,
+        "/mnt/conf": conf,
+    }
+    setup = ""
+    if config is not None:
+        src = tmp / "config"
+        src.mkdir()
+        (src / "lczfs-unlockd.toml").write_text(config.config)
+        settings += "lczfs_unlockd_config=/mnt/config/lczfs-unlockd.toml\n"
+        for i, (path, data) in enumerate(config.files):
+            (src / f"file{i}").write_bytes(data)
+            setup += f"install -D -m 0644 /mnt/config/file{i} {shlex.quote(path)}\n"
+        binds["/mnt/config"] = src
+    (conf / "lczfs.conf").write_text(settings)
+    out = tmp / "out"
+    out.mkdir()
+    binds["/mnt/out"] = out
+    argv = [*COMMON_DRACUT_ARGS, "--confdir", "/mnt/conf", "--kver", kver, *args,
+            "/mnt/out/initrd.img"]  # fmt: skip
+    chroot_script(
+        root,
+        setup
+        + "dracut "
+        + shlex.join(argv)
+        + "\nlsinitrd /mnt/out/initrd.img > /mnt/out/lsinitrd.txt",
+        binds,
+        log_to=tmp / "dracut.log",
+        writable_etc=config is not None,
+    )
+    shutil.move(out / "initrd.img", tmp / "initrd.img")
+    shutil.move(out / "lsinitrd.txt", tmp / "lsinitrd.txt")
+
+
 def base_initrd(root: Path, config: InitrdConfig | None = None) -> Path:
     """dracut (systemd, zfs, crypt) + the project's dracut module.
 
@@ -163,51 +214,10 @@ def base_initrd(root: Path, config: InitrdConfig | None = None) -> Path:
     name = f"initrd-{root.name.removeprefix('rootfs-')}-" + cache.recipe_hash(parts)
 
     def build(tmp: Path) -> None:
-        kver = kernel_version(root)
-        conf = tmp / "conf"
-        conf.mkdir()
-        settings = (
-            "lczfs_unlockd_package_dir=/mnt/src/lczfs_unlockd\n"
-            "lczfs_unlockd_unit=/mnt/src/lczfs-unlockd.service\n"
+        log(f"dracut: base initrd with the lczfs-unlockd module for {kernel_version(root)}")
+        _module_dracut(
+            root, tmp, ["--add", "lczfs-unlockd tpm2-tss", "--install", TEST_INSTALL], config
         )
-        binds = {
-            "/usr/lib/dracut/modules.d/90lczfs-unlockd": DRACUT_MODULE,
-            "/mnt/src/lczfs_unlockd": PACKAGE,
-            "/mnt/src/lczfs-unlockd.service": UNIT,
-            # Next to the unit, where the module looks for it.
-            "/mnt/src/sysroot.mount.d-lczfs-unlockd.conf": SYSROOT_DROPIN,
-            "/mnt/conf": conf,
-        }
-        setup = ""
-        if config is not None:
-            src = tmp / "config"
-            src.mkdir()
-            (src / "lczfs-unlockd.toml").write_text(config.config)
-            settings += "lczfs_unlockd_config=/mnt/config/lczfs-unlockd.toml\n"
-            for i, (path, data) in enumerate(config.files):
-                (src / f"file{i}").write_bytes(data)
-                setup += f"install -D -m 0644 /mnt/config/file{i} {shlex.quote(path)}\n"
-            binds["/mnt/config"] = src
-        (conf / "lczfs.conf").write_text(settings)
-        out = tmp / "out"
-        out.mkdir()
-        binds["/mnt/out"] = out
-        args = [*COMMON_DRACUT_ARGS, "--confdir", "/mnt/conf", "--kver", kver,
-                "--add", "lczfs-unlockd tpm2-tss", "--install", TEST_INSTALL,
-                "/mnt/out/initrd.img"]  # fmt: skip
-        log(f"dracut: base initrd with the lczfs-unlockd module for {kver}")
-        chroot_script(
-            root,
-            setup
-            + "dracut "
-            + shlex.join(args)
-            + "\nlsinitrd /mnt/out/initrd.img > /mnt/out/lsinitrd.txt",
-            binds,
-            log_to=tmp / "dracut.log",
-            writable_etc=config is not None,
-        )
-        shutil.move(out / "initrd.img", tmp / "initrd.img")
-        shutil.move(out / "lsinitrd.txt", tmp / "lsinitrd.txt")
 
     return cache.cached_dir(name, build) / "initrd.img"
 
@@ -256,6 +266,60 @@ def provision_initrd(root: Path) -> Path:
         shutil.move(out / "initrd.img", tmp / "initrd.img")
 
     return cache.cached_dir(name, build) / "initrd.img"
+
+
+# The operations boot's programs: what the operations commands run (the
+# cryptsetup CLI, systemd-cryptenroll, sfdisk, mkfs.ext4, wipefs, mount), what
+# the scenario scripts check with (tpm2-tools, kill, timeout, systemd-run).
+OPS_TOOLS = (
+    "bash sfdisk blkid wipefs mkfs.ext4 cryptsetup systemd-cryptenroll dmsetup dd sync "
+    "head tail od tr sha256sum truncate sleep cmp install mkdir chmod rm mv cp ls readlink "
+    "grep sed cut wc sort uniq xargs stat find cat base64 env timeout kill mount umount mountpoint lsblk "
+    "udevadm systemd-run setsid zstd tpm2_pcrextend tpm2_pcrread tpm2_getcap"
+)
+# Left out of the operations boot's standard library: tests, GUIs, installers.
+STDLIB_SKIP = ("test", "idlelib", "tkinter", "turtledemo", "ensurepip", "pydoc_data", "lib2to3")
+
+
+def ops_initrd(root: Path) -> Path:
+    """A provisioning-style initrd that also has the daemon (the dracut module as
+    base_initrd adds it) and the whole standard library: for the operations
+    commands (``lczfs-unlockd setup`` ...) in a boot that stands in for the
+    running system.  The module's Python closure is the daemon's; the commands
+    may import more (lazily), as they may in stage 2, so every ``.py`` of the
+    tree's standard library is appended (sources only: compiled at import)."""
+    parts: list[Path | str | bytes] = [
+        DRACUT_MODULE, PACKAGE, UNIT, SYSROOT_DROPIN, " ".join(COMMON_DRACUT_ARGS), OPS_TOOLS,
+        ",".join(STDLIB_SKIP),
+    ]  # fmt: skip
+    name = f"initrd-ops-{root.name.removeprefix('rootfs-')}-" + cache.recipe_hash(parts)
+
+    def build(tmp: Path) -> None:
+        log(f"dracut: operations initrd for {kernel_version(root)}")
+        _module_dracut(
+            root, tmp,
+            ["--add", "lczfs-unlockd tpm2-tss systemd zfs crypt dm systemd-ask-password",
+             "--install", OPS_TOOLS],
+        )  # fmt: skip
+        stdlib = _stdlib(root)
+        a = cpio.Archive()
+        for p in sorted(stdlib.rglob("*.py")):
+            rel = p.relative_to(stdlib)
+            # Symlinks point into the tree's /etc (sitecustomize.py): absolute, not here.
+            if rel.parts[0] in STDLIB_SKIP or "site-packages" in rel.parts or p.is_symlink():
+                continue
+            a.copy(p, f"{stdlib.relative_to(root)}/{rel}", 0o644)
+        initrd = tmp / "initrd.img"
+        initrd.write_bytes(cpio.append(initrd.read_bytes(), a.to_bytes()))
+
+    return cache.cached_dir(name, build) / "initrd.img"
+
+
+def _stdlib(root: Path) -> Path:
+    found = sorted(p for p in (root / "usr/lib").glob("python3.*") if (p / "os.py").exists())
+    if len(found) != 1:
+        raise RuntimeError(f"expected one Python standard library in {root}/usr/lib: {found}")
+    return found[0]
 
 
 @dataclass(frozen=True)

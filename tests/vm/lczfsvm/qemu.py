@@ -11,9 +11,11 @@ from __future__ import annotations
 import contextlib
 import json
 import re
+import shutil
 import signal
 import socket
 import subprocess
+import tempfile
 import threading
 import time
 from collections.abc import Callable, Sequence
@@ -99,12 +101,14 @@ class Machine:
     _cond: threading.Condition = field(default_factory=threading.Condition)
     _hotplugged: int = 0
     _killed: bool = False  # we killed QEMU (deadline, clean-up): not a crash
+    _sockets: Path | None = None  # where the unix sockets are (see _socket_dir)
 
     # -- lifecycle ----------------------------------------------------------------
     def start(self) -> None:
         self.workdir.mkdir(parents=True, exist_ok=True)
-        con = self.workdir / "console.sock"
-        qmp = self.workdir / "qmp.sock"
+        self._sockets = _socket_dir(self.workdir)
+        con = self._sockets / "console.sock"
+        qmp = self._sockets / "qmp.sock"
         for s in (con, qmp):
             with contextlib.suppress(FileNotFoundError):
                 s.unlink()
@@ -145,8 +149,8 @@ class Machine:
         ]
 
     def _start_swtpm(self) -> list[str]:
-        assert self.tpm_state is not None
-        sock = self.workdir / "swtpm.sock"
+        assert self.tpm_state is not None and self._sockets is not None
+        sock = self._sockets / "swtpm.sock"
         self._swtpm = proc.run_background(
             ["swtpm", "socket", "--tpm2", "--tpmstate", f"dir={self.tpm_state}",
              "--ctrl", f"type=unixio,path={sock}", "--flags", "startup-clear",
@@ -198,6 +202,8 @@ class Machine:
                 s.close()
         if self._reader is not None:
             self._reader.join(5)
+        if self._sockets is not None and self._sockets != self.workdir:
+            shutil.rmtree(self._sockets, ignore_errors=True)
 
     def __enter__(self) -> Machine:
         try:
@@ -308,6 +314,17 @@ class Machine:
         self.qmp(
             "device_add", driver="virtio-blk-pci", drive=f"d{i}", serial=disk.serial, id=f"vd{i}"
         )
+
+
+# sun_path holds 108 bytes: a deeper work directory (pytest's, a session's
+# NN-name/) gets its sockets in a short directory of its own.
+MAX_SOCKET_PATH = 100
+
+
+def _socket_dir(workdir: Path) -> Path:
+    if len(str(workdir / "console.sock")) <= MAX_SOCKET_PATH:
+        return workdir
+    return Path(tempfile.mkdtemp(prefix="lczfsvm-"))
 
 
 def _connect(path: Path, qemu: subprocess.Popen[bytes]) -> socket.socket:

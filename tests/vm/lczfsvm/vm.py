@@ -20,10 +20,10 @@ import secrets
 import shutil
 import tempfile
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import IO, Any, ClassVar
+from typing import IO, Any, ClassVar, Protocol
 
 from . import build, cache, cpio, qemu
 from .build import InitrdConfig
@@ -49,8 +49,12 @@ class Secrets:
     """
 
     dir: Path
+    more: tuple[Path, ...] = ()  # a session's own secrets (Session): they win by name
 
     def bytes(self, name: str) -> bytes:
+        for d in self.more:
+            if (d / name).exists():
+                return (d / name).read_bytes()
         return (self.dir / name).read_bytes()
 
     @property
@@ -65,25 +69,31 @@ class Secrets:
     def needles(self) -> tuple[builtins.bytes, ...]:
         """Every secret, as it could leak: raw bytes and, for text keys, the text."""
         out: list[builtins.bytes] = []
-        if not self.dir.is_dir():  # a recipe without secrets
-            return ()
-        for p in sorted(self.dir.iterdir()):
-            if p.name in PUBLIC_FILES:
-                continue
-            data = p.read_bytes()
-            out.append(data)
-            stripped = data.rstrip(b"\n")
-            if stripped != data:
-                out.append(stripped)
-            if p.name in ("raw.key", "keystore.key") or p.name.endswith(".vk"):
-                out.append(data.hex().encode())
-            if (
-                p.name.endswith(".key")
-                and len(stripped) == 64
-                and all(c in b"0123456789abcdef" for c in stripped)
-            ):
-                out.append(bytes.fromhex(stripped.decode()))  # the derived wrapping key
+        for d in (self.dir, *self.more):
+            if d.is_dir():  # a recipe without secrets has none
+                out += _needles(d)
         return tuple(out)
+
+
+def _needles(d: Path) -> list[bytes]:
+    out: list[bytes] = []
+    for p in sorted(d.iterdir()):
+        if p.name in PUBLIC_FILES:
+            continue
+        data = p.read_bytes()
+        out.append(data)
+        stripped = data.rstrip(b"\n")
+        if stripped != data:
+            out.append(stripped)
+        if p.name in ("raw.key", "keystore.key") or p.name.endswith(".vk"):
+            out.append(data.hex().encode())
+        if (
+            p.name.endswith(".key")
+            and len(stripped) == 64
+            and all(c in b"0123456789abcdef" for c in stripped)
+        ):
+            out.append(bytes.fromhex(stripped.decode()))  # the derived wrapping key
+    return out
 
 
 def make_secrets(d: Path) -> None:
@@ -132,15 +142,22 @@ class Checks:
     LUKS device's systemd-tpm2 token after the daemon, check-only
     (``cryptsetup open --test-passphrase --token-only``).  sysroot: start
     sysroot.mount (after the natural attempt, with ``lczfs.test.report=late``),
-    record its result, and unmount /sysroot if it mounted.
+    record its result, and unmount /sysroot if it mounted.  luks_dump: these
+    LUKS devices' headers after the daemon (``cryptsetup luksDump
+    --dump-json-metadata``; Result.luks_metadata), e.g. to see that a
+    one-time key slot is gone.
     """
 
     tpm: bool = False
     unseal: str | None = None
     sysroot: bool = False
+    luks_dump: tuple[str, ...] = ()
 
     def to_json(self) -> str:
-        return json.dumps({"tpm": self.tpm, "unseal": self.unseal, "sysroot": self.sysroot})
+        data: dict[str, object] = {"tpm": self.tpm, "unseal": self.unseal, "sysroot": self.sysroot}
+        if self.luks_dump:
+            data["luks_dump"] = list(self.luks_dump)
+        return json.dumps(data)
 
 
 @dataclass(frozen=True)
@@ -198,6 +215,13 @@ class Result:
     def mappings(self) -> list[str]:
         out = str(self.report["dmsetup_ls"]["out"]).strip()
         return [] if not out or out.startswith("No devices found") else out.splitlines()
+
+    def luks_metadata(self, device: str) -> dict[str, Any]:
+        """The LUKS2 JSON metadata of device as the report dumped it (Checks.luks_dump)."""
+        dump = self.report["luks_dump"][device]
+        if dump["rc"] != 0:
+            raise AssertionError(f"cryptsetup luksDump {device} failed: {dump}")
+        return json.loads(dump["out"])  # type: ignore[no-any-return]
 
     def daemon_seconds(self) -> float:
         """Daemon start to finish, from systemd's monotonic timestamps."""
@@ -318,15 +342,16 @@ class Provisioning:
             p.unlink()
 
 
-def _save_records(status: str, golden: Path) -> None:
-    """What a provisioning script reported besides GUIDs, one line each:
-
-    ``record NAME VALUE`` -> records.json (facts: a LUKS UUID, PCR values);
-    ``secret NAME HEX`` -> secrets/NAME (a secret made in the guest: the
-    harness greps every boot for it); ``file NAME BASE64`` -> files/NAME.
-    """
+def _parse_report_lines(
+    text: str,
+) -> tuple[dict[str, str], dict[str, builtins.bytes], dict[str, builtins.bytes]]:
+    """``record NAME VALUE``, ``file NAME BASE64`` and ``secret NAME HEX`` lines:
+    (records, files, secrets) by name; names with a slash or a leading dot are
+    ignored (they become file names)."""
     records: dict[str, str] = {}
-    for line in status.splitlines():
+    files: dict[str, builtins.bytes] = {}
+    made: dict[str, builtins.bytes] = {}
+    for line in text.splitlines():
         kind, _, rest = line.partition(" ")
         name, _, value = rest.partition(" ")
         if not name or "/" in name or name.startswith("."):
@@ -334,11 +359,24 @@ def _save_records(status: str, golden: Path) -> None:
         if kind == "record":
             records[name] = value.strip()
         elif kind == "secret":
-            (golden / "secrets").mkdir(exist_ok=True)
-            (golden / "secrets" / name).write_bytes(bytes.fromhex(value.strip()))
+            made[name] = bytes.fromhex(value.strip())
         elif kind == "file":
-            (golden / "files").mkdir(exist_ok=True)
-            (golden / "files" / name).write_bytes(base64.b64decode(value.strip()))
+            files[name] = base64.b64decode(value.strip())
+    return records, files, made
+
+
+def _save_records(status: str, golden: Path) -> None:
+    """What a provisioning script reported besides GUIDs, one line each:
+
+    ``record NAME VALUE`` -> records.json (facts: a LUKS UUID, PCR values);
+    ``secret NAME HEX`` -> secrets/NAME (a secret made in the guest: the
+    harness greps every boot for it); ``file NAME BASE64`` -> files/NAME.
+    """
+    records, files, made = _parse_report_lines(status)
+    for sub, entries in (("secrets", made), ("files", files)):
+        for name, data in entries.items():
+            (golden / sub).mkdir(exist_ok=True)
+            (golden / sub / name).write_bytes(data)
     (golden / "records.json").write_text(json.dumps(records, indent=1, sort_keys=True))
 
 
@@ -378,11 +416,16 @@ class Guest:
         return (self.golden / "files" / name).read_bytes()
 
     # -- test boots -----------------------------------------------------------------
-    def boot(self, spec: Boot, workdir: Path | None = None) -> Result:
+    def boot(
+        self, spec: Boot, workdir: Path | None = None, session: Session | None = None
+    ) -> Result:
+        """One test boot on fresh overlays of the golden disks (or, in a session,
+        of the disks and TPM state the session's previous boot left)."""
         work = workdir or Path(tempfile.mkdtemp(prefix=f"lczfs-vm-{spec.name}-"))
         work.mkdir(parents=True, exist_ok=True)
+        needles = session.secrets.needles if session is not None else ()
         initrd = build.test_initrd(
-            self.root, self.overlay(spec), work / "initrd.img", spec.initrd_config
+            self.root, self.overlay(spec, needles), work / "initrd.img", spec.initrd_config
         )
 
         def keep_crash_logs() -> None:
@@ -391,11 +434,12 @@ class Guest:
                 if (work / f).exists():
                     (work / f).rename(work / f"crashed{n}-{f}")
 
+        source = session if session is not None else _Golden(self.golden)
         return qemu.retry_on_crash(
-            spec.name, lambda: self._boot_once(spec, initrd, work), keep_crash_logs
+            spec.name, lambda: self._boot_once(spec, initrd, work, source), keep_crash_logs
         )
 
-    def overlay(self, spec: Boot) -> build.Overlay:
+    def overlay(self, spec: Boot, needles: Sequence[builtins.bytes] = ()) -> build.Overlay:
         """What spec's boot appends to the base initrd."""
         files: list[tuple[str, bytes, int]] = []
         if spec.keyfile:
@@ -407,26 +451,17 @@ class Guest:
             config=spec.config,
             files=tuple(files),
             # Typed answers, wrong ones included, must not leak either.
-            needles=(*self.secrets.needles, *(a.encode() for a in spec.answers)),
+            needles=(*self.secrets.needles, *needles, *(a.encode() for a in spec.answers)),
             units=None if spec.units is None else tuple(spec.units),
             checks=None if spec.checks is None else spec.checks.to_json(),
         )
 
-    def _boot_once(self, spec: Boot, initrd: Path, work: Path) -> Result:
+    def _boot_once(self, spec: Boot, initrd: Path, work: Path, source: _Source) -> Result:
         """One QEMU run on fresh copy-on-write disks (a retry must not see the last one's writes)."""
-        disks = [
-            qemu.overlay_image(self.golden / f"{d}.qcow2", work / f"{d}.qcow2") for d in spec.disks
-        ]
-        late = [
-            qemu.overlay_image(self.golden / f"{d}.qcow2", work / f"{d}.qcow2")
-            for d in spec.hotplug
-        ]
+        disks = [qemu.overlay_image(source.disk(d), work / f"{d}.qcow2") for d in spec.disks]
+        late = [qemu.overlay_image(source.disk(d), work / f"{d}.qcow2") for d in spec.hotplug]
         report_disk = qemu.raw_image(work / "report.raw")
-        tpm = None
-        if spec.tpm:
-            tpm = work / "tpm"
-            shutil.rmtree(tpm, ignore_errors=True)
-            shutil.copytree(self.golden / "tpm", tpm)
+        tpm = _copy_tpm(source, work) if spec.tpm else None
         m = qemu.Machine(
             self.kernel, initrd, work,
             cmdline=spec.cmdline,
@@ -467,7 +502,285 @@ class Guest:
                 f"{m.returncode}); qemu.log: {qemu_log[-2000:] or '(empty)'}\n"
                 f"console {work}/console.log:\n{tail}"
             )
+        source.advance(work, (*spec.disks, *spec.hotplug), tpm)
         return Result(spec, report, console, seconds, work, prompts)
+
+    # -- sessions -------------------------------------------------------------------
+    def session(
+        self,
+        name: str,
+        workdir: Path,
+        disks: Mapping[str, str | None],
+        *,
+        tpm: bool = False,
+        secrets: Callable[[Path], None] | None = None,
+    ) -> Session:
+        """Boots in order on the same disks and TPM: see Session."""
+        return Session(self, name, workdir, disks, tpm=tpm, secrets=secrets)
+
+
+class _Source(Protocol):
+    """Where a boot's disks and TPM state come from, and what it leaves for the next."""
+
+    def disk(self, name: str) -> Path: ...  # the image the boot's overlay is made on
+
+    @property
+    def tpm(self) -> Path: ...  # the swtpm state the boot starts from (copied)
+
+    def advance(self, work: Path, disks: Sequence[str], tpm: Path | None) -> None: ...
+
+
+@dataclass(frozen=True)
+class _Golden:
+    """Every boot from the golden disks and TPM state, nothing carried over."""
+
+    golden: Path
+
+    def disk(self, name: str) -> Path:
+        return self.golden / f"{name}.qcow2"
+
+    @property
+    def tpm(self) -> Path:
+        return self.golden / "tpm"
+
+    def advance(self, work: Path, disks: Sequence[str], tpm: Path | None) -> None:
+        pass
+
+
+def _copy_tpm(source: _Source, work: Path) -> Path:
+    """A copy of source's swtpm state for one boot (a directory swtpm fills if new)."""
+    tpm = work / "tpm"
+    shutil.rmtree(tpm, ignore_errors=True)
+    if source.tpm.is_dir():
+        shutil.copytree(source.tpm, tpm)
+    else:
+        tpm.mkdir()
+    return tpm
+
+
+@dataclass(frozen=True)
+class OpsBoot:
+    """An operations boot: stage-2 commands in a provisioning-style boot.
+
+    The initrd is build.ops_initrd (the daemon package and its launcher
+    /usr/bin/lczfs-unlockd, the whole standard library, the tools the commands
+    and the checks run) with lczfs-unlockd.service masked; it runs script
+    (bash, after guest/ops-lib.sh: ``step``, ``record``, ``record_file``,
+    ``record_secret``, ``import_pool``, ``open_keystore``...), then exports
+    the pools and powers off.  config: /etc/lczfs-unlockd.toml (None: none,
+    e.g. for setup to write).  files: more initrd files (path, content, mode).
+    """
+
+    name: str
+    script: Path
+    disks: Sequence[str] = ("seed0",)
+    tpm: bool = False
+    config: str | None = None
+    files: Sequence[tuple[str, bytes, int]] = ()
+    cmdline: str = ""
+    timeout: float = 600.0
+    echo: IO[str] | None = None
+
+
+@dataclass
+class OpsResult:
+    """What an operations boot's script recorded (guest/ops-lib.sh's lines)."""
+
+    boot: OpsBoot
+    status: str  # LCZFSOPS OK
+    records: dict[str, str]
+    files: dict[str, builtins.bytes]
+    console: str
+    seconds: float
+    workdir: Path
+
+    def rc(self, step: str) -> int:
+        return int(self.records[f"{step}.rc"])
+
+    def out(self, step: str) -> str:
+        return self.files[f"{step}.out"].decode(errors="replace")
+
+    def err(self, step: str) -> str:
+        return self.files[f"{step}.err"].decode(errors="replace")
+
+    def explain(self, step: str) -> str:
+        """A step's exit status and output, for an assertion's message."""
+        if f"{step}.rc" not in self.records:
+            return f"{step}: not run (console {self.workdir}/console.log)"
+        return (
+            f"{step}: exit {self.rc(step)}\n--- stdout\n{self.out(step)}"
+            f"--- stderr\n{self.err(step)}---"
+        )
+
+    def describe(self) -> str:
+        return f"{self.boot.name}: operations boot {self.seconds:.1f} s, {self.status}"
+
+
+class Session:
+    """Several boots in order on the same disks and the same TPM state: an
+    operations boot (stage-2 commands), then real test boots, each starting
+    where the one before left off.
+
+    disks: name -> None (the golden image of that name) or a size (``512M``:
+    a blank disk, e.g. for ``zpool create``).  Every boot's disks are new qcow2
+    overlays on the previous boot's (a chain: a boot QEMU crashed in is redone
+    from the same starting point, and every step stays there to look at), and
+    it gets a copy of the previous boot's swtpm state: the golden one (which
+    seed0's TPM2 token is sealed to) with tpm=True, else a TPM made fresh at
+    the first boot that has one.  secrets(dir) makes the session's own
+    secrets (old passphrases...), given to operations boots as
+    /etc/lczfs-session (the golden ones as /etc/lczfs-provision); those the
+    guest made (``record_secret``) and add_secret()'s join them, and every
+    test boot of the session is grepped for them all.
+    """
+
+    def __init__(
+        self,
+        guest: Guest,
+        name: str,
+        workdir: Path,
+        disks: Mapping[str, str | None],
+        *,
+        tpm: bool = False,
+        secrets: Callable[[Path], None] | None = None,
+    ) -> None:
+        self.guest = guest
+        self.name = name
+        self.dir = workdir
+        self.dir.mkdir(parents=True, exist_ok=True)
+        if secrets is not None:
+            secrets(self.dir / "secrets")
+        else:
+            (self.dir / "secrets").mkdir()
+        self._layers: dict[str, Path] = {}
+        for disk, size in disks.items():
+            if size is None:
+                self._layers[disk] = guest.golden / f"{disk}.qcow2"
+            else:
+                self._layers[disk] = qemu.blank_image(self.dir / f"blank-{disk}.qcow2", size)
+        self._tpm = guest.golden / "tpm" if tpm else self.dir / "tpm-fresh"
+        self.files: dict[str, builtins.bytes] = {}  # what operations boots recorded, by name
+        self.results: list[Result | OpsResult] = []
+        self._count = 0
+
+    @property
+    def secrets(self) -> Secrets:
+        """The session's secrets and the golden ones, as every boot of it is grepped for."""
+        return Secrets(self.guest.secrets.dir, (self.dir / "secrets",))
+
+    def add_secret(self, name: str, data: builtins.bytes) -> None:
+        if not name or "/" in name or name.startswith("."):
+            raise ValueError(f"secret name {name!r}")
+        (self.dir / "secrets" / name).write_bytes(data)
+
+    def file(self, name: str) -> builtins.bytes:
+        """The latest file an operations boot recorded under name (``record_file``)."""
+        return self.files[name]
+
+    # -- _Source ----------------------------------------------------------------------
+    def disk(self, name: str) -> Path:
+        if name not in self._layers:
+            raise KeyError(f"session {self.name}: no disk {name!r} (it has {list(self._layers)})")
+        return self._layers[name]
+
+    @property
+    def tpm(self) -> Path:
+        return self._tpm
+
+    def advance(self, work: Path, disks: Sequence[str], tpm: Path | None) -> None:
+        for d in disks:
+            self._layers[d] = work / f"{d}.qcow2"
+        if tpm is not None:
+            self._tpm = tpm
+
+    # -- boots --------------------------------------------------------------------------
+    def _workdir(self, name: str) -> Path:
+        self._count += 1
+        work = self.dir / f"{self._count:02d}-{name}"
+        work.mkdir()
+        return work
+
+    def boot(self, spec: Boot) -> Result:
+        """A real test boot (Guest.boot) on the disks the previous boot left."""
+        result = self.guest.boot(spec, self._workdir(spec.name), session=self)
+        self.results.append(result)
+        return result
+
+    def ops(self, spec: OpsBoot) -> OpsResult:
+        """An operations boot on the disks the previous boot left."""
+        work = self._workdir(spec.name)
+        initrd = work / "ops.img"
+        base = build.ops_initrd(self.guest.root).read_bytes()
+        initrd.write_bytes(cpio.append(base, self.ops_overlay(spec)))
+
+        def keep_crash_logs() -> None:
+            n = len(list(work.glob("crashed*-qemu.log"))) + 1
+            for f in ("console.log", "qemu.log"):
+                if (work / f).exists():
+                    (work / f).rename(work / f"crashed{n}-{f}")
+
+        result = qemu.retry_on_crash(
+            spec.name, lambda: self._ops_once(spec, initrd, work), keep_crash_logs
+        )
+        self.results.append(result)
+        return result
+
+    def ops_overlay(self, spec: OpsBoot) -> builtins.bytes:
+        """What an operations boot appends to build.ops_initrd."""
+        a = cpio.Archive()
+        build.poweroff_links(a)
+        # The daemon is in this initrd for its package and launcher only.
+        a.symlink("etc/systemd/system/lczfs-unlockd.service", "/dev/null")
+        a.copy(GUEST_DIR / "ops.sh", "usr/lib/lczfs-test/ops.sh", 0o755)
+        a.copy(GUEST_DIR / "ops-lib.sh", "usr/lib/lczfs-test/ops-lib.sh", 0o644)
+        a.copy(spec.script, "usr/lib/lczfs-test/scenario.sh", 0o644)
+        unit = "lczfs-test-ops.service"
+        a.copy(GUEST_DIR / unit, f"usr/lib/systemd/system/{unit}", 0o644)
+        a.symlink(
+            f"etc/systemd/system/initrd.target.wants/{unit}", f"/usr/lib/systemd/system/{unit}"
+        )
+        for src, dest in ((self.guest.secrets.dir, "lczfs-provision"),
+                          (self.dir / "secrets", "lczfs-session")):  # fmt: skip
+            if src.is_dir():
+                for p in sorted(src.iterdir()):
+                    a.copy(p, f"etc/{dest}/{p.name}", 0o400)
+        if spec.config is not None:
+            a.file("etc/lczfs-unlockd.toml", spec.config, 0o644)
+        for path, data, mode in spec.files:
+            a.file(path, data, mode)
+        return a.to_bytes()
+
+    def _ops_once(self, spec: OpsBoot, initrd: Path, work: Path) -> OpsResult:
+        disks = [qemu.overlay_image(self.disk(d), work / f"{d}.qcow2") for d in spec.disks]
+        report = qemu.raw_image(work / "report.raw", 32 * 1024 * 1024)
+        tpm = _copy_tpm(self, work) if spec.tpm else None
+        m = qemu.Machine(
+            self.guest.kernel, initrd, work,
+            cmdline=spec.cmdline,
+            disks=[*(qemu.Disk(p, p.stem) for p in disks), qemu.Disk(report, "lczfsreport", "raw")],
+            tpm_state=tpm, echo=spec.echo,
+        )  # fmt: skip
+        try:
+            m.start()
+            m.wait(spec.timeout)
+        finally:
+            m.close()
+        text = report.read_bytes().split(b"\0", 1)[0].decode(errors="replace")
+        (work / "ops-report.txt").write_text(text)
+        status = text.split("\n", 1)[0]
+        if status != "LCZFSOPS OK":
+            tail = "\n".join(m.console_text().splitlines()[-80:])
+            raise AssertionError(
+                f"{spec.name}: operations boot {status or 'wrote no report'} after "
+                f"{m.elapsed():.1f} s; report {work}/ops-report.txt, "
+                f"console {work}/console.log:\n{tail}"
+            )
+        records, files, made = _parse_report_lines(text)
+        for name, data in made.items():
+            self.add_secret(name, data)
+        self.files.update(files)
+        self.advance(work, spec.disks, tpm)
+        return OpsResult(spec, status, records, files, m.console_text(), m.elapsed(), work)
 
 
 def _prompt_rx(pattern: str) -> str:
