@@ -17,8 +17,8 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import re
-import secrets as _secrets
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -297,16 +297,49 @@ def cryptenroll(
         raise _fail(device, f"run {CRYPTENROLL}", exc) from None
 
 
+def random_bytes(count: int) -> bytearray:
+    """``count`` bytes from the kernel's generator, read straight into a
+    ``bytearray``: ``secrets.token_bytes`` returns an immutable ``bytes`` that
+    stays in memory, unwiped, until the allocator reuses it."""
+    out = bytearray(count)
+    fd = os.open("/dev/urandom", os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        with memoryview(out) as view:
+            filled = 0
+            while filled < count:
+                got = os.readv(fd, [view[filled:]])
+                if got <= 0:
+                    raise OSError(f"/dev/urandom gave {filled} of {count} bytes")
+                filled += got
+    except BaseException:
+        out[:] = bytes(count)
+        raise
+    finally:
+        os.close(fd)
+    return out
+
+
+_MODHEX_BYTES = _MODHEX.encode()
+RECOVERY_KEY_LENGTH = 8 * 8 + 7  # eight groups of eight, seven dashes
+
+
 def recovery_key() -> bytearray:
     """A new recovery key in systemd's form (systemd-cryptenroll --recovery-key):
-    256 random bits, modhex, eight dash-separated groups of eight."""
-    raw = bytearray(_secrets.token_bytes(32))
-    out = bytearray()
+    256 random bits, modhex, eight dash-separated groups of eight.
+
+    Built in place in a buffer of its final size: ``+=`` on a bytearray
+    reallocates, and the old buffer is freed without being wiped."""
+    raw = random_bytes(32)
+    out = bytearray(RECOVERY_KEY_LENGTH)
     try:
+        at = 0
         for i, byte in enumerate(raw):
             if i and i % 4 == 0:
-                out += b"-"
-            out += _MODHEX[byte >> 4].encode() + _MODHEX[byte & 15].encode()
+                out[at] = ord("-")
+                at += 1
+            out[at] = _MODHEX_BYTES[byte >> 4]
+            out[at + 1] = _MODHEX_BYTES[byte & 15]
+            at += 2
         return out
     finally:
         raw[:] = bytes(len(raw))

@@ -27,6 +27,11 @@ together.  The alternative -- change-key with the private mount's path, then
 dataset whose keylocation names a temporary directory that is gone at the
 next boot.
 
+After a failure, which key a started change left is asked of ZFS itself
+(``zpool sync``, then a no-op load of the new key), never guessed from a
+property read: a killed change-key can land a txg later.  All mounts are made
+in a private mount namespace, so none outlives the process.
+
 Every program runs through :class:`Machine`, the one object the tests fake.
 Key material is only ever in ``bytearray``\\ s that are wiped; the one
 exception printed is the recovery key, once.
@@ -36,23 +41,35 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import ctypes
+import errno
+import fcntl
 import hmac
 import json
 import os
 import re
-import secrets
 import shlex
 import shutil
+import signal
 import sys
 import tempfile
+import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import TextIO
 
 from . import config, cryptsetup, luksadmin, paths, process, zfskeys, zpool
 from .context import Signals
-from .errors import ConfigError, Interrupted, KeyLoadError, OpsError, UnlockError
+from .errors import (
+    CommandTimeout,
+    ConfigError,
+    Interrupted,
+    KeyLoadError,
+    KeyRejectedError,
+    OpsError,
+    UnlockError,
+)
 from .keyformat import derive_wrapping_key
 from .ops_common import (
     EXIT_FAILURE,
@@ -92,6 +109,23 @@ SFDISK_SCRIPT = b"label: gpt\ntype=L, name=lczfs-keystore\n"
 # daemon's measurement, by anything that runs later in the same boot.
 ZERO_PCR = "0" * 64
 AUTO_SNAPSHOT = "com.sun:auto-snapshot=false"
+# Set on every dataset this run creates, to a value of this run alone: the
+# rollback destroys only what carries it (not a zvol a concurrent run, or
+# the person, made under the same name meanwhile).
+RUN_PROPERTY = "org.lczfs:setup"
+LOCK_PATH = "/run/lczfs-unlockd-setup.lock"
+# zfs change-key and the rollback's zfs destroy / umount run in a session of
+# their own: the terminal's Ctrl-C (SIGINT to the foreground process group)
+# must not kill one half-way.  setsid(1) execs the program in place (a child
+# of Popen is no group leader); --wait for the case in which it forks.
+DETACH = ("setsid", "--wait")
+NAME_MAX = 255  # one path component (ext4, like every Linux file system)
+CLONE_NEWNS = 0x00020000
+MS_REC = 0x4000
+MS_PRIVATE = 1 << 18
+# What the no-op load of the CLI says when the key is not the dataset's
+# (libzfs: "Key load error: Incorrect key provided for '...'.").
+INCORRECT_KEY = "Incorrect key provided"
 NO_KEY_PROPERTIES = ("prompt",)
 
 # --- the machine --------------------------------------------------------------
@@ -108,6 +142,62 @@ class Machine:
     def __init__(self, *, luks_kdf: Sequence[str] = ()) -> None:
         # Extra luksFormat arguments (a cheaper KDF on test images).
         self.luks_kdf = tuple(luks_kdf)
+        self.lock_path = LOCK_PATH
+
+    def lock(self) -> int:
+        """One setup at a time: an flock held for the whole run (the
+        descriptor; it goes with the process, a SIGKILL included)."""
+        flags = os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC
+        try:
+            fd = os.open(self.lock_path, flags, 0o600)
+        except OSError as exc:
+            raise OpsError(f"cannot open the lock file {self.lock_path}: {exc.strerror}") from None
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError as exc:
+            os.close(fd)
+            if exc.errno in (errno.EWOULDBLOCK, errno.EAGAIN):
+                raise OpsError(
+                    f"another lczfs-unlockd setup is running (it holds {self.lock_path}): "
+                    "wait until it has finished, then run lczfs-unlockd status"
+                ) from None
+            raise OpsError(f"cannot lock {self.lock_path}: {exc.strerror}") from None
+        return fd
+
+    def private_namespace(self) -> None:
+        """Go on in a mount namespace of this process's own, propagation private.
+
+        Every mount setup makes (the keystore on its private directory, the
+        bind mount on the configured mount point) is then seen by no other
+        process and vanishes with the namespace when setup exits, however it
+        exits: a SIGKILL leaves no mount behind.  The children (zfs
+        change-key reads its keylocation here) inherit it.  Python 3.11 has
+        no os.unshare: libc's.
+        """
+        libc = ctypes.CDLL(None, use_errno=True)
+        if libc.unshare(CLONE_NEWNS) != 0:
+            code = ctypes.get_errno()
+            raise OpsError(
+                f"cannot make a private mount namespace (unshare: {os.strerror(code)}): "
+                "setup needs CAP_SYS_ADMIN; run it as root outside a restricted container"
+            )
+        # Without this the new namespace still shares propagation with the
+        # old one (systemd makes / shared): our mounts would show up there.
+        if libc.mount(b"none", b"/", None, MS_REC | MS_PRIVATE, None) != 0:
+            code = ctypes.get_errno()
+            raise OpsError(f"cannot make / private in setup's namespace: {os.strerror(code)}")
+
+    def directory_state(self, path: str) -> str:
+        """``absent``, ``empty`` (a directory), ``not-empty`` or ``not-a-directory``."""
+        try:
+            entries = os.listdir(path) if not os.path.islink(path) else None
+        except FileNotFoundError:
+            return "absent"
+        except NotADirectoryError:
+            return "not-a-directory"
+        if entries is None:
+            return "not-a-directory"
+        return "not-empty" if entries else "empty"
 
     # Queries.
     def euid(self) -> int:
@@ -143,22 +233,32 @@ class Machine:
         return path in filesystem.mount_points()
 
     # ZFS.
-    def create_parent(self, name: str) -> None:
+    def create_parent(self, name: str, run_id: str) -> None:
         process.run(
-            [paths.ZFS, "create", "-o", "mountpoint=none", "-o", "canmount=off", name],
-            timeout=ZFS_TIMEOUT,
-        )
-
-    def create_zvol(self, volume: str, size: str, volmode: str) -> None:
-        process.run(
-            [paths.ZFS, "create", "-V", size, "-o", "encryption=off", "-o", f"volmode={volmode}",
-             "-o", AUTO_SNAPSHOT, volume],
+            [paths.ZFS, "create", "-o", "mountpoint=none", "-o", "canmount=off",
+             "-o", f"{RUN_PROPERTY}={run_id}", name],
             timeout=ZFS_TIMEOUT,
         )  # fmt: skip
 
+    def create_zvol(self, volume: str, size: str, volmode: str, run_id: str) -> None:
+        process.run(
+            [paths.ZFS, "create", "-V", size, "-o", "encryption=off", "-o", f"volmode={volmode}",
+             "-o", AUTO_SNAPSHOT, "-o", f"{RUN_PROPERTY}={run_id}", volume],
+            timeout=ZFS_TIMEOUT,
+        )  # fmt: skip
+
+    def run_id_of(self, name: str) -> str | None:
+        """The RUN_PROPERTY of ``name`` as set on it (None: not set, or no such dataset)."""
+        argv = [paths.ZFS, "get", "-H", "-p", "-s", "local", "-o", "value", RUN_PROPERTY, name]
+        result = process.run(argv, check=False, timeout=ZFS_TIMEOUT)
+        value = result.stdout.strip()
+        return value if result.returncode == 0 and value and value != "-" else None
+
     def destroy(self, name: str) -> None:
         for attempt in range(1, DESTROY_TRIES + 1):
-            result = process.run([paths.ZFS, "destroy", name], check=False, timeout=ZFS_TIMEOUT)
+            result = process.run(
+                [*DETACH, paths.ZFS, "destroy", name], check=False, timeout=ZFS_TIMEOUT
+            )
             if result.returncode == 0:
                 return
             if "busy" not in result.stderr or attempt == DESTROY_TRIES:
@@ -167,10 +267,42 @@ class Machine:
 
     def change_key(self, dataset: str, keylocation: str) -> None:
         process.run(
-            [paths.ZFS, "change-key", "-o", "keyformat=hex", "-o", f"keylocation={keylocation}",
-             dataset],
+            [*DETACH, paths.ZFS, "change-key", "-o", "keyformat=hex",
+             "-o", f"keylocation={keylocation}", dataset],
             timeout=ZFS_TIMEOUT,
         )  # fmt: skip
+
+    def sync_pool(self, pool: str) -> None:
+        """Wait until every sync task queued so far is on disk: a change-key
+        whose process was killed after it queued its task lands in this txg."""
+        process.run([paths.ZPOOL, "sync", pool], timeout=ZFS_TIMEOUT)
+
+    def key_is(self, dataset: str, wrapping_key: bytearray, material: bytearray) -> bool | None:
+        """Is this the dataset's wrapping key now?  A no-op load says (see
+        :meth:`verify_key`): True, False (ZFS rejected it), None (no answer).
+
+        Without pyzfs the CLI's no-op load reads the key file's text from a
+        pipe (the keystore may be closed by now).
+        """
+        try:
+            loader = zfskeys.PyzfsKeyLoader()
+            loader._module()
+        except (ImportError, KeyLoadError):
+            argv = [paths.ZFS, "load-key", "-n", "-L", "file://{fd0}", dataset]
+            try:
+                result = process.run_fed(argv, [material], check=False, timeout=ZFS_TIMEOUT)
+            except (UnlockError, Interrupted):
+                return None
+            if result.returncode == 0:
+                return True
+            return False if INCORRECT_KEY in result.stderr else None
+        try:
+            loader.load_key(dataset, wrapping_key, noop=True)
+        except KeyRejectedError:
+            return False
+        except (UnlockError, Interrupted):
+            return None
+        return True
 
     def verify_key(self, dataset: str, wrapping_key: bytearray, path: str) -> None:
         """ZFS's own check of a wrapping key: lzc_load_key with noop.
@@ -233,6 +365,9 @@ class Machine:
     def add_recovery_key(self, device: str, passphrase: bytearray) -> tuple[int, bytearray]:
         return luksadmin.add_recovery_key(device, passphrase)
 
+    def test_key(self, device: str, key: bytearray, slot: int) -> bool:
+        return luksadmin.test_key(device, key, slot)
+
     def cryptenroll(self, device: str, args: Sequence[str], passphrase: bytearray) -> None:
         luksadmin.cryptenroll(device, args, passphrase)
 
@@ -266,7 +401,11 @@ class Machine:
         process.run(["mount", "--bind", source, target], timeout=MOUNT_TIMEOUT)
 
     def unmount(self, target: str) -> None:
-        process.run(["umount", target], timeout=MOUNT_TIMEOUT)
+        process.run([*DETACH, "umount", target], timeout=MOUNT_TIMEOUT)
+
+    def make_private(self, path: str) -> None:
+        """The keystore file system's root: root's alone (mkfs makes it 0755)."""
+        os.chmod(path, 0o700)
 
     def write_key_file(self, root: str, rel: str, material: bytearray) -> None:
         write_key_file(root, rel, material)
@@ -289,13 +428,22 @@ def _fsync_dir(fd: int) -> None:
     os.fsync(fd)
 
 
+def _syncfs(fd: int) -> None:
+    """syncfs(2) of the file system holding ``fd``: its journal committed and
+    the device flushed (Python 3.11 has no os.syncfs)."""
+    libc = ctypes.CDLL(None, use_errno=True)
+    if libc.syncfs(fd) != 0:
+        code = ctypes.get_errno()
+        raise OSError(code, os.strerror(code), "syncfs")
+
+
 def write_key_file(root: str, rel: str, material: bytearray) -> None:
     """Write ``material`` to ``root/rel``, a new file (mode 0400), durably.
 
     Every component is opened relative to its parent without following a
     symlink; the file must not exist (O_EXCL).  The file and each directory
-    it was added to are fsync()ed before this returns: only then may ZFS be
-    told to use it.
+    it was added to are fsync()ed, then the whole file system (syncfs)
+    before this returns: only then may ZFS be told to use it.
     """
     *dirs, name = rel.split("/")
     flags = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
@@ -324,6 +472,7 @@ def write_key_file(root: str, rel: str, material: bytearray) -> None:
             os.close(fd)
         for dirfd in reversed(opened):
             _fsync_dir(dirfd)
+        _syncfs(opened[0])
     finally:
         for dirfd in opened:
             os.close(dirfd)
@@ -368,6 +517,10 @@ class Target:
     mountpoint: str
     attempted: bool = False  # zfs change-key was started (it may have happened)
     state: str = "old"  # "old", "new" or "unknown"
+    stuck: bool = False  # its zfs change-key was killed but not reaped: it may still land
+    # The new key, kept (wiped at the end) to ask ZFS which key the dataset has.
+    key: bytearray | None = field(default=None, repr=False)
+    material: bytearray | None = field(default=None, repr=False)
 
     @property
     def rel(self) -> str:
@@ -534,12 +687,38 @@ def _under(path: str, mountpoint: str) -> bool:
     return path.startswith(mountpoint.rstrip("/") + "/")
 
 
+def _in_keystore(keylocation: str, mountpoint: str) -> bool:
+    return keylocation.startswith("file://") and _under(keylocation[len("file://") :], mountpoint)
+
+
 def _default_target(d: DatasetInfo, mountpoint: str) -> bool:
     if d.keylocation in NO_KEY_PROPERTIES:
         return True
     return d.keylocation.startswith("file://") and not _under(
         d.keylocation[len("file://") :], mountpoint
     )
+
+
+def _key_path_problems(targets: Sequence[Target]) -> list[str]:
+    """Key files that cannot all exist: one's file is another's directory
+    (rpool/a -> rpool/a.key, rpool/a.key/b -> rpool/a.key/b.key), or a name
+    no file system takes."""
+    problems = []
+    for t in targets:
+        long = [c for c in t.rel.split("/") if len(c.encode()) > NAME_MAX]
+        if long:
+            problems.append(
+                f"{_show(t.name)}: its key file {_show(t.mountpoint)}/{_show(t.rel)} has a "
+                f"component longer than {NAME_MAX} bytes ({_show(long[0][:40])}...)"
+            )
+        for other in targets:
+            if other.rel.startswith(t.rel + "/"):
+                problems.append(
+                    f"the key file {_show(t.mountpoint)}/{_show(t.rel)} of {_show(t.name)} would "
+                    f"be a directory of {_show(other.mountpoint)}/{_show(other.rel)}, the key "
+                    f"file of {_show(other.name)}"
+                )
+    return problems
 
 
 def prepare(args: argparse.Namespace, machine: Machine) -> Plan:
@@ -549,7 +728,7 @@ def prepare(args: argparse.Namespace, machine: Machine) -> Plan:
             "setup must run as root: it creates a zvol, formats it and changes keys of "
             "encryption roots (run it with sudo)"
         )
-    needed = ["cryptsetup", "mkfs.ext4", "mount", "umount"]
+    needed = ["cryptsetup", "mkfs.ext4", "mount", "umount", DETACH[0]]
     if not args.whole_zvol:
         needed.append("sfdisk")
     if args.tpm2 or args.fido2:
@@ -585,6 +764,21 @@ def prepare(args: argparse.Namespace, machine: Machine) -> Plan:
     infos = {d.name: d for d in machine.datasets([pool], recursive=True)}
     roots = {n: d for n, d in infos.items() if d.encryption not in ("off", "-") and
              d.encryption_root == n}  # fmt: skip
+    inside = {n: d.keylocation for n, d in roots.items() if _in_keystore(d.keylocation, mountpoint)}
+    if volume in infos or machine.dataset_exists(volume):
+        if inside:
+            users = ", ".join(f"{_show(n)} (keylocation={_show(v)})" for n, v in inside.items())
+            raise OpsError(
+                f"{volume} already exists: do not destroy it: it holds the key of {users}. An "
+                "earlier setup may have stopped half-way: lczfs-unlockd status shows the "
+                "keystore; finish it by hand (the earlier run printed the commands) or choose "
+                "another --volume"
+            )
+        raise OpsError(
+            f"{volume} already exists: a keystore may be there already (lczfs-unlockd status "
+            f"shows it); if it holds nothing you need, zfs destroy {volume}, or choose another "
+            "--volume"
+        )
     if args.roots:
         names = [r for r in args.roots.split(",") if r]
         for name in names:
@@ -598,6 +792,17 @@ def prepare(args: argparse.Namespace, machine: Machine) -> Plan:
                     f"--roots: {_show(name)} is not an encryption root of pool {pool} ({why}); "
                     f"zfs get -r encryptionroot {pool} lists them"
                 )
+            if name in inside:
+                # Its old and its new keylocation could be the same string:
+                # after a failure nothing would tell which key it has.
+                raise OpsError(
+                    f"--roots: {_show(name)} already has keylocation={_show(inside[name])}, "
+                    f"inside the keystore's mount point {mountpoint}: setup cannot tell its old "
+                    "key from its new one there; leave it out, or move its key elsewhere first "
+                    f"(zfs change-key -o keylocation=... {_show(name)})"
+                )
+        if not names:
+            raise OpsError("--roots: no dataset named: give encryption roots, joined by commas")
     else:
         names = [n for n, d in roots.items() if _default_target(d, mountpoint)]
         if not names:
@@ -612,18 +817,23 @@ def prepare(args: argparse.Namespace, machine: Machine) -> Plan:
                 "(zfs change-key needs the current key), or leave it out with --roots"
             )
     targets = [Target(n, roots[n].keylocation, roots[n].keyformat, mountpoint) for n in names]
-
-    if volume in infos or machine.dataset_exists(volume):
+    problems = _key_path_problems(targets)
+    if problems:
         raise OpsError(
-            f"{volume} already exists: a keystore may be there already (lczfs-unlockd status "
-            f"shows it); if it holds nothing you need, zfs destroy {volume}, or choose another "
-            "--volume"
+            "these key files cannot be made: " + "; ".join(problems) + ": leave one of each out "
+            "with --roots, or rename the dataset (zfs rename)"
         )
+
     parents: list[str] = []
     walk = volume.rsplit("/", 1)[0]
-    while walk not in infos:
+    while walk not in infos and "/" in walk:  # the pool itself ends it
         parents.insert(0, walk)
         walk = walk.rsplit("/", 1)[0]
+    if walk not in infos:
+        raise OpsError(
+            f"zfs list -r {pool} did not list the pool's own dataset {pool}: is the pool "
+            "healthy? (zpool status)"
+        )
     ancestor = infos[walk]
     encrypted_parent = walk if ancestor.encryption not in ("off", "-") else None
     if not args.nixos and machine.path_exists(args.config):
@@ -639,6 +849,18 @@ def prepare(args: argparse.Namespace, machine: Machine) -> Plan:
     if machine.is_mounted(mountpoint):
         raise OpsError(
             f"something is mounted on {mountpoint}: unmount it or choose another --mountpoint"
+        )
+    # The bind mount lives in setup's own mount namespace: nobody else would
+    # see it cover a directory.  Still only an empty or missing one: the path
+    # is an initrd path, and files here in the running system are most likely
+    # an older hand-made keystore whose keys someone may still use -- better
+    # asked about than hidden for the run.
+    state = machine.directory_state(mountpoint)
+    if state in ("not-empty", "not-a-directory"):
+        what = "is a directory that is not empty" if state == "not-empty" else "is not a directory"
+        raise OpsError(
+            f"--mountpoint {mountpoint} {what}: setup mounts the keystore there while the keys "
+            "change; choose a path that is missing or an empty directory"
         )
     plan = Plan(
         pool=pool, volume=volume, size=size, whole=args.whole_zvol, name=args.name,
@@ -677,7 +899,8 @@ def plan_actions(plan: Plan) -> list[str]:
     actions += [
         f"format {plan.device} as LUKS2 (argon2id, aes-xts-plain64, 512-bit key, label "
         f"{plan.name}) with a new passphrase (typed twice, or --passphrase-file)",
-        f"open it as /dev/mapper/{plan.name}, make an ext4 file system, mount it on a private "
+        f"open it as /dev/mapper/{plan.name}, make an ext4 file system (root 0700), mount it, in "
+        "a mount namespace of setup's own, on a private "
         "directory under /run (mode 0700)",
         "enroll a recovery key (a key slot and a systemd-recovery token) and print it once",
     ]
@@ -722,8 +945,9 @@ def plan_actions(plan: Plan) -> list[str]:
 class Made:
     """What this run created, so that a failure undoes exactly that."""
 
-    parents: list[str] = field(default_factory=list)
-    zvol: bool = False  # zfs create was called
+    parents: list[str] = field(default_factory=list)  # zfs create was called for these
+    zvol_tried: bool = False  # zfs create was called: the zvol may exist
+    zvol: bool = False  # zfs create succeeded
     mapping: bool = False  # the LUKS volume may be open
     private_dir: str | None = None
     private_mount: bool = False  # mount was called on private_dir
@@ -746,39 +970,66 @@ class Setup:
         self.error = error
         self.made = Made()
         self.passphrase: bytearray | None = None
+        # Not a secret: it tells this run's datasets from anyone else's.
+        self.run_id = os.urandom(8).hex()
 
     def say(self, text: str = "") -> None:
         say(text, self.out)
 
     def complain(self, text: str) -> None:
-        print(text, file=self.error, flush=True)
+        # After SIGHUP (an ssh connection dropped) the terminal is gone: the
+        # recovery must still run to its end.
+        with contextlib.suppress(OSError, ValueError):
+            print(text, file=self.error, flush=True)
+
+    def _err(self, text: str) -> None:
+        with contextlib.suppress(OSError, ValueError):
+            err(text, self.error)
 
     def execute(self, passphrase_file: str | None) -> int:
         try:
             self.passphrase = ask_secret(
                 "Passphrase for the new keystore: ", twice=True, file=passphrase_file
             )
+            self.m.private_namespace()
             self._run()
             return EXIT_OK
         except (UnlockError, Interrupted) as exc:
             self.signals.interruptible = False  # the undo runs whole
-            err(str(exc), self.error)
+            self._err(str(exc))
             self._recover()
             return EXIT_FAILURE
         except OSError as exc:  # a file of ours: the key file, the config, a directory
             self.signals.interruptible = False
             where = f"{exc.filename}: " if exc.filename else ""
-            err(f"{where}{exc.strerror or exc}", self.error)
+            self._err(f"{where}{exc.strerror or exc}")
             self._recover()
             return EXIT_FAILURE
         except Exception as exc:  # a bug: still undone, never a bare traceback
             self.signals.interruptible = False
-            err(f"unexpected {type(exc).__name__}: {str(exc)[:200]} (a bug: please report it)",
-                self.error)  # fmt: skip
+            self._err(
+                f"unexpected {type(exc).__name__}: {str(exc)[:200]} (a bug: please report it)"
+            )
             self._recover()
             return EXIT_FAILURE
         finally:
             wipe(self.passphrase)
+            for t in self.plan.targets:
+                wipe(t.key)
+                wipe(t.material)
+                t.key = t.material = None
+
+    @contextlib.contextmanager
+    def _deferred_signals(self) -> Iterator[None]:
+        """SIGINT/SIGTERM/SIGHUP wait until the block is done (then
+        checkpoint() raises them): a key change is never cut off while ZFS
+        may still be carrying it out."""
+        before = self.signals.interruptible
+        self.signals.interruptible = False
+        try:
+            yield
+        finally:
+            self.signals.interruptible = before
 
     # The steps.
     def _run(self) -> None:
@@ -786,10 +1037,11 @@ class Setup:
         assert self.passphrase is not None
         for parent in p.parents:
             self.made.parents.append(parent)
-            m.create_parent(parent)
-        self.made.zvol = True
+            m.create_parent(parent, self.run_id)
         self.say(f"creating {p.volume} ({p.size})")
-        m.create_zvol(p.volume, p.size, p.volmode)
+        self.made.zvol_tried = True
+        m.create_zvol(p.volume, p.size, p.volmode, self.run_id)
+        self.made.zvol = True
         m.wait_for(p.zvol_device, ZVOL_WAIT)
         if not p.whole:
             m.partition(p.zvol_device)
@@ -803,6 +1055,7 @@ class Setup:
         self.made.private_dir = m.make_private_dir()
         self.made.private_mount = True
         m.mount(mapper, self.made.private_dir, read_only=False)
+        m.make_private(self.made.private_dir)
         self.signals.checkpoint()
         self._enroll()
         self.made.bind_dirs = m.make_dirs(p.mountpoint)
@@ -821,8 +1074,13 @@ class Setup:
     def _enroll(self) -> None:
         p, m = self.plan, self.m
         assert self.passphrase is not None
-        _, key = m.add_recovery_key(p.device, self.passphrase)
+        slot, key = m.add_recovery_key(p.device, self.passphrase)
         try:
+            if not m.test_key(p.device, key, slot):
+                raise OpsError(
+                    f"the new recovery key does not open key slot {slot} of {p.device}: the "
+                    "keystore is not trustworthy (cryptsetup luksDump shows it)"
+                )
             self._print_recovery_key(key)
         finally:
             wipe(key)
@@ -836,13 +1094,20 @@ class Setup:
             m.cryptenroll(p.device, ["--fido2-device=auto"], self.passphrase)
 
     def _print_recovery_key(self, key: bytearray) -> None:
-        line = bytearray(b"RECOVERY KEY: ")
-        line += key
-        line += b"\n"
+        prefix = b"RECOVERY KEY: "
+        line = bytearray(len(prefix) + len(key) + 1)  # its final size: no reallocation
+        line[: len(prefix)] = prefix
+        line[len(prefix) : -1] = key
+        line[-1] = ord("\n")
         try:
             self.out.flush()
             buffer = getattr(self.out, "buffer", None)
-            if buffer is not None:
+            if self.out is sys.stdout:  # straight to fd 1: no copy in a Python buffer
+                with memoryview(line) as view:
+                    written = 0
+                    while written < len(view):
+                        written += os.write(self.out.fileno(), view[written:])
+            elif buffer is not None:
                 buffer.write(line)
                 buffer.flush()
             else:  # a text-only stream: the str copy cannot be wiped
@@ -862,8 +1127,8 @@ class Setup:
         m = self.m
         assert self.made.private_dir is not None
         root = self.made.private_dir
-        raw = bytearray(secrets.token_bytes(HEX_KEY_BYTES))
-        material = bytearray(2 * HEX_KEY_BYTES + 1)
+        raw = t.key = luksadmin.random_bytes(HEX_KEY_BYTES)  # wiped by execute()
+        material = t.material = bytearray(2 * HEX_KEY_BYTES + 1)
         back: bytearray | None = None
         derived: bytearray | None = None
         try:
@@ -884,13 +1149,19 @@ class Setup:
                 )
             self.say(f"changing key of {t.name} to {t.keylocation} ...")
             t.attempted = True
-            m.change_key(t.name, t.keylocation)
-            t.state = "new"
+            with self._deferred_signals():
+                try:
+                    m.change_key(t.name, t.keylocation)
+                except CommandTimeout as exc:
+                    # process gives up on reaping it after a few seconds: it
+                    # may still be in the kernel, its sync task yet to queue.
+                    t.stuck = "did not exit" in str(exc)
+                    raise
+                t.state = "new"
+            self.signals.checkpoint()
             m.verify_key(t.name, derived, f"{root}/{t.rel}")
             self.say(f"changed key of {t.name}: now keyformat=hex keylocation={t.keylocation}")
         finally:
-            wipe(raw)
-            wipe(material)
             wipe(back)
             wipe(derived)
 
@@ -1011,23 +1282,36 @@ class Setup:
         self._report_kept()
 
     def _settle_states(self) -> None:
-        """Which key each started change left: ZFS says, by the keylocation it
-        sets in the same sync task as the key."""
-        for t in self.plan.targets:
-            if not t.attempted or t.state == "new":
+        """Which key each started change left, asked of ZFS itself.
+
+        Not the keylocation: a change-key killed after it queued its sync
+        task lands in a later txg, and a property read before that says
+        "old" of a dataset that is about to have the new key -- and the
+        rollback would then destroy the keystore holding it.  So: wait for
+        every queued task to be on disk (zpool sync), then a no-op load of
+        the new key, which succeeds exactly when it is the dataset's key.  A
+        change-key left unreaped, a sync or a probe that does not answer:
+        "unknown", and nothing is rolled back.
+        """
+        open_ = [t for t in self.plan.targets if t.attempted and t.state != "new"]
+        if not open_:
+            return
+        try:
+            self.m.sync_pool(self.plan.pool)
+        except (UnlockError, Interrupted, OSError) as exc:
+            self._err(f"zpool sync {self.plan.pool}: {exc}")
+            for t in open_:
+                t.state = "unknown"
+            return
+        for t in open_:
+            if t.stuck or t.key is None or t.material is None:
+                t.state = "unknown"
                 continue
             try:
-                info = self.m.datasets([t.name], recursive=False)
-            except (UnlockError, Interrupted):
-                t.state = "unknown"
-                continue
-            location = info[0].keylocation if info else ""
-            if location == t.keylocation:
-                t.state = "new"
-            elif location == t.old_keylocation:
-                t.state = "old"
-            else:
-                t.state = "unknown"
+                verdict = self.m.key_is(t.name, t.key, t.material)
+            except (UnlockError, Interrupted, OSError):
+                verdict = None
+            t.state = {True: "new", False: "old", None: "unknown"}[verdict]
 
     def _roll_back(self) -> None:
         """Nothing uses the keystore: remove everything this run made."""
@@ -1043,11 +1327,20 @@ class Setup:
                 m.remove_file(p.config_path)
             except OSError as exc:
                 problems.append(f"rm {p.config_path} ({exc.strerror})")
-        created = ([p.volume] if self.made.zvol else []) + list(reversed(self.made.parents))
+        created = ([p.volume] if self.made.zvol_tried else []) + list(reversed(self.made.parents))
+        destroyed = []
         for name in created:
             try:
-                if m.dataset_exists(name):
-                    m.destroy(name)
+                if not m.dataset_exists(name):
+                    continue
+                if m.run_id_of(name) != self.run_id:  # not (or no longer) this run's
+                    problems.append(
+                        f"{name} is not marked {RUN_PROPERTY}={self.run_id} (this run's): left "
+                        f"alone; zfs destroy {name} if it is yours and holds nothing"
+                    )
+                    continue
+                m.destroy(name)
+                destroyed.append(name)
             except (UnlockError, Interrupted) as exc:
                 problems.append(f"zfs destroy {name} ({exc})")
         if problems:
@@ -1059,7 +1352,7 @@ class Setup:
         else:
             self.complain(
                 "lczfs-unlockd: rolled back: no encryption root was changed"
-                + (f" and {p.volume} was destroyed" if self.made.zvol else "")
+                + (f" and {p.volume} was destroyed" if p.volume in destroyed else "")
                 + "."
             )
         if self.made.recovery_shown:
@@ -1082,7 +1375,8 @@ class Setup:
             else:
                 self.complain(
                     f"{t.name}: unknown whether it uses its old key or the key file "
-                    f"{t.mountpoint}/{t.rel}: zfs get keylocation {t.name} tells (file://"
+                    f"{t.mountpoint}/{t.rel}: once no zfs change-key process is left (pgrep -a "
+                    f"zfs), zpool sync {p.pool}; then zfs get keylocation {t.name} tells (file://"
                     f"{t.mountpoint}/{t.rel} = the new key)"
                 )
         self.complain(
@@ -1101,6 +1395,8 @@ class Setup:
             lines.append(f"  test -e {q(path)} || (umask 077; mkdir -p {q(os.path.dirname(path))}"
                          f" && head -c 32 /dev/urandom | od -An -vtx1 | tr -d ' \\n' > {q(path)}"
                          f" && echo >> {q(path)})")  # fmt: skip
+            # On disk before ZFS is told to use it (syncfs: file, directories, journal).
+            lines.append(f"  sync -f {q(path)}")
             lines.append(
                 f"  zfs change-key -o keyformat=hex -o keylocation={q(t.keylocation)} {q(t.name)}"
             )
@@ -1119,11 +1415,9 @@ class Setup:
                 lines += [f"      {line}" for line in text.splitlines()]
             lines.append("  dracut --force   (NixOS: nixos-rebuild boot)")
         changed = [t for t in p.targets if t.state != "old"]
-        lines.append("Or to undo (each asks for a new passphrase):")
+        lines.append("Or to undo (back to each dataset's old key format and location):")
         for t in changed:
-            lines.append(
-                f"  zfs change-key -o keyformat=passphrase -o keylocation=prompt {q(t.name)}"
-            )
+            lines.append(f"  {_undo_command(t)}")
         lines.append(
             "  then, when no dataset uses a key from it: "
             + " && ".join(f"zfs destroy {q(n)}" for n in [p.volume, *reversed(self.made.parents)])
@@ -1131,6 +1425,16 @@ class Setup:
         if self.made.config_written:
             lines.append(f"  rm {q(p.config_path)}")
         self.complain("\n".join(lines))
+
+
+def _undo_command(t: Target) -> str:
+    """Back to the dataset's original keyformat and keylocation.  A
+    passphrase cannot be restored, only typed anew: zfs asks for it."""
+    q = shlex.quote
+    if t.old_keyformat == "passphrase":
+        return f"zfs change-key -o keyformat=passphrase -o keylocation=prompt {q(t.name)}"
+    fmt, location = _show(t.old_keyformat), _show(t.old_keylocation)
+    return f"zfs change-key -o keyformat={q(fmt)} -o keylocation={q(location)} {q(t.name)}"
 
 
 # --- the command line ---------------------------------------------------------
@@ -1151,7 +1455,8 @@ read back as the daemon reads it before zfs change-key runs; a recovery key
 is always enrolled and printed once.  Any failure before the first key
 change destroys what setup made; after one, the keystore is kept (it holds a
 live key) and setup prints, for each dataset, which key it uses and the
-commands to finish or undo.  SIGINT/SIGTERM take the same path.
+commands to finish or undo.  SIGINT/SIGTERM/SIGHUP take the same path; one
+that arrives during a zfs change-key waits until it has returned.
 """
 
 _M = config.DEFAULT_MEASURE_PCR
@@ -1256,22 +1561,49 @@ def run(
     args = parser().parse_args(list(argv))
     out = out or sys.stdout
     error = error or sys.stderr
+    lock: int | None = None
     try:
+        if args.yes and not args.dry_run:
+            # Before the checks: two runs must not both find the zvol missing.
+            lock = machine.lock()
         plan = prepare(args, machine)
     except ConfigError as exc:
         err(str(exc), error)
-        return EXIT_NOTCONFIGURED
+        return _unlocked(lock, EXIT_NOTCONFIGURED)
     except UnlockError as exc:
         err(str(exc), error)
-        return EXIT_FAILURE
-    show_plan(f"{PROG} will:", plan_actions(plan), out)
-    if not _confirmed(args, out):
-        return EXIT_OK
-    signals = signals or Signals()
-    with signals.installed():
-        if before is not None:
-            before()
-        return Setup(plan, machine, signals, out, error).execute(args.passphrase_file)
+        return _unlocked(lock, EXIT_FAILURE)
+    try:
+        show_plan(f"{PROG} will:", plan_actions(plan), out)
+        if not _confirmed(args, out):
+            return EXIT_OK
+        signals = signals or Signals()
+        with signals.installed(), _hangup_too(signals):
+            if before is not None:
+                before()
+            return Setup(plan, machine, signals, out, error).execute(args.passphrase_file)
+    finally:
+        _unlocked(lock, EXIT_OK)
+
+
+def _unlocked(lock: int | None, code: int) -> int:
+    if lock is not None:
+        os.close(lock)  # the flock goes with its last descriptor
+    return code
+
+
+@contextlib.contextmanager
+def _hangup_too(signals: Signals) -> Iterator[None]:
+    """SIGHUP (the ssh connection or the terminal went away) as SIGTERM: stop
+    at the next safe point and undo or report, instead of dying half-way."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    old = signal.signal(signal.SIGHUP, signals.handler)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGHUP, old)
 
 
 def _confirmed(args: argparse.Namespace, out: TextIO) -> bool:

@@ -69,6 +69,8 @@ def test_recovery_key_opens_the_keystore_and_has_its_token(image):
     try:
         assert len(key) == 71 and key.count(b"-") == 7
         assert luksadmin.test_key(image, key, slot)
+        assert machine.test_key(image, key, slot)  # what setup checks before printing it
+        assert not machine.test_key(image, bytearray(b"x" * len(key)), slot)
         assert luksadmin.test_key(image, PASSPHRASE, 0)
         meta = luksadmin.metadata(image)
         assert sorted(meta.keyslots) == [0, slot]
@@ -110,3 +112,37 @@ def test_partition_writes_one_gpt_partition(image):
     ).stdout  # fmt: skip
     table = json.loads(out)["partitiontable"]
     assert table["label"] == "gpt" and len(table["partitions"]) == 1
+
+
+def test_private_namespace_hides_the_mounts_and_drops_them_on_sigkill(tmp_path):
+    """setup's mounts live in a mount namespace of its own: nobody else sees
+    them, and a SIGKILL leaves none behind (run in a child: it needs root)."""
+    import os
+    import signal
+    import sys
+
+    if os.geteuid() != 0:
+        pytest.skip("unshare(CLONE_NEWNS) needs root")
+    target = tmp_path / "mnt"
+    target.mkdir()
+    code = (
+        "import os, subprocess, sys\n"
+        "from lczfs_unlockd import ops_setup\n"
+        "ops_setup.Machine().private_namespace()\n"
+        f"subprocess.run(['mount', '-t', 'tmpfs', 'none', {str(target)!r}], check=True)\n"
+        "print(sum(line.split()[4] == %r for line in open('/proc/self/mountinfo')), flush=True)\n"
+        "sys.stdin.read()\n"
+    ) % str(target)
+    child = subprocess.Popen(
+        [sys.executable, "-c", code], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
+        cwd=str(Path(__file__).parents[2]),
+    )  # fmt: skip
+    try:
+        assert child.stdout is not None
+        assert child.stdout.readline().strip() == "1"  # mounted, in its namespace
+        with open("/proc/self/mountinfo") as f:
+            assert not any(line.split()[4] == str(target) for line in f)  # not in ours
+    finally:
+        child.send_signal(signal.SIGKILL)
+        child.wait(10)
+    assert not os.path.ismount(target)

@@ -47,7 +47,7 @@ class FakeMachine(ops_setup.Machine):
         self.tmp = tmp
         self.uid = 0
         self.programs = {"cryptsetup", "mkfs.ext4", "mount", "umount", "sfdisk",
-                         "systemd-cryptenroll", "dracut"}  # fmt: skip
+                         "systemd-cryptenroll", "dracut", "setsid"}  # fmt: skip
         self.imported = {"rpool"}
         self.ds: dict[str, dict[str, Any]] = {
             "rpool": {"encryption": "off"},
@@ -66,6 +66,7 @@ class FakeMachine(ops_setup.Machine):
         self.fail: dict[str, Callable[[], None]] = {}
         self.enrolled: list[list[str]] = []
         self.initrd_rebuilt = False
+        self.lock_path = str(tmp / "setup.lock")
 
     @staticmethod
     def _root(location: str, keyformat: str, *, loaded: bool = True) -> dict[str, Any]:
@@ -126,14 +127,29 @@ class FakeMachine(ops_setup.Machine):
         return path in self.mounts
 
     # Changes.
-    def create_parent(self, name: str) -> None:
-        self.hit("create_parent")
-        self.ds[name] = {"encryption": "off"}
+    def private_namespace(self) -> None:
+        self.hit("unshare")
 
-    def create_zvol(self, volume: str, size: str, volmode: str) -> None:
+    def create_parent(self, name: str, run_id: str = "") -> None:
+        self.hit("create_parent")
+        self.ds[name] = {"encryption": "off", "run": run_id}
+
+    def create_zvol(self, volume: str, size: str, volmode: str, run_id: str = "") -> None:
         self.hit("create_zvol")
-        self.ds[volume] = {"encryption": "off", "volmode": volmode, "size": size}
+        self.ds[volume] = {"encryption": "off", "volmode": volmode, "size": size, "run": run_id}
         self.devices.add(f"/dev/zvol/{volume}")
+
+    def run_id_of(self, name: str) -> str | None:
+        run: str | None = self.ds.get(name, {}).get("run")
+        return run
+
+    def sync_pool(self, pool: str) -> None:
+        self.hit("sync_pool")
+
+    def key_is(self, dataset: str, wrapping_key: bytearray, material: bytearray) -> bool | None:
+        self.hit("probe")
+        assert bytes.fromhex(bytes(material[:64]).decode()) == bytes(wrapping_key)
+        return bytes(wrapping_key) == self.ds[dataset]["key"]
 
     def destroy(self, name: str) -> None:
         self.hit("destroy")
@@ -175,6 +191,14 @@ class FakeMachine(ops_setup.Machine):
         self.luks[device]["keys"].append(bytes(RECOVERY))
         self.luks[device]["tokens"].append("systemd-recovery")
         return 1, bytearray(RECOVERY)
+
+    def test_key(self, device: str, key: bytearray, slot: int) -> bool:
+        self.hit("test_key")
+        return bytes(key) in self.luks[device]["keys"]
+
+    def make_private(self, path: str) -> None:
+        self.hit("make_private")
+        os.chmod(path, 0o700)
 
     def cryptenroll(self, device: str, args: Sequence[str], passphrase: bytearray) -> None:
         self.hit("cryptenroll")
@@ -253,7 +277,7 @@ class FakeMachine(ops_setup.Machine):
         self.initrd_rebuilt = True
 
 
-MUTATING = {"create_parent", "create_zvol", "partition", "format", "open", "mkfs", "mount",
+MUTATING = {"unshare", "create_parent", "create_zvol", "partition", "format", "open", "mkfs", "mount",
             "recovery", "cryptenroll", "bind", "write_key", "config", "initrd"}  # fmt: skip
 
 
@@ -587,6 +611,12 @@ def test_an_os_error_writing_a_key_rolls_back(setup, machine, paths):
     assert "/x/y.key: Permission denied" in result.err
 
 
+UNDO = {
+    "rpool/crypt": "-o keyformat=passphrase -o keylocation=prompt",
+    "rpool/data": "-o keyformat=raw -o keylocation=file:///etc/zfs/data.key",
+}
+
+
 def _assert_kept(machine, paths, result, new: Sequence[str], old: Sequence[str]) -> None:
     mp = paths["mountpoint"]
     assert result.code == 1
@@ -598,7 +628,7 @@ def _assert_kept(machine, paths, result, new: Sequence[str], old: Sequence[str])
             "rpool/volumes/bootsecrets\n"
         ) in result.err
         assert machine.ds[name]["keylocation"] == f"file://{mp}/{name}.key"
-        assert f"zfs change-key -o keyformat=passphrase -o keylocation=prompt {name}" in result.err
+        assert f"zfs change-key {UNDO[name]} {name}" in result.err
     for name in old:
         location = "prompt" if name == "rpool/crypt" else "file:///etc/zfs/data.key"
         assert f"{name}: still uses its old key (keylocation={location})\n" in result.err
@@ -632,7 +662,7 @@ def test_a_change_key_that_happened_but_timed_out_counts_as_changed(setup, machi
 
 def test_an_unknown_outcome_is_said_so(setup, machine, paths):
     def broken_pool() -> None:
-        machine.fail["query"] = _raise(UnlockError("zfs get hangs"))
+        machine.fail["sync_pool"] = _raise(UnlockError("zpool sync hangs"))
         raise CommandTimeout("zfs change-key: too slow")
 
     machine.fail["change_key:rpool/data"] = broken_pool
@@ -728,3 +758,451 @@ def test_main_is_the_cli_entry(monkeypatch, capsys):
     assert exit_info.value.code == 0
     text = capsys.readouterr().out
     assert "RECOVERY KEY: <key>" in text and "PCR 15" in text and "Example:" in text
+
+
+# --- review findings ----------------------------------------------------------
+
+
+def _late_change(machine: FakeMachine, *, reaped: bool) -> list[tuple[str, str, bytes]]:
+    """zfs change-key killed at its deadline while inside its ioctl: its sync
+    task lands in a later txg, i.e. at the next zpool sync -- or, when the
+    process was not even reaped, maybe only after it (at the next sync task:
+    a zfs destroy)."""
+    pending: list[tuple[str, str, bytes]] = []
+
+    def change(dataset: str, keylocation: str) -> None:
+        machine.hit(f"change_key:{dataset}")
+        text = Path(machine._real(keylocation[len("file://") :])).read_bytes()
+        pending.append((dataset, keylocation, text))
+        fate = "killed" if reaped else (
+            "killed, but it did not exit within 5 s (pid 4242, state D: stuck in the kernel)"
+        )  # fmt: skip
+        raise CommandTimeout(f'"zfs change-key ..." did not finish within 120.0 s: {fate}')
+
+    def land() -> None:
+        for dataset, keylocation, text in pending:
+            machine.ds[dataset].update(
+                keyformat="hex", keylocation=keylocation, key=bytes.fromhex(text[:64].decode())
+            )
+        pending.clear()
+
+    real_destroy = machine.destroy
+
+    def destroy(name: str) -> None:
+        land()
+        real_destroy(name)
+
+    machine.change_key = change  # type: ignore[method-assign]
+    machine.destroy = destroy  # type: ignore[method-assign]
+    if reaped:
+        machine.fail["sync_pool"] = land
+    return pending
+
+
+def test_a_killed_change_key_that_lands_at_the_next_txg_counts_as_new(setup, machine, paths):
+    _late_change(machine, reaped=True)
+    result = setup("--roots", "rpool/crypt")
+    assert result.code == 1
+    assert "destroy" not in machine.calls
+    assert machine.calls.index("sync_pool") < machine.calls.index("probe")
+    mp = paths["mountpoint"]
+    assert f"rpool/crypt: now uses the key file {mp}/rpool/crypt.key" in result.err
+    assert machine.ds["rpool/crypt"]["keylocation"] == f"file://{mp}/rpool/crypt.key"
+    assert key_files(machine)  # the keystore with the live key is still there
+
+
+def test_an_unreaped_change_key_is_unknown_and_never_rolled_back(setup, machine, paths):
+    _late_change(machine, reaped=False)
+    result = setup("--roots", "rpool/crypt")
+    assert result.code == 1
+    assert "destroy" not in machine.calls
+    assert "rpool/volumes/bootsecrets" in machine.ds
+    assert "rpool/crypt: unknown whether it uses its old key or the key file" in result.err
+    assert "rolled back" not in result.err
+
+
+def test_a_change_key_that_failed_cleanly_is_probed_old_and_rolled_back(setup, machine, paths):
+    machine.fail["change_key:rpool/crypt"] = _raise(CommandError("zfs change-key", 1, "EBUSY"))
+    result = setup("--roots", "rpool/crypt")
+    assert "probe" in machine.calls
+    assert_rolled_back(machine, paths, result)
+
+
+def test_sigint_during_change_key_waits_for_it(setup, machine, paths):
+    machine.fail["change_key:rpool/crypt"] = lambda: os.kill(os.getpid(), signal.SIGINT)
+    result = setup()
+    mp = paths["mountpoint"]
+    assert "received SIGINT: stopped" in result.err
+    assert machine.ds["rpool/crypt"]["keylocation"] == f"file://{mp}/rpool/crypt.key"
+    assert "change_key:rpool/data" not in machine.calls
+    _assert_kept(machine, paths, result, new=["rpool/crypt"], old=["rpool/data"])
+
+
+def test_sighup_is_taken_like_sigterm(setup, machine, paths):
+    def hup(signum: int, frame: Any) -> None:
+        raise Fail("SIGHUP was not handled by setup")
+
+    machine.fail["changed:rpool/crypt"] = lambda: os.kill(os.getpid(), signal.SIGHUP)
+    old = signal.signal(signal.SIGHUP, hup)
+    try:
+        result = setup()
+        assert signal.getsignal(signal.SIGHUP) is hup  # restored
+    finally:
+        signal.signal(signal.SIGHUP, old)
+    assert "received SIGHUP: stopped" in result.err
+    _assert_kept(machine, paths, result, new=["rpool/crypt"], old=["rpool/data"])
+
+
+def test_finish_commands_sync_the_key_file_before_change_key(setup, machine, paths):
+    machine.fail["change_key:rpool/data"] = _raise(CommandError("zfs change-key", 1, "no"))
+    result = setup()
+    finish = result.err.split("To finish by hand:")[1].split("Or to undo")[0].splitlines()
+    path = f"{paths['mountpoint']}/rpool/data.key"
+    write = next(i for i, line in enumerate(finish) if f"> {path}" in line)
+    sync = finish.index(f"  sync -f {path}")
+    change = next(i for i, line in enumerate(finish) if "zfs change-key" in line)
+    assert write < sync < change
+
+
+def test_a_rerun_over_a_live_keystore_says_do_not_destroy_it(setup, machine, paths):
+    machine.fail["change_key:rpool/data"] = _raise(CommandError("zfs change-key", 1, "no"))
+    assert setup().code == 1
+    machine.fail.clear()
+    machine.calls.clear()
+    again = setup()
+    assert again.code == 1
+    mp = paths["mountpoint"]
+    assert (
+        "rpool/volumes/bootsecrets already exists: do not destroy it: it holds the key of "
+        f"rpool/crypt (keylocation=file://{mp}/rpool/crypt.key)"
+    ) in again.err
+    assert "zfs destroy" not in again.err
+    assert not MUTATING & set(machine.calls)
+
+
+def test_a_root_whose_key_is_already_under_the_mountpoint_is_refused(setup, machine, paths):
+    mp = paths["mountpoint"]
+    machine.ds["rpool/crypt"].update(keylocation=f"file://{mp}/rpool/crypt.key", keyformat="hex")
+    result = setup("--roots", "rpool/crypt")
+    assert result.code == 1
+    assert f"rpool/crypt already has keylocation=file://{mp}/rpool/crypt.key" in result.err
+    assert "cannot tell its old key from its new one" in result.err
+    assert not MUTATING & set(machine.calls)
+
+
+@pytest.mark.parametrize("kind", ["not-empty", "file", "symlink"])
+def test_a_mountpoint_that_is_not_missing_or_empty_is_refused(setup, machine, paths, kind):
+    mp = Path(paths["mountpoint"])
+    if kind == "not-empty":
+        mp.mkdir()
+        (mp / "something-else").write_text("precious")
+    elif kind == "file":
+        mp.write_text("x")
+    else:
+        (machine.tmp / "elsewhere").mkdir()
+        mp.symlink_to(machine.tmp / "elsewhere")
+    result = setup()
+    assert result.code == 1
+    assert f"--mountpoint {mp} is" in result.err
+    assert not MUTATING & set(machine.calls)
+
+
+def test_an_empty_mountpoint_directory_is_used_and_kept(setup, machine, paths):
+    mp = Path(paths["mountpoint"])
+    mp.mkdir()
+    result = setup()
+    assert result.code == 0, result.err
+    assert mp.is_dir() and not list(mp.iterdir())  # not made by setup: not removed either
+    # The private namespace before anything is made or mounted.
+    assert machine.calls.index("unshare") < machine.calls.index("create_parent")
+
+
+def test_colliding_and_over_long_key_paths_are_refused_in_the_plan(setup, machine, paths):
+    machine.ds["rpool/a"] = machine._root("prompt", "passphrase")
+    machine.ds["rpool/a.key"] = {"encryption": "off"}
+    machine.ds["rpool/a.key/b"] = machine._root("prompt", "passphrase")
+    long = "rpool/" + "x" * 252
+    machine.ds[long] = machine._root("prompt", "passphrase")
+    mp = paths["mountpoint"]
+    result = setup("--roots", "rpool/a,rpool/a.key/b")
+    assert result.code == 1
+    assert (
+        f"the key file {mp}/rpool/a.key of rpool/a would be a directory of "
+        f"{mp}/rpool/a.key/b.key, the key file of rpool/a.key/b"
+    ) in result.err
+    result = setup("--roots", long)
+    assert result.code == 1
+    assert f"has a component longer than 255 bytes ({'x' * 40}...)" in result.err
+    assert not MUTATING & set(machine.calls)
+
+
+def test_undo_restores_each_datasets_own_key_format_and_location(setup, machine, paths):
+    machine.fail["config"] = _raise(CommandError("x", 1, "broke"))
+    result = setup()
+    undo = result.err.split("Or to undo")[1]
+    assert "-o keyformat=raw -o keylocation=file:///etc/zfs/data.key rpool/data" in undo
+    assert "-o keyformat=passphrase -o keylocation=prompt rpool/crypt" in undo
+    assert "keylocation=prompt rpool/data" not in undo
+
+
+def test_a_pool_missing_from_its_own_listing_is_an_error(machine, paths, monkeypatch):
+    real = machine.datasets
+
+    def without_pool(names: Sequence[str], *, recursive: bool) -> list[DatasetInfo]:
+        return [d for d in real(names, recursive=recursive) if d.name != "rpool"]
+
+    def boom(*_: object) -> None:
+        raise TimeoutError("prepare() looped")
+
+    monkeypatch.setattr(machine, "datasets", without_pool)
+    old = signal.signal(signal.SIGALRM, boom)
+    signal.alarm(3)
+    try:
+        err = io.StringIO()
+        argv = ["--pool", "rpool", "--config", paths["config"], "--mountpoint", paths["mountpoint"]]
+        code = ops_setup.run(argv, machine, out=io.StringIO(), error=err)
+    finally:
+        signal.alarm(0)
+        signal.signal(signal.SIGALRM, old)
+    assert code == 1
+    assert "did not list the pool's own dataset rpool" in err.getvalue()
+
+
+def test_an_empty_roots_list_is_refused(setup, machine):
+    result = setup("--roots", ",")
+    assert result.code == 1
+    assert "--roots: no dataset named" in result.err
+
+
+def test_keys_are_not_made_with_token_bytes(setup, machine, monkeypatch):
+    import secrets
+
+    from lczfs_unlockd import luksadmin
+
+    def refused(n: int | None = None) -> bytes:
+        raise Fail("secrets.token_bytes returns an immutable bytes copy")
+
+    monkeypatch.setattr(secrets, "token_bytes", refused)
+    result = setup()
+    assert result.code == 0, result.err
+    key = luksadmin.recovery_key()
+    assert re.fullmatch(rb"([cbdefghijklnrtuv]{8}-){7}[cbdefghijklnrtuv]{8}", key)
+    assert len(key) == luksadmin.RECOVERY_KEY_LENGTH
+    assert luksadmin.recovery_key() != key
+
+
+def test_the_recovery_key_goes_to_fd_1_not_through_a_python_buffer(
+    machine, paths, tmp_path, monkeypatch
+):
+    seen: list[bytes] = []
+
+    class Spy(io.BufferedWriter):
+        def write(self, data: Any) -> int:
+            seen.append(bytes(data))
+            return super().write(data)
+
+    Path(paths["config"]).parent.mkdir(exist_ok=True)
+    raw = open(tmp_path / "stdout", "wb", buffering=0)  # noqa: SIM115
+    stdout = io.TextIOWrapper(Spy(raw), encoding="utf-8", write_through=True)  # type: ignore[arg-type]
+    monkeypatch.setattr("sys.stdout", stdout)
+    argv = ["--pool", "rpool", "--config", paths["config"], "--mountpoint", paths["mountpoint"],
+            "--passphrase-file", paths["passphrase"], "--yes"]  # fmt: skip
+    code = ops_setup.run(argv, machine, error=io.StringIO())
+    stdout.flush()
+    monkeypatch.undo()
+    raw.close()
+    assert code == 0
+    text = (tmp_path / "stdout").read_bytes().decode()
+    assert text.count(f"RECOVERY KEY: {RECOVERY_TEXT}\n") == 1
+    assert text.index("RECOVERY KEY") < text.index("Write the recovery key down")
+    assert seen and not any(RECOVERY in chunk for chunk in seen)
+
+
+def test_a_recovery_key_that_does_not_open_the_keystore_is_not_shown(setup, machine, paths):
+    real = machine.add_recovery_key
+
+    def broken(device: str, passphrase: bytearray) -> tuple[int, bytearray]:
+        slot, key = real(device, passphrase)
+        machine.luks[device]["keys"].remove(bytes(RECOVERY))
+        return slot, key
+
+    machine.add_recovery_key = broken  # type: ignore[method-assign]
+    result = setup()
+    assert_rolled_back(machine, paths, result)
+    assert "the new recovery key does not open key slot 1" in result.err
+    assert "RECOVERY KEY" not in result.out
+
+
+def test_the_keystore_root_is_0700(setup, machine):
+    result = setup()
+    assert result.code == 0, result.err
+    assert stat.S_IMODE(machine.disk.stat().st_mode) == 0o700
+
+
+def test_a_second_run_waits_for_the_lock(setup, machine):
+    import fcntl
+
+    fd = os.open(machine.lock_path, os.O_RDWR | os.O_CREAT, 0o600)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        result = setup()
+    finally:
+        os.close(fd)
+    assert result.code == 1
+    assert "another lczfs-unlockd setup is running" in result.err
+    assert not MUTATING & set(machine.calls)
+    assert stat.S_IMODE(os.stat(machine.lock_path).st_mode) == 0o600
+    assert setup().code == 0  # released with its descriptor
+
+
+def test_a_zvol_someone_else_made_meanwhile_is_not_destroyed(setup, machine, paths):
+    def raced() -> None:  # another run's zvol appeared; our zfs create fails
+        machine.ds["rpool/volumes/bootsecrets"] = {"encryption": "off", "run": "someone else"}
+        raise CommandError("zfs create", 1, "dataset already exists")
+
+    machine.fail["create_zvol"] = raced
+    result = setup()
+    assert result.code == 1
+    assert "rpool/volumes/bootsecrets" in machine.ds
+    assert "rpool/volumes" not in machine.ds  # ours: removed
+    assert "is not marked org.lczfs:setup=" in result.err
+
+
+def test_a_zvol_created_by_a_killed_zfs_create_is_destroyed(setup, machine, paths):
+    real = machine.create_zvol
+
+    def killed(volume: str, size: str, volmode: str, run_id: str = "") -> None:
+        real(volume, size, volmode, run_id)
+        raise CommandTimeout("zfs create: killed at its deadline")
+
+    machine.create_zvol = killed  # type: ignore[method-assign]
+    result = setup()
+    assert_rolled_back(machine, paths, result)
+
+
+# --- the real Machine: order of syncs and argv ---------------------------------
+
+
+def test_key_file_is_synced_file_then_directories_then_file_system(setup, machine, monkeypatch):
+    events: list[str] = []
+    real_fsync = os.fsync
+
+    def fsync(fd: int) -> None:
+        events.append("fsync " + os.readlink(f"/proc/self/fd/{fd}"))
+        real_fsync(fd)
+
+    def syncfs(fd: int) -> None:
+        events.append("syncfs " + os.readlink(f"/proc/self/fd/{fd}"))
+
+    real_change = machine.change_key
+
+    def change(dataset: str, keylocation: str) -> None:
+        events.append(f"change-key {dataset}")
+        real_change(dataset, keylocation)
+
+    monkeypatch.setattr(ops_setup.os, "fsync", fsync)
+    monkeypatch.setattr(ops_setup, "_syncfs", syncfs)
+    machine.change_key = change  # type: ignore[method-assign]
+    assert setup("--roots", "rpool/crypt").code == 0
+    private = str(machine.tmp / "run" / "lczfs-setup.x")
+    keyed = events[: events.index("change-key rpool/crypt") + 1]
+    assert keyed == [
+        f"fsync {private}",  # the new directory rpool, in its parent
+        f"fsync {private}/rpool/crypt.key",
+        f"fsync {private}/rpool",
+        f"fsync {private}",
+        f"syncfs {private}",
+        "change-key rpool/crypt",
+    ]
+
+
+class Runs:
+    """process.run / run_fed stand-ins that record argv and answer in turn."""
+
+    def __init__(self, answers: Sequence[tuple[int, str]] = ()) -> None:
+        self.argvs: list[list[str]] = []
+        self.answers = list(answers)
+
+    def run(self, argv: Sequence[str], **kw: Any) -> Any:
+        from lczfs_unlockd.process import Result
+
+        self.argvs.append(list(argv))
+        code, stderr = self.answers.pop(0) if self.answers else (0, "")
+        result = Result(tuple(argv), code, "", stderr)
+        if kw.get("check", True) and code:
+            raise result.error()
+        return result
+
+    def run_fed(self, argv: Sequence[str], secrets: Sequence[bytes | bytearray], **kw: Any) -> Any:
+        return self.run(argv, **kw)
+
+
+@pytest.fixture
+def runs(monkeypatch: pytest.MonkeyPatch) -> Runs:
+    fake = Runs()
+    monkeypatch.setattr(ops_setup.process, "run", fake.run)
+    monkeypatch.setattr(ops_setup.process, "run_fed", fake.run_fed)
+    return fake
+
+
+def _no_pyzfs(monkeypatch: pytest.MonkeyPatch) -> None:
+    from lczfs_unlockd import zfskeys
+
+    def missing(self: Any) -> Any:
+        raise ImportError("no pyzfs")
+
+    monkeypatch.setattr(zfskeys.PyzfsKeyLoader, "_module", missing)
+
+
+def test_machine_change_key_and_rollback_commands_run_detached(runs):
+    from lczfs_unlockd import paths as p
+
+    m = ops_setup.Machine()
+    m.change_key("rpool/crypt", "file:///bootsecrets/rpool/crypt.key")
+    m.destroy("rpool/volumes/bootsecrets")
+    m.unmount("/bootsecrets")
+    m.create_zvol("rpool/ks", "64M", "full", "abc")
+    assert runs.argvs == [
+        ["setsid", "--wait", p.ZFS, "change-key", "-o", "keyformat=hex",
+         "-o", "keylocation=file:///bootsecrets/rpool/crypt.key", "rpool/crypt"],
+        ["setsid", "--wait", p.ZFS, "destroy", "rpool/volumes/bootsecrets"],
+        ["setsid", "--wait", "umount", "/bootsecrets"],
+        [p.ZFS, "create", "-V", "64M", "-o", "encryption=off", "-o", "volmode=full",
+         "-o", "com.sun:auto-snapshot=false", "-o", "org.lczfs:setup=abc", "rpool/ks"],
+    ]  # fmt: skip
+
+
+def test_machine_destroy_retries_while_busy(runs, monkeypatch):
+    monkeypatch.setattr(ops_setup, "DESTROY_RETRY", 0.0)
+    runs.answers = [(1, "cannot destroy 'rpool/ks': dataset is busy"), (0, "")]
+    ops_setup.Machine().destroy("rpool/ks")
+    assert len(runs.argvs) == 2
+    runs.argvs.clear()
+    runs.answers = [(1, "cannot destroy 'rpool/ks': permission denied")]
+    with pytest.raises(CommandError, match="permission denied"):
+        ops_setup.Machine().destroy("rpool/ks")
+    assert len(runs.argvs) == 1
+
+
+def test_machine_verify_and_probe_without_pyzfs_use_the_cli(runs, monkeypatch):
+    from lczfs_unlockd import paths as p
+
+    _no_pyzfs(monkeypatch)
+    m = ops_setup.Machine()
+    m.verify_key("rpool/crypt", bytearray(32), "/run/x/rpool/crypt.key")
+    assert runs.argvs[-1] == [p.ZFS, "load-key", "-n", "-L", "file:///run/x/rpool/crypt.key",
+                              "rpool/crypt"]  # fmt: skip
+    runs.answers = [(0, ""), (255, "Key load error: Incorrect key provided for 'rpool/crypt'."),
+                    (1, "cannot open 'rpool/crypt': I/O error")]  # fmt: skip
+    material = bytearray(b"00" * 32 + b"\n")
+    assert m.key_is("rpool/crypt", bytearray(32), material) is True
+    assert m.key_is("rpool/crypt", bytearray(32), material) is False
+    assert m.key_is("rpool/crypt", bytearray(32), material) is None
+    assert runs.argvs[-1] == [p.ZFS, "load-key", "-n", "-L", "file://{fd0}", "rpool/crypt"]
+
+
+def test_machine_run_id_of_reads_the_local_property(runs):
+    runs.answers = [(0, "")]
+    assert ops_setup.Machine().run_id_of("rpool/ks") is None
+    assert runs.argvs[-1][-2:] == ["org.lczfs:setup", "rpool/ks"]
+    assert "local" in runs.argvs[-1]
