@@ -125,9 +125,17 @@ class OpsError(UnlockError):
 
 
 class CommandTimeout(UnlockError):
-    """A program did not finish in time (it was killed, and reaped if it could be)."""
+    """A program did not finish in time (it was killed, and reaped if it could be).
+
+    ``reaped``: False when the child did not exit even after SIGKILL (stuck in
+    the kernel): what it asked for may still happen after the caller moved on.
+    """
 
     errno = _errno.ETIMEDOUT
+
+    def __init__(self, message: str, *, reaped: bool = True) -> None:
+        super().__init__(message)
+        self.reaped = reaped
 
 
 class CommandError(UnlockError):

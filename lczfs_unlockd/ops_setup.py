@@ -1155,7 +1155,7 @@ class Setup:
                 except CommandTimeout as exc:
                     # process gives up on reaping it after a few seconds: it
                     # may still be in the kernel, its sync task yet to queue.
-                    t.stuck = "did not exit" in str(exc)
+                    t.stuck = not exc.reaped
                     raise
                 t.state = "new"
             self.signals.checkpoint()

@@ -163,7 +163,8 @@ def _supervised(
     except subprocess.TimeoutExpired:
         fate = _kill(child, argv, grace)
         raise CommandTimeout(
-            f'"{shlex.join(argv)}" did not finish within {timeout:.1f} s: {fate}'
+            f'"{shlex.join(argv)}" did not finish within {timeout:.1f} s: {fate}',
+            reaped=fate == "killed",
         ) from None
     except BaseException:
         _kill(child, argv, grace)

@@ -15,8 +15,11 @@ from lczfs_unlockd.process import CommandTimeout, run
 
 def test_a_child_that_overruns_is_killed_and_reaped():
     start = time.monotonic()
-    with pytest.raises(CommandTimeout, match=r'"sleep 30" did not finish within 0.5 s: killed$'):
+    with pytest.raises(
+        CommandTimeout, match=r'"sleep 30" did not finish within 0.5 s: killed$'
+    ) as raised:
         run(["sleep", "30"], timeout=0.5)
+    assert raised.value.reaped
     assert time.monotonic() - start < 3
     # No zombie left: every child of this process has been reaped.
     with pytest.raises(ChildProcessError):
@@ -222,3 +225,25 @@ def test_a_wait_of_weeks_is_no_overflow():
     assert process.run(["true"], timeout=month).returncode == 0
     code, secret, _ = process.run_secret(["printf", "pw"], timeout=month)
     assert (code, bytes(secret)) == (0, b"pw")
+
+
+def test_a_timeout_says_whether_the_child_was_reaped(monkeypatch):
+    """Callers whose child's work may still land (zfs change-key in the kernel) ask this."""
+    monkeypatch.setattr(process, "_spawn", lambda argv, *a: _Unreapable(list(argv)))
+    spawned: list[subprocess.Popen[bytes]] = []
+    real_kill = process._kill
+
+    def kill(child: subprocess.Popen[bytes], argv: object, grace: float = 0.0) -> str:
+        spawned.append(child)
+        return real_kill(child, argv, grace)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(process, "_kill", kill)
+    try:
+        with pytest.raises(CommandTimeout) as raised:
+            run(["sleep", "30"], timeout=0.3)
+        assert raised.value.reaped is False
+        assert "did not exit" in str(raised.value)
+    finally:
+        for child in spawned:
+            child.kill()
+            subprocess.Popen.wait(child)

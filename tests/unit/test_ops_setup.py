@@ -777,7 +777,9 @@ def _late_change(machine: FakeMachine, *, reaped: bool) -> list[tuple[str, str, 
         fate = "killed" if reaped else (
             "killed, but it did not exit within 5 s (pid 4242, state D: stuck in the kernel)"
         )  # fmt: skip
-        raise CommandTimeout(f'"zfs change-key ..." did not finish within 120.0 s: {fate}')
+        raise CommandTimeout(
+            f'"zfs change-key ..." did not finish within 120.0 s: {fate}', reaped=reaped
+        )
 
     def land() -> None:
         for dataset, keylocation, text in pending:
