@@ -2,9 +2,9 @@
 
 No maintained Python binding of libcryptsetup exists, and the daemon needs
 only a dozen calls: load a LUKS header, try tokens, a key file or a
-passphrase, activate (or only check) the key, deactivate, and the one
-header change the daemon makes: destroying a used one-time unlock
-(``arm-reboot``'s key slot and tokens).  Negative
+passphrase, activate (or only check) the key, deactivate, and the only
+header changes the daemon makes: consuming and destroying a one-time
+unlock (``arm-reboot``'s marker token, key slot and TPM2 token).  Negative
 errno values become the typed errors of ``errors.py`` with a message that
 names the device and says what to do.
 
@@ -42,7 +42,7 @@ from .errors import (
     WrongKeyError,
 )
 from .libc import declare
-from .ports import MappingState, Token
+from .ports import Keyslot, MappingState, Token
 from .secretbuf import wipe
 
 if TYPE_CHECKING:
@@ -183,6 +183,21 @@ def _log_message(level: int, message: bytes | None, _usrptr: int | None) -> None
 # trampoline would crash the next log call.
 _log_callback = _LOG_CALLBACK(_log_message)
 
+
+class _PbkdfType(ctypes.Structure):
+    """struct crypt_pbkdf_type (libcryptsetup.h): only ``type`` is read."""
+
+    _fields_ = [
+        ("type", ctypes.c_char_p),
+        ("hash", ctypes.c_char_p),
+        ("time_ms", ctypes.c_uint32),
+        ("iterations", ctypes.c_uint32),
+        ("max_memory_kb", ctypes.c_uint32),
+        ("parallel_threads", ctypes.c_uint32),
+        ("flags", ctypes.c_uint32),
+    ]
+
+
 _lib: ctypes.CDLL | None = None
 _lib_lock = threading.Lock()
 
@@ -224,6 +239,8 @@ def _declare(lib: ctypes.CDLL) -> None:
         "crypt_keyslot_max": (c_int, [c_char_p]),
         "crypt_keyslot_status": (c_int, [cd, c_int]),
         "crypt_keyslot_get_priority": (c_int, [cd, c_int]),
+        # (cd, keyslot, pbkdf out: its strings are the library's)
+        "crypt_keyslot_get_pbkdf": (c_int, [cd, c_int, ctypes.POINTER(_PbkdfType)]),
         "crypt_persistent_flags_get": (c_int, [cd, c_int, ctypes.POINTER(c_uint32)]),
         # The volume-key path, for measuring the unlock (cryptsetup >= 2.6):
         "crypt_get_uuid": (c_char_p, [cd]),
@@ -607,27 +624,66 @@ class LuksVolume:
         # visible as replacement characters (the parser refuses them).
         return (out.value or b"").decode(errors="replace")
 
-    def destroy_one_time(self, slot: int, tokens: Sequence[int]) -> None:
-        """The slot first: without it the tokens open nothing, and a token left
-        over (the error below) names a slot that is gone, which status shows."""
+    def keyslot(self, slot: int) -> Keyslot | None:
+        """Key slot ``slot``'s priority and KDF type; None when it is not active."""
         lib = _begin()
         cd = self._handle()
-        r = int(lib.crypt_keyslot_destroy(cd, slot))
+        status = int(lib.crypt_keyslot_status(cd, slot))
+        if status not in (CRYPT_SLOT_ACTIVE, CRYPT_SLOT_ACTIVE_LAST):
+            return None
+        priority = int(lib.crypt_keyslot_get_priority(cd, slot))
+        pbkdf = _PbkdfType()
+        r = int(lib.crypt_keyslot_get_pbkdf(cd, slot, ctypes.byref(pbkdf)))
+        kdf = (pbkdf.type or b"?").decode(errors="replace") if r >= 0 else "?"
+        return Keyslot(slot, priority, _printable(kdf)[:32])
+
+    def _write(self, what: str, change: Callable[[], int]) -> None:
+        """One header write; again once after re-reading the header when the
+        library refuses it (-EINVAL: "concurrent LUKS2 metadata update", the
+        header on disk changed since this handle loaded it)."""
+        lib = _begin()
+        cd = self._handle()
+        _last_error.text = ""
+        r = change()
+        if r == -errno.EINVAL and int(lib.crypt_load(cd, None, None)) >= 0:
+            log.debug("re-read the LUKS header of %s to %s", self.device, what)
+            _last_error.text = ""
+            r = change()
         if r < 0:
             raise KeystoreError(
-                f"cannot destroy key slot {slot} of {self.device}: {_strerror(-r)}: {_reason()}",
-                errno=-r,
+                f"cannot {what} of {self.device}: {_strerror(-r)}: {_reason()}", errno=-r
             )
-        for n, token in enumerate(tokens):
-            _last_error.text = ""
-            r = int(lib.crypt_token_json_set(cd, token, None))
-            if r < 0:
-                left = ", ".join(map(str, tokens[n:]))
-                raise KeystoreError(
-                    f"destroyed key slot {slot} of {self.device}, but cannot remove token "
-                    f"{token}: {_strerror(-r)}: {_reason()} (left: token {left})",
-                    errno=-r,
-                )
+
+    def remove_token(self, token: int) -> None:
+        lib = _begin()
+        cd = self._handle()
+        self._write(f"remove token {token}", lambda: int(lib.crypt_token_json_set(cd, token, None)))
+
+    def destroy_one_time(self, slot: int, tokens: Sequence[int]) -> None:
+        """The slot first: without it the tokens open nothing (libcryptsetup
+        also drops the slot's number from every token naming it), and a token
+        left over (the error below) names no slot, which status shows and
+        disarm removes.  No SIGTERM half way (see _through_volume_key)."""
+        lib = _begin()
+        cd = self._handle()
+        before = signal.pthread_sigmask(signal.SIG_BLOCK, ())
+        try:
+            signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM, signal.SIGINT})
+            self._write(
+                f"destroy key slot {slot}", lambda: int(lib.crypt_keyslot_destroy(cd, slot))
+            )
+            for n, token in enumerate(tokens):
+                try:
+                    self.remove_token(token)
+                except KeystoreError as exc:
+                    left = ", ".join(map(str, tokens[n:]))
+                    raise KeystoreError(
+                        f"destroyed key slot {slot} of {self.device}, but {exc} (left: token "
+                        f"{left}, naming no key slot)",
+                        errno=exc.errno,
+                    ) from None
+        finally:
+            signal.pthread_sigmask(signal.SIG_SETMASK, before)
         log.debug("destroyed key slot %d and tokens %s of %s", slot, list(tokens), self.device)
 
     def _token_error(self, name: str | None, code: int, *, pin_given: bool) -> KeystoreError:

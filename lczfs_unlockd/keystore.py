@@ -10,18 +10,25 @@ the policy is here.
 
 Before them, in real runs, whatever ``keystore.unlock`` says: a one-time
 unlock armed in the running system by ``lczfs-unlockd arm-reboot`` (a key
-slot S, the systemd-tpm2 token T sealing its secret to PCR 7 and the
-measurement PCR's initial value, and a marker token M of type
-``lczfs-armed`` naming both, with its expiry).  A marker that parses
-strictly and has not expired gets one try of T, measured like any token;
-then S, T and M are destroyed whether it worked or not, by the daemon
-itself: the keystore's mapping is read-only, its header on the zvol is
-not, and leaving the destruction to a stage-2 unit would leave the slot in
-place when that unit never runs (a failed boot, a rescue shell).  The
-marker is on the disk, so its expiry only holds against whoever cannot
-write the disk; the one-boot limit holds against anyone: once the unlock
-is measured, T's policy no longer matches for the rest of the boot.  A
-dry run neither uses nor destroys it.
+slot S with priority ``ignore``, the systemd-tpm2 token T sealing its
+secret to the PCRs arm-reboot chose and the measurement PCR's initial
+value, and a marker token M of type ``lczfs-armed`` naming both, with its
+expiry).  A marker that parses strictly, whose S is such a slot (priority
+ignore, pbkdf2, no token but T and M) and that has not expired gets one
+try of T, measured like any token.  The order makes it one-time even when
+the boot is cut short: M is removed from the header first (a header that
+cannot be written means T is not used at all), then T is tried by its
+number, then S and T are destroyed with SIGTERM held back.  Whatever is
+left after an interruption is a T without its marker on a slot of
+priority ignore: libcryptsetup's "any token" passes over such a slot, the
+daemon names a token only when a marker does, so nothing uses it again;
+status shows it and disarm removes it (``one_time_leftovers``).  The
+destruction is the daemon's own: the keystore's mapping is read-only,
+its header on the zvol is not, and a stage-2 unit would never run after
+a failed boot.  The marker is on the disk, so its expiry only holds
+against whoever cannot write the disk; the one-boot limit holds against
+anyone: once the unlock is measured, T's policy no longer matches for the
+rest of the boot.  A dry run neither uses nor destroys it.
 """
 
 from __future__ import annotations
@@ -31,8 +38,9 @@ import functools
 import json
 import logging
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
+from typing import Protocol
 
 from . import measure
 from .config import UnlockMethod, format_duration
@@ -69,6 +77,32 @@ MAX_ARMED = 7 * 24 * 3600  # the longest an armed unlock may stay valid (arm-reb
 # this much before armed_at is still believed.
 CLOCK_SKEW = 600
 MAX_MARKER_JSON = 4096  # a marker is ~120 bytes; more is not ours
+MAX_TOKEN_JSON = 65536  # any token (a systemd-tpm2 one with a signed policy is ~2 KiB)
+PRIORITY_IGNORE = 0  # LUKS2 key slot priority: opened only through a token named explicitly
+# systemd-cryptenroll's KDF for a TPM2 secret (high entropy: minimal pbkdf2);
+# a passphrase's slot has argon2 (cryptsetup's default).
+ONE_TIME_KDF = "pbkdf2"
+
+
+class SlotInfo(Protocol):
+    """What one_time_leftovers and check_one_time_slot need of a key slot
+    (``ports.Keyslot``, ``luksadmin.Keyslot``)."""
+
+    @property
+    def priority(self) -> int | None: ...
+
+    @property
+    def kdf(self) -> str: ...
+
+
+class TokenInfo(Protocol):
+    """What one_time_leftovers needs of a token (``luksadmin.Token``)."""
+
+    @property
+    def type(self) -> str: ...
+
+    @property
+    def keyslots(self) -> tuple[int, ...]: ...
 
 
 @dataclass(frozen=True)
@@ -140,6 +174,67 @@ def parse_marker(
     if tpm2.get("keyslots") != [str(slot)]:
         raise ValueError(f"token {token} does not belong to key slot {slot} alone")
     return OneTimeUnlock(marker_id, token, slot, armed_at, expires)
+
+
+def check_one_time_slot(
+    unlock: OneTimeUnlock, slot: SlotInfo | None, naming: Iterable[int]
+) -> None:
+    """``ValueError`` unless key slot S is one arm-reboot made: active, priority
+    ignore, systemd-cryptenroll's pbkdf2, and named by no token but T and M
+    (``naming``: the tokens naming it).  Never a reason to use or destroy a
+    slot a passphrase, a recovery key or another token also opens."""
+    s = unlock.slot
+    if slot is None:
+        raise ValueError(f"key slot {s} is not active")
+    if slot.priority != PRIORITY_IGNORE:
+        raise ValueError(f"key slot {s} does not have priority ignore (arm-reboot sets it)")
+    if slot.kdf != ONE_TIME_KDF:
+        raise ValueError(
+            f"key slot {s} has the KDF {slot.kdf[:32]}, not {ONE_TIME_KDF} "
+            "(systemd-cryptenroll's for a TPM2 secret)"
+        )
+    others = sorted(set(naming) - {unlock.token, unlock.marker})
+    if others:
+        raise ValueError(
+            f"key slot {s} also belongs to token {', '.join(map(str, others))}: not a one-time slot"
+        )
+
+
+def one_time_leftovers(
+    keyslots: Mapping[int, SlotInfo], tokens: Mapping[int, TokenInfo]
+) -> list[int]:
+    """The tokens a one-time unlock can leave behind when its boot was cut
+    short or its header write failed, in the header described by
+    ``keyslots`` and ``tokens`` (``luksadmin.Metadata``'s): disarm removes
+    them, status reports them.
+
+    - a systemd-tpm2 or lczfs-armed token naming no key slot (libcryptsetup
+      drops a destroyed slot's number from its tokens), and
+    - a systemd-tpm2 token without marker whose every key slot has priority
+      ignore and pbkdf2 and belongs to no other token: no unlock uses it
+      (any-token passes over it, and no marker names it).
+
+    A valid armed unlock is none of them: its marker names its slot.
+    """
+    out = []
+    for n, t in sorted(tokens.items()):
+        if t.type not in (TPM2_TOKEN, MARKER_TYPE):
+            continue
+        if not t.keyslots:
+            out.append(n)
+            continue
+        if t.type != TPM2_TOKEN:
+            continue
+        alone = all(
+            s in keyslots
+            and keyslots[s].priority == PRIORITY_IGNORE
+            and keyslots[s].kdf == ONE_TIME_KDF
+            and not any(m != n and s in o.keyslots for m, o in tokens.items())
+            for s in t.keyslots
+        )
+        if alone:
+            out.append(n)
+    return out
 
 
 def utc(seconds: float) -> str:
@@ -244,12 +339,13 @@ def _unlock(ctx: Context, luks: LuksDevice, device: str, hook: VolumeKeyHook | N
         # out: the PCR must move); a passphrase checked in stage 2 must not
         # move a PCR that stage-2 secrets are bound to.
         hook = None
-    if _one_time(ctx, luks, device, reasons, token_hook):
+    wait = _TokenWait(ctx)
+    if _one_time(ctx, luks, device, reasons, token_hook, wait):
         return ONE_TIME_METHOD
     for method in ks.unlock:
         ctx.checkpoint()
         if method is UnlockMethod.TOKEN:
-            if _try_token(ctx, luks, device, reasons, token_hook):
+            if _try_token(ctx, luks, device, reasons, token_hook, wait):
                 return "token"
         elif method is UnlockMethod.KEYFILE:
             if ks.keyfile is None:
@@ -270,20 +366,36 @@ def _unlock(ctx: Context, luks: LuksDevice, device: str, hook: VolumeKeyHook | N
     )
 
 
-def _json_of(luks: LuksDevice, token: int) -> object | None:
+def _json_of(luks: LuksDevice, token: int, limit: int = MAX_MARKER_JSON) -> object | None:
     text = luks.token_json(token)
-    if text is None or len(text) > MAX_MARKER_JSON:
+    if text is None or len(text) > limit:
         return None
     try:
         value: object = json.loads(text)
-    except ValueError:
+    except (ValueError, RecursionError):
         return None
     return value
+
+
+def _token_slots(luks: LuksDevice) -> dict[int, frozenset[int] | None]:
+    """Each token's key slots, from its JSON; None when that is unreadable."""
+    out: dict[int, frozenset[int] | None] = {}
+    for t in luks.tokens():
+        value = _json_of(luks, t.id, MAX_TOKEN_JSON)
+        refs = value.get("keyslots") if isinstance(value, Mapping) else None
+        if isinstance(refs, list) and all(
+            isinstance(r, str) and r.isdigit() and len(r) <= 2 for r in refs
+        ):
+            out[t.id] = frozenset(int(r) for r in refs)
+        else:
+            out[t.id] = None
+    return out
 
 
 def armed(luks: LuksDevice, device: str) -> list[OneTimeUnlock]:
     """The valid markers of the header; each invalid one is a warning naming it."""
     out = []
+    slots_of: dict[int, frozenset[int] | None] | None = None
     for t in luks.tokens():
         if t.type != MARKER_TYPE:
             continue
@@ -291,7 +403,13 @@ def armed(luks: LuksDevice, device: str) -> list[OneTimeUnlock]:
             marker = _json_of(luks, t.id)
             if marker is None:
                 raise ValueError("its JSON is unreadable or too long")
-            out.append(parse_marker(t.id, marker, functools.partial(_json_of, luks)))
+            unlock = parse_marker(t.id, marker, functools.partial(_json_of, luks))
+            if slots_of is None:
+                slots_of = _token_slots(luks)
+            # An unreadable token might name the slot: counted as naming it.
+            naming = [n for n, refs in slots_of.items() if refs is None or unlock.slot in refs]
+            check_one_time_slot(unlock, luks.keyslot(unlock.slot), naming)
+            out.append(unlock)
         except (ValueError, KeystoreError) as exc:
             log.warning(
                 "ignoring the %s marker in token %d of %s: %s (lczfs-unlockd disarm removes it)",
@@ -300,11 +418,33 @@ def armed(luks: LuksDevice, device: str) -> list[OneTimeUnlock]:
     return out
 
 
+class _TokenWait:
+    """One deadline (keystore.token_timeout) for every wait for token hardware
+    in one unlock: the one-time try and the token method share it."""
+
+    def __init__(self, ctx: Context) -> None:
+        self._clock = ctx.ports.clock
+        self._timeout = ctx.config.keystore.token_timeout
+        self._start: float | None = None
+
+    def begin(self) -> None:
+        if self._start is None:
+            self._start = self._clock.monotonic()
+
+    def left(self) -> bool:
+        return self._start is None or self._clock.monotonic() - self._start < self._timeout
+
+
 def _one_time(
-    ctx: Context, luks: LuksDevice, device: str, reasons: list[str], hook: VolumeKeyHook | None
+    ctx: Context,
+    luks: LuksDevice,
+    device: str,
+    reasons: list[str],
+    hook: VolumeKeyHook | None,
+    wait: _TokenWait,
 ) -> bool:
-    """arm-reboot's one-time unlock: tried once if valid and not expired, then
-    destroyed in any case (see the module docstring)."""
+    """arm-reboot's one-time unlock: consumed (its marker removed), tried once
+    if not expired, then destroyed (see the module docstring)."""
     if not any(t.type == MARKER_TYPE for t in luks.tokens()):
         return False
     if ctx.config.dry_run:
@@ -315,12 +455,32 @@ def _one_time(
         return False
     opened = False
     for unlock in armed(luks, device):
+        if not _consume(luks, device, unlock, reasons):
+            continue
         try:
             if not opened and _in_time(ctx, unlock, device):
-                opened = _try_one_time(ctx, luks, device, unlock, reasons, hook)
+                opened = _try_one_time(ctx, luks, device, unlock, reasons, hook, wait)
         finally:
             destroy(luks, device, unlock)
     return opened
+
+
+def _consume(luks: LuksDevice, device: str, unlock: OneTimeUnlock, reasons: list[str]) -> bool:
+    """Remove the marker before T is tried: once it is gone nothing uses T
+    again, whatever stops this boot later.  No header write, no try."""
+    try:
+        luks.remove_token(unlock.marker)
+    except KeystoreError as exc:
+        reasons.append(f"one-time TPM2 unlock: not used, its marker cannot be removed: {exc}")
+        log.error(
+            "not using the one-time unlock (arm-reboot, %s) of %s: its marker token %d cannot "
+            "be removed from the header (%s), and without that nothing makes sure it is used "
+            "only once; going on with keystore.unlock; remove it in the running system with "
+            "lczfs-unlockd disarm",
+            unlock.describe(), device, unlock.marker, exc,
+        )  # fmt: skip
+        return False
+    return True
 
 
 def _in_time(ctx: Context, unlock: OneTimeUnlock, device: str) -> bool:
@@ -349,13 +509,15 @@ def _try_one_time(
     unlock: OneTimeUnlock,
     reasons: list[str],
     hook: VolumeKeyHook | None,
+    wait: _TokenWait,
 ) -> bool:
     """One unseal of token T; only the wait for the TPM to appear is repeated."""
     p, ks = ctx.ports, ctx.config.keystore
-    start = p.clock.monotonic()
+    wait.begin()
     while True:
         ctx.checkpoint()
         try:
+            # By its number: its slot's priority ignore keeps "any token" off it.
             # The policy pins the type to systemd-tpm2 (parse_marker checked it).
             luks.activate_by_token(
                 ks.name, None, read_only=True, policy=_policy(ctx) or Tpm2Policy(),
@@ -363,7 +525,7 @@ def _try_one_time(
             )  # fmt: skip
             return True
         except NoTokenError as exc:
-            if exc.errno == errno.EAGAIN and p.clock.monotonic() - start < ks.token_timeout:
+            if exc.errno == errno.EAGAIN and wait.left():
                 with ctx.extending():  # bounded by token_timeout
                     p.clock.sleep(TOKEN_RETRY)
                 continue
@@ -379,13 +541,18 @@ def _try_one_time(
 
 
 def destroy(luks: LuksDevice, device: str, unlock: OneTimeUnlock) -> None:
-    """Not a reason to fail the boot: status shows what is left, disarm removes it."""
+    """S and T (and M, if still there).  Not a reason to fail the boot: what
+    is left is never used again (module docstring); status shows it,
+    disarm removes it."""
+    tokens = [unlock.token]
+    if luks.token_json(unlock.marker) is not None:
+        tokens.append(unlock.marker)
     try:
-        luks.destroy_one_time(unlock.slot, (unlock.token, unlock.marker))
+        luks.destroy_one_time(unlock.slot, tokens)
     except KeystoreError as exc:
         log.error(
-            "cannot destroy the one-time unlock (%s) of %s: %s: remove it in the running "
-            "system with lczfs-unlockd disarm",
+            "cannot destroy the one-time unlock (%s) of %s: %s: its marker is gone, so it is "
+            "not used again; remove it in the running system with lczfs-unlockd disarm",
             unlock.describe(), device, exc,
         )  # fmt: skip
         return
@@ -399,18 +566,90 @@ def _policy(ctx: Context) -> Tpm2Policy | None:
     return Tpm2Policy(signature=ks.tpm2_signature, pcrlock=ks.tpm2_pcrlock)
 
 
+def _marker_tokens(luks: LuksDevice) -> set[int]:
+    """The tokens an lczfs-armed marker names, by number or through a key slot,
+    valid marker or not: only a marker's own path (by number) may use them."""
+    markers = [t.id for t in luks.tokens() if t.type == MARKER_TYPE]
+    if not markers:
+        return set()
+    slots_of = _token_slots(luks)
+    named: set[int] = set()
+    slots: set[int] = set()
+    for m in markers:
+        value = _json_of(luks, m, MAX_TOKEN_JSON)
+        if not isinstance(value, Mapping):
+            continue
+        t = value.get("lczfs_tpm2_token")
+        if isinstance(t, str) and t.isdigit() and len(t) <= 2:
+            named.add(int(t))
+        slots |= slots_of.get(m) or frozenset()
+    return (named | {n for n, refs in slots_of.items() if refs and refs & slots}) - set(markers)
+
+
+def _failure_rank(exc: KeystoreError) -> int:
+    """Which of several tokens' failures speaks for them all: a PIN to ask
+    for, then hardware still to wait for, then a real failure, then "none"."""
+    if isinstance(exc, (PinRequiredError, PinRefusedError)):
+        return 3
+    if isinstance(exc, NoTokenError):
+        return 2 if exc.errno == errno.EAGAIN else 0
+    return 1
+
+
+def _activate_token(
+    ctx: Context,
+    luks: LuksDevice,
+    ids: list[int] | None,
+    pin: bytearray | None,
+    hook: VolumeKeyHook | None,
+) -> None:
+    """Any token (``ids`` None: libcryptsetup's own choice), or each of ``ids``
+    in turn, failing with the most telling failure of them."""
+    ks = ctx.config.keystore
+    if ids is None:
+        luks.activate_by_token(
+            ks.name, pin, read_only=True, policy=_policy(ctx), on_volume_key=hook
+        )
+        return
+    worst: KeystoreError | None = None
+    for n in ids:
+        try:
+            luks.activate_by_token(
+                ks.name, pin, read_only=True, policy=_policy(ctx), on_volume_key=hook, token=n
+            )
+            return
+        except KeystoreError as exc:
+            if worst is None or _failure_rank(exc) > _failure_rank(worst):
+                worst = exc
+    raise worst or NoTokenError("no token can be used", errno=errno.ENOENT)
+
+
 def _try_token(
-    ctx: Context, luks: LuksDevice, device: str, reasons: list[str], hook: VolumeKeyHook | None
+    ctx: Context,
+    luks: LuksDevice,
+    device: str,
+    reasons: list[str],
+    hook: VolumeKeyHook | None,
+    wait: _TokenWait,
 ) -> bool:
     """Tokens, falling back to the next method on any token failure.
 
     Only -EAGAIN (the token's hardware is not there yet) is waited for,
-    up to keystore.token_timeout; "no usable token" (no plugin, no
-    matching token) falls through at once.
+    up to keystore.token_timeout (counted from the first token try of this
+    unlock); "no usable token" (no plugin, no matching token) falls through
+    at once.  A token a marker names is never tried here: when one is
+    there, the others are tried one by one, by number.
     """
     p, ks = ctx.ports, ctx.config.keystore
     # arm-reboot's markers carry no key (and have no plugin: not worth a warning).
-    tokens = [t for t in luks.tokens() if t.type != MARKER_TYPE]
+    skipped = _marker_tokens(luks)
+    tokens = [t for t in luks.tokens() if t.type != MARKER_TYPE and t.id not in skipped]
+    if skipped:
+        log.info(
+            "not trying token %s of %s here: an %s marker names it (lczfs-unlockd disarm "
+            "removes it)",
+            ", ".join(map(str, sorted(skipped))), device, MARKER_TYPE,
+        )  # fmt: skip
     if not tokens:
         reasons.append("token: none enrolled")
         log.info("no LUKS2 token enrolled on %s", device)
@@ -425,7 +664,11 @@ def _try_token(
             + " (put that token plugin into the initrd)"
         )
         return False
-    start = p.clock.monotonic()
+    ids = None
+    if skipped:
+        only_tpm2 = _policy(ctx) is not None  # the policy is for systemd-tpm2's plugin
+        ids = [t.id for t in tokens if not t.unusable and (not only_tpm2 or t.type == TPM2_TOKEN)]
+    wait.begin()
     announced = False
     while True:
         ctx.checkpoint()
@@ -433,15 +676,12 @@ def _try_token(
             # Not extended: besides the plugin, the call runs the key
             # slot's KDF, whose cost is in the header whoever holds the
             # disk can write.  Only the wait for the hardware is.
-            luks.activate_by_token(
-                ks.name, None, read_only=True, policy=_policy(ctx), on_volume_key=hook
-            )
+            _activate_token(ctx, luks, ids, None, hook)
             return True
         except PinRequiredError:
-            return _try_token_pin(ctx, luks, device, reasons, hook)
+            return _try_token_pin(ctx, luks, device, reasons, hook, ids)
         except NoTokenError as exc:
-            waited = p.clock.monotonic() - start
-            if exc.errno != errno.EAGAIN or waited >= ks.token_timeout:
+            if exc.errno != errno.EAGAIN or not wait.left():
                 reasons.append(f"token: {exc}")
                 log.warning("no token could open %s: %s", device, exc)
                 return False
@@ -484,7 +724,12 @@ def _ask(ctx: Context, prompt: str, device: str, *, kind: str, first: bool) -> b
 
 
 def _try_token_pin(
-    ctx: Context, luks: LuksDevice, device: str, reasons: list[str], hook: VolumeKeyHook | None
+    ctx: Context,
+    luks: LuksDevice,
+    device: str,
+    reasons: list[str],
+    hook: VolumeKeyHook | None,
+    ids: list[int] | None,
 ) -> bool:
     ks = ctx.config.keystore
     try:
@@ -494,9 +739,7 @@ def _try_token_pin(
             reasons,
             kind="token PIN",
             prompt=f"Please enter the security token PIN for keystore {ks.volume}:",
-            activate=lambda pin: luks.activate_by_token(
-                ks.name, pin, read_only=True, policy=_policy(ctx), on_volume_key=hook
-            ),
+            activate=lambda pin: _activate_token(ctx, luks, ids, pin, hook),
             # WrongKeyError (-EPERM) is no PIN problem: the token's key
             # opens no key slot, whatever the PIN; it falls through.
             wrong=(PinRequiredError,),

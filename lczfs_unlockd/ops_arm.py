@@ -1,29 +1,38 @@
 """``lczfs-unlockd arm-reboot`` and ``disarm``: one unattended reboot, then a person again.
 
 arm-reboot adds, with ``systemd-cryptenroll``, a key slot S whose secret
-the TPM2 seals to PCR 7 (Secure Boot state) and to the measurement PCR's
-*initial* value (all zeros), plus a marker token M (``lczfs-armed``) that
-names S, its systemd-tpm2 token T and an expiry.  The next boot's daemon
-finds M before anything else, unseals T once — possible only before it
-measured the unlock, so nothing later in that boot can unseal it again —
-and destroys S, T and M whether that worked or not (keystore.py).  The
+the TPM2 seals to ``--tpm2-pcrs`` (default PCR 7, the Secure Boot state)
+and to the measurement PCR's *initial* value (all zeros), gives S the
+priority ``ignore`` (libcryptsetup's "any token" passes over it: only a
+token named by its number opens it), and adds a marker token M
+(``lczfs-armed``) that names S, its systemd-tpm2 token T and an expiry.
+The next boot's daemon finds M before anything else, removes it, unseals
+T once — possible only before it measured the unlock, so nothing later in
+that boot can unseal it again — and destroys S and T (keystore.py).  The
 disk alone never suffices: the secret is in the TPM.  The expiry is kept
 twice: in M (the daemon refuses an expired one) and, where systemd runs,
-as a transient timer that runs ``disarm`` at the deadline.
+as a transient timer that runs ``disarm`` at the deadline (wall clock:
+time powered off counts).
 
 Without the measurement (``keystore.measure_pcr = false``) T's policy
 would hold all boot long and anything running after the daemon could
-unseal it again: arm-reboot refuses.
+unseal it again: arm-reboot refuses.  Without Secure Boot, PCR 7 says
+only "Secure Boot off", which any system booted on the machine shows
+too, and there the measurement PCR is still zero (the daemon never ran):
+refused unless the user accepts that (``--allow-without-secure-boot``).
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import shutil
+import signal
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from types import FrameType
 
 from . import config, keystore, luksadmin, process
 from .config import DEFAULT_MEASURE_PCR
@@ -36,11 +45,66 @@ TPM_DEVICE = "/dev/tpmrm0"
 DISARM_UNIT = "lczfs-unlockd-disarm"
 ZERO_PCR = "0" * 64
 LIST_TIMEOUT = 30.0
+# The UEFI global variable SecureBoot: 4 attribute bytes, then 1 data byte (1: on).
+SECURE_BOOT_VAR = "/sys/firmware/efi/efivars/SecureBoot-8be4df61-93ca-11d2-aa0d-e98c0ec4fd9c"
+STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
 
 
-def _pcrs(measure_pcr: int) -> str:
-    """PCR 7 as it is now, the measurement PCR as it is before the daemon measured."""
-    return f"7+{measure_pcr}:sha256={ZERO_PCR}"
+def _pcrs(user: list[int], measure_pcr: int) -> str:
+    """The user's PCRs as they are now, the measurement PCR as it is before
+    the daemon measured."""
+    return "+".join([*map(str, user), f"{measure_pcr}:sha256={ZERO_PCR}"])
+
+
+def _user_pcrs(value: str, measure_pcr: int) -> list[int]:
+    """--tpm2-pcrs: PCR numbers 0-23 joined by "+" (bound to their values now)."""
+    parts = value.split("+")
+    if not all(p.isdigit() and len(p) <= 2 and int(p) <= 23 for p in parts):
+        raise OpsError(
+            f"--tpm2-pcrs {escape(value)}: PCR numbers 0-23 joined by + (e.g. 7 or 0+2+4+7); "
+            "each is bound to its value now"
+        )
+    pcrs = sorted({int(p) for p in parts})
+    if measure_pcr in pcrs:
+        raise OpsError(
+            f"--tpm2-pcrs {escape(value)} names the measurement PCR {measure_pcr}: its value "
+            "now is after this boot's measurement, and arm-reboot binds it to its initial value "
+            "itself; leave it out"
+        )
+    return pcrs
+
+
+def secure_boot_enabled(path: str | None = None) -> bool:
+    """The firmware's SecureBoot variable says 1; no EFI (no variable): False."""
+    try:
+        with open(path or SECURE_BOOT_VAR, "rb") as f:
+            data = f.read(64)
+    except OSError:
+        return False
+    return len(data) == 5 and data[4] == 1
+
+
+def _check_secure_boot(allow: bool, pcrs: list[int]) -> None:
+    if secure_boot_enabled():
+        return
+    risk = (
+        "Secure Boot is not enabled (the EFI variable SecureBoot is not 1, or there is no "
+        'EFI), so PCR 7 only says "Secure Boot off", which any system booted on this '
+        "machine shows too. While armed (also while it is powered off), whoever boots "
+        "another system on it (a USB stick) finds the measurement PCR "
+        "still zero, because lczfs-unlockd never ran there, and can unseal the one-time "
+        "secret with tpm2-tools and open the keystore with it"
+    )
+    if allow:
+        err(f"warning: {risk}; allowed by --allow-without-secure-boot (PCRs "
+            f"{'+'.join(map(str, pcrs))})")  # fmt: skip
+        return
+    raise OpsError(
+        f"refusing: {risk}. Enable Secure Boot; or bind the firmware and boot loader too "
+        "(--tpm2-pcrs 0+2+4+7: then another boot loader or firmware no longer matches, but "
+        "a system your boot loader can start still does) and accept the rest with "
+        "--allow-without-secure-boot"
+    )
 
 
 def _measure_pcr(cfg: config.Config, path: str) -> int:
@@ -79,6 +143,50 @@ def _markers(meta: luksadmin.Metadata) -> list[int]:
     return sorted(n for n, t in meta.tokens.items() if t.type == keystore.MARKER_TYPE)
 
 
+def _check_marker(meta: luksadmin.Metadata, marker: int) -> keystore.OneTimeUnlock:
+    """What the daemon checks (``ValueError`` otherwise): the marker, and that
+    its slot is one arm-reboot made and nothing else opens."""
+    unlock = keystore.parse_marker(
+        marker,
+        meta.tokens[marker].fields,
+        lambda n: meta.tokens[n].fields if n in meta.tokens else None,
+    )
+    keystore.check_one_time_slot(
+        unlock, meta.keyslots.get(unlock.slot), [t.id for t in meta.tokens_of(unlock.slot)]
+    )
+    return unlock
+
+
+class _Stopped(BaseException):
+    """SIGINT, SIGTERM or SIGHUP while arm-reboot changes the header."""
+
+
+@contextlib.contextmanager
+def _stoppable() -> Iterator[None]:
+    """Those signals raise _Stopped, so that what was added is removed."""
+
+    def stop(signum: int, _frame: FrameType | None) -> None:
+        raise _Stopped(signal.Signals(signum).name)
+
+    old = {s: signal.signal(s, stop) for s in STOP_SIGNALS}
+    try:
+        yield
+    finally:
+        for s, handler in old.items():
+            signal.signal(s, handler)
+
+
+@contextlib.contextmanager
+def _held_back() -> Iterator[None]:
+    """No signal in the middle of the cleanup."""
+    before = signal.pthread_sigmask(signal.SIG_BLOCK, ())
+    try:
+        signal.pthread_sigmask(signal.SIG_BLOCK, set(STOP_SIGNALS))
+        yield
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, before)
+
+
 def _parse_expires(value: str) -> int:
     try:
         seconds = config.parse_duration(value, "--expires")
@@ -104,21 +212,20 @@ def _remove_added(device: str, slots: list[int]) -> None:
             )
 
 
-def _enroll(device: str, tpm2_device: str, pcr: int, unlock: bytearray) -> tuple[int, int]:
-    """systemd-cryptenroll's new slot S and its systemd-tpm2 token T (diffed)."""
-    before = luksadmin.metadata(device)
+def _enroll(
+    device: str, before: luksadmin.Metadata, tpm2_device: str, policy: str, unlock: bytearray
+) -> tuple[int, int]:
+    """systemd-cryptenroll's new slot S and its systemd-tpm2 token T (diffed);
+    the caller removes what was added when this fails."""
     try:
-        luksadmin.cryptenroll(
-            device, [f"--tpm2-device={tpm2_device}", f"--tpm2-pcrs={_pcrs(pcr)}"], unlock
-        )
+        luksadmin.cryptenroll(device, [f"--tpm2-device={tpm2_device}", f"--tpm2-pcrs={policy}"],
+                              unlock)  # fmt: skip
     except UnlockError as exc:
-        after = luksadmin.metadata(device)
-        _remove_added(device, sorted(set(after.keyslots) - set(before.keyslots)))
         if "Failed to parse PCR" in str(exc):
             raise OpsError(
                 f"this {luksadmin.CRYPTENROLL} cannot bind a PCR to a given value "
-                f"(--tpm2-pcrs={_pcrs(pcr)} needs a newer systemd): arm-reboot needs it, "
-                f"since PCR {pcr} has already moved in this boot"
+                f"(--tpm2-pcrs={policy} needs a newer systemd): arm-reboot needs it, "
+                "since the measurement PCR has already moved in this boot"
             ) from None
         raise
     after = luksadmin.metadata(device)
@@ -127,7 +234,6 @@ def _enroll(device: str, tpm2_device: str, pcr: int, unlock: bytearray) -> tuple
         n for n, t in after.tokens.items() if n not in before.tokens and t.type == "systemd-tpm2"
     )
     if len(slots) != 1 or len(tokens) != 1 or after.tokens[tokens[0]].keyslots != tuple(slots):
-        _remove_added(device, slots)
         raise OpsError(
             f"{device}: {luksadmin.CRYPTENROLL} did not add one key slot with one "
             f"systemd-tpm2 token (key slots {slots}, tokens {tokens}): nothing armed"
@@ -135,30 +241,65 @@ def _enroll(device: str, tpm2_device: str, pcr: int, unlock: bytearray) -> tuple
     return slots[0], tokens[0]
 
 
-def _timer(expires_in: int, config_path: str) -> None:
-    """The deadline as a transient timer too; the marker's expiry stays either way."""
+def _command() -> list[str]:
+    """How systemd runs this program later: the entry point that runs now, if
+    it is one, else this interpreter with the package."""
+    entry = os.path.abspath(sys.argv[0]) if sys.argv and sys.argv[0] else ""
+    if os.path.basename(entry) == "lczfs-unlockd" and os.access(entry, os.X_OK):
+        return [entry]
+    pythonpath = os.environ.get("PYTHONPATH")
+    env = [f"--setenv=PYTHONPATH={pythonpath}"] if pythonpath else []
+    return [*env, sys.executable, "-m", "lczfs_unlockd"]
+
+
+def _timer(expires: int, config_path: str) -> None:
+    """The deadline as a transient timer too, at the wall-clock expiry (a
+    relative one would not count time powered off); the marker's expiry
+    stays either way."""
     if not os.path.isdir("/run/systemd/system") or shutil.which("systemd-run") is None:
         return
-    program = shutil.which("lczfs-unlockd")
-    command = [program] if program else [sys.executable, "-m", "lczfs_unlockd"]
+    units = [f"{DISARM_UNIT}.timer", f"{DISARM_UNIT}.service"]
+    # A unit of that name from an earlier arm (failed, or still waiting) would
+    # make systemd-run refuse the name.
+    for action in ("stop", "reset-failed"):
+        with contextlib.suppress(UnlockError):
+            process.run(["systemctl", action, *units], check=False, timeout=LIST_TIMEOUT)
+    at = time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime(expires))
     try:
         process.run(
-            ["systemd-run", f"--on-active={expires_in}s", f"--unit={DISARM_UNIT}",
+            ["systemd-run", f"--on-calendar={at}", f"--unit={DISARM_UNIT}",
+             "--timer-property=AccuracySec=1s",
              "--description=lczfs-unlockd: disarm the one-time unlock (arm-reboot) at its expiry",
-             *command, "disarm", "--config", config_path],
+             *_command(), "disarm", "--config", config_path],
             timeout=LIST_TIMEOUT,
         )  # fmt: skip
-        say(f"timer {DISARM_UNIT}.timer runs lczfs-unlockd disarm at the expiry")
+        say(f"timer {DISARM_UNIT}.timer runs lczfs-unlockd disarm at {at}")
     except UnlockError as exc:
         err(f"warning: cannot start the timer {DISARM_UNIT}.timer ({exc}); the expiry in the "
             "header still holds: the boot after it will not use the one-time unlock")  # fmt: skip
 
 
+def _set_ignore(device: str, slot: int) -> None:
+    """Priority ignore: "any token" (the daemon's token method, systemd-cryptsetup)
+    never opens S; only T named by its number does."""
+    try:
+        process.run(
+            [luksadmin.CRYPTSETUP, "config", "--priority", "ignore", "--key-slot", str(slot),
+             device],
+            timeout=luksadmin.QUERY_TIMEOUT,
+        )  # fmt: skip
+    except UnlockError as exc:
+        raise OpsError(f"{device}: cannot set key slot {slot} to priority ignore: {exc}") from None
+
+
 def arm(args: argparse.Namespace) -> int:
     cfg = load_config(args.config)
+    config_path = os.path.abspath(args.config)
     device = cfg.keystore.device
     pcr = _measure_pcr(cfg, args.config)
+    pcrs = _user_pcrs(args.tpm2_pcrs, pcr)
     expires_in = _parse_expires(args.expires)
+    _check_secure_boot(args.allow_without_secure_boot, pcrs)
     _check_tpm(args.tpm2_device)
     meta = luksadmin.metadata(device)
     if meta.version != 2:
@@ -168,32 +309,66 @@ def arm(args: argparse.Namespace) -> int:
             f"{device} is already armed (token {', '.join(map(str, _markers(meta)))}): "
             "run lczfs-unlockd disarm first"
         )
+    leftovers = keystore.one_time_leftovers(meta.keyslots, meta.tokens)
+    if leftovers:
+        raise OpsError(
+            f"{device} has the leftovers of an earlier one-time unlock (token "
+            f"{', '.join(map(str, leftovers))}): run lczfs-unlockd disarm first"
+        )
     unlock = ask_secret(
         f"Passphrase or recovery key of the keystore {device}: ", file=args.passphrase_file
     )
     try:
-        if not luksadmin.test_key(device, unlock):
-            raise OpsError(f"that passphrase or recovery key does not open {device}")
-        slot, token = _enroll(device, args.tpm2_device, pcr, unlock)
+        with _stoppable():
+            try:
+                try:
+                    if not luksadmin.test_key(device, unlock):
+                        raise OpsError(f"that passphrase or recovery key does not open {device}")
+                    slot, token = _enroll(device, meta, args.tpm2_device, _pcrs(pcrs, pcr),
+                                          unlock)  # fmt: skip
+                finally:
+                    wipe(unlock)
+                _set_ignore(device, slot)
+                now = int(time.time())
+                expires = now + expires_in
+                _add_marker(device, keystore.marker_json(slot, token, now, expires))
+            except BaseException as exc:
+                with _held_back():
+                    _undo(device, meta)
+                if isinstance(exc, _Stopped):
+                    what = f"stopped by {exc}: removed what it added, nothing armed"
+                    raise OpsError(what) from None
+                raise
     finally:
         wipe(unlock)
-    now = int(time.time())
-    marker_fields = keystore.marker_json(slot, token, now, now + expires_in)
-    try:
-        marker = luksadmin.import_token(device, marker_fields)
-        meta = luksadmin.metadata(device)
-        # What the daemon will read: checked with the daemon's own parser.
-        keystore.parse_marker(
-            marker,
-            meta.tokens[marker].fields,
-            lambda n: meta.tokens[n].fields if n in meta.tokens else None,
-        )
-    except (UnlockError, ValueError, KeyError) as exc:
-        _remove_added(device, [slot])
-        raise OpsError(f"{device}: cannot add the marker token ({exc}): nothing armed") from None
-    say(f"armed: key slot {slot} (token {token}), expires {keystore.utc(now + expires_in)}")
-    _timer(expires_in, args.config)
+    say(f"armed: key slot {slot} (token {token}), expires {keystore.utc(expires)}")
+    _timer(expires, config_path)
     return EXIT_OK
+
+
+def _add_marker(device: str, fields: dict[str, object]) -> int:
+    try:
+        marker = luksadmin.import_token(device, fields)
+        # What the daemon will read: checked with the daemon's own checks.
+        _check_marker(luksadmin.metadata(device), marker)
+    except (UnlockError, ValueError, KeyError) as exc:
+        raise OpsError(f"{device}: cannot add the marker token ({exc}): nothing armed") from None
+    return marker
+
+
+def _undo(device: str, before: luksadmin.Metadata) -> None:
+    """Remove the key slots added since ``before`` (and with them their tokens)."""
+    try:
+        after = luksadmin.metadata(device)
+    except UnlockError as exc:
+        err(f"cannot read {device} to remove what arm-reboot added ({exc}): check it with "
+            f"cryptsetup luksDump {device} and run lczfs-unlockd disarm")  # fmt: skip
+        return
+    _remove_added(device, sorted(set(after.keyslots) - set(before.keyslots)))
+    for n in sorted(set(after.tokens) - set(before.tokens)):
+        with contextlib.suppress(UnlockError):
+            if n in luksadmin.metadata(device).tokens:
+                luksadmin.remove_token(device, n)
 
 
 def disarm(args: argparse.Namespace) -> int:
@@ -202,11 +377,8 @@ def disarm(args: argparse.Namespace) -> int:
     meta = luksadmin.metadata(device)
     markers = _markers(meta)
     for m in markers:
-        fields = meta.tokens[m].fields
         try:
-            unlock = keystore.parse_marker(
-                m, fields, lambda n: meta.tokens[n].fields if n in meta.tokens else None
-            )
+            unlock = _check_marker(meta, m)
         except ValueError as exc:
             # Its slot cannot be trusted to be the armed one: only the marker goes.
             luksadmin.remove_token(device, m)
@@ -223,10 +395,31 @@ def disarm(args: argparse.Namespace) -> int:
             if n in left.tokens:
                 luksadmin.remove_token(device, n)
         say(f"disarmed: removed key slot {unlock.slot} and tokens {unlock.token} and {m}")
-    if not markers:
+    removed = _remove_leftovers(device)
+    if not markers and not removed:
         say(f"{device} is not armed: nothing to remove")
     _stop_timer()
     return EXIT_OK
+
+
+def _remove_leftovers(device: str) -> int:
+    """What a one-time unlock cut short left (keystore.one_time_leftovers):
+    tokens naming no slot, systemd-tpm2 tokens of slots only they name,
+    with priority ignore and pbkdf2 (so never a person's slot)."""
+    meta = luksadmin.metadata(device)
+    found = keystore.one_time_leftovers(meta.keyslots, meta.tokens)
+    for n in found:
+        t = meta.tokens[n]
+        if set(meta.keyslots) <= set(t.keyslots):
+            err(f"{device}: not removing token {n} ({t.type}): its key slot is the last one")
+            continue
+        for s in t.keyslots:
+            luksadmin.kill_slot(device, s)  # and t: it names only its slots
+        if n in luksadmin.metadata(device).tokens:
+            luksadmin.remove_token(device, n)
+        slots = f"key slot {', '.join(map(str, t.keyslots))}" if t.keyslots else "no key slot"
+        say(f"removed the leftover one-time token {n} ({t.type}, {slots})")
+    return len(found)
 
 
 def _stop_timer() -> None:
@@ -255,16 +448,22 @@ def arm_main(argv: list[str]) -> int:
         prog="lczfs-unlockd arm-reboot",
         formatter_class=argparse.RawDescriptionHelpFormatter,
         description="Let the next boot unlock the keystore once without a person.\n\n"
-        "Adds a key slot whose secret the TPM2 seals to PCR 7 (Secure Boot state) and to\n"
-        "the measurement PCR (keystore.measure_pcr, default 15) at its initial value\n"
-        "(7+15:sha256=0000...), plus a marker token naming it and its expiry. The next\n"
-        "boot's daemon uses it first, then destroys it whether it worked or not; after the\n"
-        "daemon measured the unlock, the TPM no longer releases it in that boot. Refuses\n"
-        "without a TPM2, with keystore.measure_pcr = false, and when already armed.\n"
-        "Only the TPM holds the secret: the disk alone never opens the keystore. The\n"
-        "expiry is in the header (checked by the daemon against the clock) and, under\n"
-        "systemd, also a timer running lczfs-unlockd disarm.",
-        epilog="example:\n  lczfs-unlockd arm-reboot --expires 2h && systemctl reboot\n"
+        "Adds a key slot whose secret the TPM2 seals to --tpm2-pcrs (default 7, the Secure\n"
+        "Boot state) as they are now and to the measurement PCR (keystore.measure_pcr,\n"
+        "default 15) at its initial value (7+15:sha256=0000...), with priority ignore (no\n"
+        '"any token" unlock uses it), plus a marker token naming it and its expiry. The\n'
+        "next boot's daemon removes the marker, tries the slot's token once, then destroys\n"
+        "slot and token whether it worked or not; after the daemon measured the unlock, the\n"
+        "TPM no longer releases it in that boot. Refuses without a TPM2, with\n"
+        "keystore.measure_pcr = false, when already armed, and without Secure Boot unless\n"
+        "--allow-without-secure-boot (then anyone who boots another system on this machine\n"
+        "while it is armed can unseal the secret: the measurement PCR is zero there).\n"
+        "Only the TPM holds the secret: the disk alone never opens the keystore. The expiry\n"
+        "is in the header (checked by the daemon against the clock) and, under systemd,\n"
+        "also a timer at that wall-clock time running lczfs-unlockd disarm.\n"
+        "SIGINT, SIGTERM or SIGHUP while it works: what it added is removed.",
+        epilog="examples:\n  lczfs-unlockd arm-reboot --expires 2h && systemctl reboot\n"
+        "  lczfs-unlockd arm-reboot --tpm2-pcrs 0+2+4+7 --allow-without-secure-boot\n"
         "prints: armed: key slot S (token T), expires 2026-01-01T12:00:00Z",
     )
     parser.add_argument("--config", default=config.DEFAULT_PATH, metavar="PATH")
@@ -283,6 +482,18 @@ def arm_main(argv: list[str]) -> int:
         "--tpm2-device", default="auto", metavar="PATH",
         help="the TPM2 for systemd-cryptenroll (default auto)",
     )  # fmt: skip
+    parser.add_argument(
+        "--tpm2-pcrs", default="7", metavar="PCRS",
+        help="PCR numbers 0-23 joined by + whose values now the secret is bound to (default "
+        "7; 0+2+4+7 also binds firmware, option ROMs and boot loader); the measurement PCR "
+        "is added at its initial value, never named here",
+    )  # fmt: skip
+    parser.add_argument(
+        "--allow-without-secure-boot", action="store_true",
+        help="arm even though Secure Boot is off: whoever boots another system on this "
+        "machine while it is armed can then unseal the secret (better with --tpm2-pcrs "
+        "0+2+4+7)",
+    )  # fmt: skip
     return _run(arm, parser.parse_args(argv))
 
 
@@ -290,8 +501,11 @@ def disarm_main(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(
         prog="lczfs-unlockd disarm",
         description="Remove a one-time unlock made by arm-reboot: every lczfs-armed marker "
-        "token, its systemd-tpm2 token and its key slot (never a passphrase's or recovery "
-        "key's slot), and stop the disarm timer. Safe to run when nothing is armed.",
+        "token, its systemd-tpm2 token and its key slot (only a slot of priority ignore and "
+        "pbkdf2 that no other token names: never a passphrase's, recovery key's or enrolled "
+        "token's slot), what a boot cut short left of one (systemd-tpm2 or lczfs-armed "
+        "tokens naming no key slot, systemd-tpm2 tokens without marker on such a slot), "
+        "and stop the disarm timer. Safe to run when nothing is armed.",
         epilog="example: lczfs-unlockd disarm",
     )
     parser.add_argument("--config", default=config.DEFAULT_PATH, metavar="PATH")

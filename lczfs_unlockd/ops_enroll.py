@@ -26,6 +26,7 @@ from .ops_common import (
     show_plan,
 )
 from .secretbuf import wipe
+from .text import escape
 
 ZERO_PCR = "0" * 64
 KINDS = ("tpm2", "fido2", "passphrase", "recovery")
@@ -35,9 +36,28 @@ PBKDF: tuple[str, ...] = ()
 TOKEN_TYPES = {"tpm2": "systemd-tpm2", "fido2": "systemd-fido2", "recovery": "systemd-recovery"}
 
 
+ZEROS = {"sha1": 40, "sha256": 64, "sha384": 96, "sha512": 128}  # hex digits per bank
+
+
+def _pcr_parts(user: str) -> list[tuple[int, str | None]]:
+    """systemd-cryptenroll's --tpm2-pcrs, numbers only: (PCR, "bank=hex" or None)."""
+    out = []
+    for part in user.split("+"):
+        number, _, value = part.partition(":")
+        if not (number.isdigit() and len(number) <= 2 and int(number) <= 23):
+            raise OpsError(
+                f"--tpm2-pcrs {escape(user)}: {escape(part)[:40]!r} is not a PCR number 0-23 "
+                "(optionally :BANK=HEX); give PCRs by number (names such as system-identity "
+                "are not accepted)"
+            )
+        out.append((int(number), value or None))
+    return out
+
+
 def tpm2_pcrs(user: str | None, measure_pcr: int | bool | None) -> str:
     """The PCR policy: the user's PCRs (default 7) and the measurement PCR at
     its initial value, so that the token unseals only before the daemon measured."""
+    parts = _pcr_parts(user) if user is not None else [(7, None)]
     if measure_pcr is False:
         if user is None:
             raise OpsError(
@@ -48,9 +68,20 @@ def tpm2_pcrs(user: str | None, measure_pcr: int | bool | None) -> str:
             )
         return user
     pcr = DEFAULT_MEASURE_PCR if measure_pcr is None or measure_pcr is True else measure_pcr
-    pcrs = [p for p in (user or "7").split("+") if p]
-    if any(p.split(":")[0] == str(pcr) for p in pcrs):
-        return "+".join(pcrs)  # the user pinned the measurement PCR already
+    for number, value in parts:
+        if number != pcr:
+            continue
+        bank, _, digest = (value or "").partition("=")
+        if ZEROS.get(bank) is None or digest.lower() != "0" * ZEROS[bank]:
+            raise OpsError(
+                f"--tpm2-pcrs {escape(str(user))} names the measurement PCR {pcr} without its "
+                f"initial value: sealed to its value now, after this boot's measurement, the "
+                "token would unseal for anything running in this system; write "
+                f"{pcr}:sha256={ZERO_PCR} (or the zeros of your bank), or leave PCR {pcr} out "
+                "(it is added at zero)"
+            )
+        return user or ""  # the user pinned the measurement PCR to zero already
+    pcrs = [user] if user else ["7"]
     return "+".join([*pcrs, f"{pcr}:sha256={ZERO_PCR}"])
 
 
@@ -162,10 +193,32 @@ def unenroll(args: argparse.Namespace) -> int:
     if not args.yes:
         say("Nothing done. Run again with --yes to remove it.")
         return EXIT_OK
+    _prove_left(device, left, args.passphrase_file)
     for s in slots:
         luksadmin.kill_slot(device, s)
         say(f"removed key slot {s} of {device}")
     return EXIT_OK
+
+
+def _prove_left(device: str, left: list[int], file: str | None) -> None:
+    """A slot a person can open must stay, and be shown to work: a passphrase
+    or recovery key that opens one of ``left`` (a forgotten passphrase's slot
+    counts for nothing)."""
+    secret = ask_secret(
+        f"A passphrase or recovery key that stays in {device} (key slot "
+        f"{', '.join(map(str, left))}): ",
+        file=file,
+    )
+    try:
+        if not any(luksadmin.test_key(device, secret, slot=s) for s in left):
+            raise OpsError(
+                f"refusing: that passphrase or recovery key opens none of the key slots of "
+                f"{device} that stay ({', '.join(map(str, left))}): nothing removed; give one "
+                "that does (--passphrase-file), or enroll one first (lczfs-unlockd enroll "
+                "passphrase / recovery)"
+            )
+    finally:
+        wipe(secret)
 
 
 def _run(fn: Callable[[argparse.Namespace], int], args: argparse.Namespace) -> int:
@@ -210,8 +263,9 @@ def enroll_main(argv: list[str]) -> int:
     parser.add_argument(
         "--tpm2-pcrs",
         metavar="PCRS",
-        help="tpm2: the PCRs to bind to (systemd-cryptenroll syntax, default 7); the "
-        "measurement PCR is added at its initial value unless named here",
+        help="tpm2: the PCRs to bind to (numbers 0-23 joined by +, each optionally "
+        ":BANK=HEX; default 7); the measurement PCR is added at its initial value, or, if "
+        "named here, must be given as N:sha256=<64 zeros>",
     )
     parser.add_argument(
         "--tpm2-with-pin", action="store_true", help="tpm2: also ask for a PIN at boot"
@@ -227,12 +281,20 @@ def unenroll_main(argv: list[str]) -> int:
         description="Remove a way into the keystore: the key slots of the TPM2/FIDO2/\n"
         "recovery tokens, the passphrase slot (a slot with no token), or --slot N.\n"
         "Prints the plan; changes nothing without --yes. Refuses to remove the last\n"
-        "slot a person can open, and asks for --slot when several passphrases match.",
+        "slot a person can open, and asks for --slot when several passphrases match.\n"
+        "With --yes it first asks for a passphrase or recovery key that opens one of the\n"
+        "slots that stay (or reads it from --passphrase-file), and refuses without one.",
         epilog="examples:\n  lczfs-unlockd unenroll tpm2 --yes\n"
-        "  lczfs-unlockd unenroll passphrase --slot 2 --yes",
+        "  lczfs-unlockd unenroll passphrase --slot 2 --yes --passphrase-file -",
     )
     parser.add_argument("kind", choices=(*KINDS, "slot"))
     parser.add_argument("--slot", type=int, metavar="N")
     parser.add_argument("--config", default=config.DEFAULT_PATH, metavar="PATH")
     parser.add_argument("--yes", action="store_true", help="do it (default: only the plan)")
+    parser.add_argument(
+        "--passphrase-file",
+        metavar="FILE",
+        help="with --yes: a passphrase or recovery key that opens a key slot that stays, "
+        "from FILE (- = standard input); default: asked on the terminal",
+    )
     return _run(unenroll, parser.parse_args(argv))

@@ -128,6 +128,15 @@ class Token:
 
 
 @dataclass(frozen=True)
+class Keyslot:
+    """One active key slot, as libcryptsetup describes it."""
+
+    id: int
+    priority: int  # 0 ignore (only an explicitly named token opens it), 1 normal, 2 prefer
+    kdf: str  # "pbkdf2", "argon2id", ...
+
+
+@dataclass(frozen=True)
 class Tpm2Policy:
     """Where systemd's TPM2 token plugin finds a signed PCR policy and a
     pcrlock policy; None: the plugin's own default location."""
@@ -194,9 +203,17 @@ class LuksDevice(Protocol):
         """The JSON text of token ``token`` as the header has it (hostile input:
         whoever can write the zvol wrote it); None when there is no such token."""
 
+    def keyslot(self, slot: int) -> Keyslot | None:
+        """Key slot ``slot`` if it is active; None when it is not."""
+
+    def remove_token(self, token: int) -> None:
+        """Remove token ``token`` from the header on disk (``KeystoreError``
+        when the header cannot be written)."""
+
     def destroy_one_time(self, slot: int, tokens: Sequence[int]) -> None:
         """Destroy key slot ``slot``, then remove ``tokens`` in their order, in
-        the header on disk.  ``KeystoreError`` at the first failure, saying what
+        the header on disk, with SIGTERM and SIGINT held back (no handler can
+        stop it half way).  ``KeystoreError`` at the first failure, saying what
         is left."""
 
     def close(self) -> None: ...

@@ -19,6 +19,7 @@ import hashlib
 import json
 import os
 import shutil
+import signal
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 
@@ -41,6 +42,7 @@ from lczfs_unlockd.errors import (
 )
 from lczfs_unlockd.ports import (
     DatasetInfo,
+    Keyslot,
     MappingState,
     PoolScan,
     Ports,
@@ -121,6 +123,11 @@ class World:
     tokens: list[Token] = field(default_factory=list)  # token N = tokens[N]
     keyslots: set[int] = field(default_factory=lambda: {0})  # the header's key slots
     destroy_failure: str | None = None  # crypt_keyslot_destroy fails (read-only zvol)
+    remove_failure: str | None = None  # crypt_token_json_set(NULL) fails (read-only zvol)
+    # Key slot -> LUKS2 priority (0 ignore, 1 normal: the default) and KDF type
+    # (argon2id, cryptsetup's default, unless set).
+    keyslot_priority: dict[int, int] = field(default_factory=dict)
+    keyslot_kdf: dict[int, str] = field(default_factory=dict)
     wall_time: float = 1_800_000_000.0  # the wall clock when the run starts (Clock.time)
     keystore_files: dict[str, bytes] = field(default_factory=dict)  # relative path -> content
     keystore_symlinks: dict[str, str] = field(default_factory=dict)  # relative path -> target
@@ -454,7 +461,32 @@ class FakeLuks:
         t = self.w.tokens[token]
         return t.json if t.json is not None else json.dumps({"type": t.type, "keyslots": []})
 
+    def keyslot(self, slot: int) -> Keyslot | None:
+        if slot not in self.w.keyslots:
+            return None
+        return Keyslot(
+            slot, self.w.keyslot_priority.get(slot, 1), self.w.keyslot_kdf.get(slot, "argon2id")
+        )
+
+    def remove_token(self, token: int) -> None:
+        self.w.hook("remove_token")
+        if self.w.remove_failure:
+            raise KeystoreError(self.w.remove_failure, errno=errno.EROFS)
+        if self.token_json(token) is None:
+            raise KeystoreError(f"cannot remove token {token}: no such token")
+        self.w.tokens[token].removed = True
+        self.w.events.append(f"remove token {token}")
+
     def destroy_one_time(self, slot: int, tokens: Sequence[int]) -> None:
+        # As the real binding: SIGTERM and SIGINT wait until it is done.
+        before = signal.pthread_sigmask(signal.SIG_BLOCK, ())
+        try:
+            signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM, signal.SIGINT})
+            self._destroy(slot, tokens)
+        finally:
+            signal.pthread_sigmask(signal.SIG_SETMASK, before)
+
+    def _destroy(self, slot: int, tokens: Sequence[int]) -> None:
         self.w.hook("destroy")
         if self.w.destroy_failure:
             raise KeystoreError(self.w.destroy_failure, errno=errno.EROFS)
@@ -462,11 +494,33 @@ class FakeLuks:
             raise KeystoreError(f"cannot destroy key slot {slot}: no such slot")
         self.w.keyslots.discard(slot)
         self.w.events.append(f"destroy slot {slot}")
+        # libcryptsetup drops the slot's number from every token naming it.
+        for t in self.w.tokens:
+            fields = json.loads(t.json) if t.json is not None else None
+            if isinstance(fields, dict) and str(slot) in fields.get("keyslots", []):
+                fields["keyslots"] = [r for r in fields["keyslots"] if r != str(slot)]
+                t.json = json.dumps(fields)
         for n in tokens:
+            if self.w.remove_failure:
+                raise KeystoreError(
+                    f"destroyed key slot {slot}, but {self.w.remove_failure}", errno=errno.EROFS
+                )
             if self.token_json(n) is None:
                 raise KeystoreError(f"cannot remove token {n}: no such token")
             self.w.tokens[n].removed = True
             self.w.events.append(f"remove token {n}")
+
+    def _any_token_may_use(self, t: Token) -> bool:
+        """libcryptsetup's CRYPT_ANY_TOKEN passes over a token none of whose key
+        slots exists with a priority above ignore (a token with no JSON of its
+        own here names no slot in particular: usable)."""
+        if t.json is None:
+            return True
+        refs = json.loads(t.json).get("keyslots", [])
+        return any(
+            r.isdigit() and int(r) in self.w.keyslots and self.w.keyslot_priority.get(int(r), 1)
+            for r in refs
+        )
 
     @property
     def uuid(self) -> str:
@@ -502,7 +556,7 @@ class FakeLuks:
     ) -> None:
         self.w.hook("token")
         self.w.token_policies.append(policy)
-        tokens = [t for t in self.w.tokens if not t.removed]
+        tokens = [t for t in self.w.tokens if not t.removed and self._any_token_may_use(t)]
         if token is not None:
             self.w.events.append(f"try token {token}")
             tokens = [self.w.tokens[token]] if self.token_json(token) is not None else []
@@ -514,22 +568,22 @@ class FakeLuks:
         usable = [t for t in known if self.w.time >= t.available_after]
         if not usable:
             raise NoTokenError(f"the token of {self.device} is not present", errno=errno.EAGAIN)
-        for token in usable:
-            if token.failure:
-                raise KeystoreError(token.failure, errno=errno.EIO)
-            if token.pin is None:
+        for tok in usable:
+            if tok.failure:
+                raise KeystoreError(tok.failure, errno=errno.EIO)
+            if tok.pin is None:
                 self._activate(name, read_only, on_volume_key)
                 return
             if pin is None:
                 raise PinRequiredError(f"a token of {self.device} needs a PIN")
-            if token.broken:
+            if tok.broken:
                 raise PinRefusedError(f"the token of {self.device} refused this PIN or failed")
-            if bytes(pin) == token.pin.encode():
-                if token.wrong_key:
+            if bytes(pin) == tok.pin.encode():
+                if tok.wrong_key:
                     raise WrongKeyError(f"a token of {self.device} supplied a key no slot accepts")
                 self._activate(name, read_only, on_volume_key)
                 return
-            if token.refusal == "ambiguous":
+            if tok.refusal == "ambiguous":
                 raise PinRefusedError(f"the token of {self.device} refused this PIN or failed")
         raise PinRequiredError(f"wrong PIN for {self.device}")
 

@@ -9,7 +9,9 @@ token naming it.  It records its argv, so the tests see the policy asked for.
 from __future__ import annotations
 
 import json
+import os
 import shutil
+import subprocess
 import sys
 import textwrap
 import time
@@ -55,6 +57,10 @@ slot = (set(dump()["keyslots"]) - before).pop()
 if os.path.exists(os.path.join(here, "fail")):
     print("Failed to seal to TPM2: simulated", file=sys.stderr)
     sys.exit(1)
+if os.path.exists(os.path.join(here, "sigterm")):  # the user's Ctrl-C, a shutdown
+    import signal, time
+    os.kill(os.getppid(), getattr(signal, open(os.path.join(here, "sigterm")).read()))
+    time.sleep(30)
 kind = "systemd-fido2" if any(a.startswith("--fido2") for a in args) else "systemd-tpm2"
 # The plugin validates a systemd-tpm2 token's fields on import: all of them.
 token = {{"type": kind, "keyslots": [slot], "tpm2-blob": "AJ4AIDYf0mm27DbEBU9Y",
@@ -80,6 +86,7 @@ class Box:
         self.script.chmod(0o755)
         self.tpm = tmp / "tpmrm0"
         self.tpm.write_text("")
+        self.secure_boot = tmp / "SecureBoot-8be4df61-93ca-11d2-aa0d-e98c0ec4fd9c"
 
     def argv(self) -> list[list[str]]:
         log = self.bin / "argv.log"
@@ -99,6 +106,8 @@ def make_box(tmp_path, monkeypatch, measure_pcr=None) -> Box:
     for module in ("ops_arm", "ops_enroll"):
         monkeypatch.setattr(f"lczfs_unlockd.{module}.load_config", lambda path: cfg)
     monkeypatch.setattr(ops_arm, "TPM_DEVICE", str(box.tpm))
+    box.secure_boot.write_bytes(b"\x06\x00\x00\x00\x01")  # attributes, then 1: enabled
+    monkeypatch.setattr(ops_arm, "SECURE_BOOT_VAR", str(box.secure_boot))
     return box
 
 
@@ -130,6 +139,103 @@ def test_arm_adds_slot_token_and_marker(box, capsys):
     assert not any("keystore passphrase" in a for a in enroll)  # only through a pipe
     assert ["--tpm2-device=list"] in box.argv()
     assert meta.human_slots() == [0]
+    # "any token" must never use it: priority ignore; pbkdf2 as systemd-cryptenroll's
+    assert (meta.keyslots[1].priority, meta.keyslots[1].kdf) == (0, "pbkdf2")
+
+
+def test_arm_binds_the_pcrs_asked_for(box):
+    assert arm(box, "--tpm2-pcrs", "7+0+4+2") == 0
+    assert f"--tpm2-pcrs=0+2+4+7+15:sha256={ZEROS}" in box.argv()[-1]
+
+
+@pytest.mark.parametrize(
+    ("pcrs", "why"),
+    [
+        ("7+15", "names the measurement PCR 15"),
+        ("7+24", "PCR numbers 0-23"),
+        ("system-identity", "PCR numbers 0-23"),
+        ("7:sha256=00", "PCR numbers 0-23"),
+        ("", "PCR numbers 0-23"),
+    ],
+)
+def test_arm_refuses_bad_pcrs(box, capsys, pcrs, why):
+    assert arm(box, "--tpm2-pcrs", pcrs) == 1
+    assert why in capsys.readouterr().err
+    assert sorted(box.meta().keyslots) == [0]
+
+
+@pytest.mark.parametrize("content", [None, b"\x06\x00\x00\x00\x00", b"\x06\x00\x00"])
+def test_arm_refuses_without_secure_boot(box, capsys, content):
+    if content is None:
+        box.secure_boot.unlink()  # no EFI, or no such variable
+    else:
+        box.secure_boot.write_bytes(content)
+    assert arm(box) == 1
+    err = capsys.readouterr().err
+    assert "Secure Boot is not enabled" in err and "tpm2-tools" in err
+    assert "--allow-without-secure-boot" in err and "0+2+4+7" in err
+    assert box.argv() == [] and sorted(box.meta().keyslots) == [0]
+    assert arm(box, "--allow-without-secure-boot", "--tpm2-pcrs", "0+2+4+7") == 0
+    assert "warning: Secure Boot is not enabled" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("sig", ["SIGTERM", "SIGINT", "SIGHUP"])
+def test_a_signal_while_arming_removes_what_was_added(box, capsys, sig):
+    (box.bin / "sigterm").write_text(sig)
+    assert arm(box) == 1
+    err = capsys.readouterr().err
+    assert f"stopped by {sig}" in err and "removed the unfinished key slot 1" in err
+    meta = box.meta()
+    assert sorted(meta.keyslots) == [0] and meta.tokens == {}
+    import signal
+
+    assert signal.getsignal(getattr(signal, sig)) is not ops_arm._Stopped  # handlers restored
+
+
+def test_the_disarm_timer_is_at_the_absolute_expiry(box, monkeypatch, tmp_path):
+    runs = []
+
+    def fake_run(argv, check=True, timeout=None):
+        runs.append(list(argv))
+        return SimpleNamespace(returncode=0, stdout="", stderr="")
+
+    monkeypatch.setattr(ops_arm.os.path, "isdir", lambda p: p == "/run/systemd/system" or
+                        os.path.isdir(p))  # fmt: skip
+    monkeypatch.setattr(ops_arm.shutil, "which", lambda name, **kw: f"/usr/bin/{name}")
+    monkeypatch.setattr(ops_arm.process, "run", fake_run)
+    monkeypatch.setenv("PYTHONPATH", "/src/tree")
+    monkeypatch.setattr(ops_arm.sys, "argv", ["-m"])
+    monkeypatch.chdir(tmp_path)
+    ops_arm._timer(1_800_000_000, os.path.abspath("rel.toml"))
+    assert runs[0] == ["systemctl", "stop", "lczfs-unlockd-disarm.timer",
+                       "lczfs-unlockd-disarm.service"]  # fmt: skip
+    assert runs[1][:2] == ["systemctl", "reset-failed"]
+    started = runs[2]
+    assert "--on-calendar=2027-01-15 08:00:00 UTC" in started
+    assert not any(a.startswith("--on-active") for a in started)
+    assert "--setenv=PYTHONPATH=/src/tree" in started
+    at = started.index(ops_arm.sys.executable)
+    assert started[at:] == [ops_arm.sys.executable, "-m", "lczfs_unlockd", "disarm", "--config",
+                            str(tmp_path / "rel.toml")]  # fmt: skip
+
+
+def test_the_timer_runs_the_entry_point_that_runs(monkeypatch, tmp_path):
+    entry = tmp_path / "lczfs-unlockd"
+    entry.write_text("#!/bin/sh\n")
+    entry.chmod(0o755)
+    monkeypatch.delenv("PYTHONPATH", raising=False)
+    monkeypatch.setattr(ops_arm.sys, "argv", [str(entry), "arm-reboot"])
+    assert ops_arm._command() == [str(entry)]
+    monkeypatch.setattr(ops_arm.sys, "argv", ["/usr/lib/python3/pytest"])
+    assert ops_arm._command() == [ops_arm.sys.executable, "-m", "lczfs_unlockd"]
+
+
+def test_arm_passes_the_config_path_absolute(box, monkeypatch, tmp_path):
+    seen = []
+    monkeypatch.setattr(ops_arm, "_timer", lambda expires, path: seen.append(path))
+    monkeypatch.chdir(tmp_path)
+    assert ops_arm.arm_main(["--config", "etc/x.toml", "--passphrase-file", str(box.passfile)]) == 0
+    assert seen == [str(tmp_path / "etc/x.toml")]
 
 
 def test_arm_uses_the_configured_measurement_pcr(tmp_path, monkeypatch):
@@ -200,6 +306,72 @@ def test_disarm_removes_slot_and_tokens(box, capsys):
     assert sorted(meta.keyslots) == [0] and meta.tokens == {}
     assert ops_arm.disarm_main([]) == 0
     assert "not armed" in capsys.readouterr().out
+
+
+def _slot_only_the_daemon_knows(box: Box) -> None:
+    """Key slot 1 + a systemd-tpm2 token, as systemd-cryptenroll makes them."""
+    (box.bin / "argv.log").unlink(missing_ok=True)
+    luksadmin.cryptenroll(str(box.image), ["--tpm2-device=auto"], PASSPHRASE)
+
+
+def _priority(box: Box, slot: int, value: str) -> None:
+    subprocess.run(
+        ["cryptsetup", "config", "--priority", value, "--key-slot", str(slot), str(box.image)],
+        check=True,
+        timeout=30,
+    )
+
+
+def test_disarm_removes_what_a_boot_cut_short_left(box, capsys):
+    """The daemon removed the marker, then the boot stopped: S and T stay,
+    S with priority ignore; disarm finds and removes them."""
+    assert arm(box) == 0
+    luksadmin.remove_token(str(box.image), 1)
+    assert keystore.one_time_leftovers(box.meta().keyslots, box.meta().tokens) == [0]
+    assert ops_arm.disarm_main([]) == 0
+    assert "removed the leftover one-time token 0 (systemd-tpm2, key slot 1)" in (
+        capsys.readouterr().out
+    )
+    meta = box.meta()
+    assert sorted(meta.keyslots) == [0] and meta.tokens == {}
+
+
+def test_disarm_removes_tokens_naming_no_slot(box, capsys):
+    assert arm(box) == 0
+    subprocess.run(["cryptsetup", "luksKillSlot", "--batch-mode", str(box.image), "1"],
+                   check=True, timeout=30)  # fmt: skip
+    assert {n: t.keyslots for n, t in box.meta().tokens.items()} == {0: (), 1: ()}
+    assert ops_arm.disarm_main([]) == 0
+    out = capsys.readouterr().out
+    assert "removed the invalid marker token 1" in out
+    assert "removed the leftover one-time token 0 (systemd-tpm2, no key slot)" in out
+    assert box.meta().tokens == {}
+
+
+def test_disarm_never_touches_an_enrolled_tpm2_slot(box, capsys):
+    _slot_only_the_daemon_knows(box)  # slot 1, token 0: priority normal
+    assert ops_arm.disarm_main([]) == 0
+    assert "not armed" in capsys.readouterr().out
+    assert sorted(box.meta().keyslots) == [0, 1] and sorted(box.meta().tokens) == [0]
+
+
+@pytest.mark.parametrize("change", ["normal", "recovery"])
+def test_disarm_keeps_a_marker_slot_arm_reboot_did_not_make(box, capsys, change):
+    assert arm(box) == 0
+    if change == "normal":
+        _priority(box, 1, "normal")
+    else:
+        luksadmin.import_token(str(box.image), {"type": "systemd-recovery", "keyslots": ["1"]})
+    assert ops_arm.disarm_main([]) == 0
+    assert "removed the invalid marker token 1" in capsys.readouterr().out
+    assert 1 in box.meta().keyslots
+
+
+def test_arm_refuses_leftovers(box, capsys):
+    assert arm(box) == 0
+    luksadmin.remove_token(str(box.image), 1)
+    assert arm(box) == 1
+    assert "leftovers of an earlier one-time unlock (token 0)" in capsys.readouterr().err
 
 
 def test_disarm_removes_an_invalid_marker_but_no_slot(box, capsys):

@@ -26,10 +26,34 @@ def enroll(box: Box, *args: str) -> int:
 def test_tpm2_policy_pins_the_measurement_pcr():
     assert ops_enroll.tpm2_pcrs(None, None) == f"7+15:sha256={ZEROS}"
     assert ops_enroll.tpm2_pcrs("0+7", 12) == f"0+7+12:sha256={ZEROS}"
-    assert ops_enroll.tpm2_pcrs("7+15", None) == "7+15"  # named by the user: as given
+    pinned = f"7+15:sha256={ZEROS}"
+    assert ops_enroll.tpm2_pcrs(pinned, None) == pinned  # pinned by the user: as given
+    assert ops_enroll.tpm2_pcrs(f"7+15:sha1={'0' * 40}", None) == f"7+15:sha1={'0' * 40}"
     assert ops_enroll.tpm2_pcrs("7", False) == "7"
     with pytest.raises(ops_enroll.OpsError, match="measure_pcr = false"):
         ops_enroll.tpm2_pcrs(None, False)
+
+
+@pytest.mark.parametrize(
+    ("pcrs", "why"),
+    [
+        ("7+15", "names the measurement PCR 15 without its initial value"),
+        (f"7+15:sha256={'0' * 63}1", "without its initial value"),
+        (f"7+15:sha1={'0' * 64}", "without its initial value"),
+        ("7+system-identity", "is not a PCR number 0-23"),
+        ("7+24", "is not a PCR number 0-23"),
+        ("", "is not a PCR number 0-23"),
+    ],
+)
+def test_tpm2_policy_refuses_an_unpinned_measurement_pcr_and_names(pcrs, why):
+    with pytest.raises(ops_enroll.OpsError, match=why):
+        ops_enroll.tpm2_pcrs(pcrs, None)
+
+
+def test_enroll_tpm2_with_unpinned_measurement_pcr_changes_nothing(box, capsys):
+    assert enroll(box, "tpm2", "--tpm2-pcrs", "7+15") == 1
+    assert "sealed to its value now" in capsys.readouterr().err
+    assert box.argv() == [] and sorted(box.meta().keyslots) == [0]
 
 
 def test_enroll_tpm2(box, capsys):
@@ -67,7 +91,12 @@ def test_enroll_passphrase_then_unenroll_needs_slot(box, capsys, tmp_path):
     assert ops_enroll.unenroll_main(["passphrase", "--slot", "0"]) == 0
     assert "Nothing done" in capsys.readouterr().out  # the plan only
     assert sorted(box.meta().keyslots) == [0, 1]
-    assert ops_enroll.unenroll_main(["passphrase", "--slot", "0", "--yes"]) == 0
+    # proof that a staying slot works: the passphrase of slot 0 (the one to go) is not
+    args = ["passphrase", "--slot", "0", "--yes", "--passphrase-file"]
+    assert ops_enroll.unenroll_main([*args, str(box.passfile)]) == 1
+    assert "opens none of the key slots of" in capsys.readouterr().err
+    assert sorted(box.meta().keyslots) == [0, 1]
+    assert ops_enroll.unenroll_main([*args, str(new)]) == 0
     assert sorted(box.meta().keyslots) == [1]
 
 
@@ -84,7 +113,11 @@ def test_unenroll_tpm2_removes_slot_and_token(box, capsys):
     assert ops_enroll.unenroll_main(["tpm2"]) == 0
     out = capsys.readouterr().out
     assert "destroy key slot 1" in out and "systemd-tpm2 token 0" in out
-    assert ops_enroll.unenroll_main(["tpm2", "--yes"]) == 0
+    wrong = box.tmp / "wrong"
+    wrong.write_bytes(b"not it")
+    assert ops_enroll.unenroll_main(["tpm2", "--yes", "--passphrase-file", str(wrong)]) == 1
+    assert sorted(box.meta().keyslots) == [0, 1]
+    assert ops_enroll.unenroll_main(["tpm2", "--yes", "--passphrase-file", str(box.passfile)]) == 0
     meta = box.meta()
     assert sorted(meta.keyslots) == [0] and meta.tokens == {}
     assert ops_enroll.unenroll_main(["fido2", "--yes"]) == 0
@@ -93,7 +126,9 @@ def test_unenroll_tpm2_removes_slot_and_token(box, capsys):
 
 def test_unenroll_recovery_keeps_the_passphrase(box):
     assert enroll(box, "recovery") == 0
-    assert ops_enroll.unenroll_main(["recovery", "--yes"]) == 0
+    assert (
+        ops_enroll.unenroll_main(["recovery", "--yes", "--passphrase-file", str(box.passfile)]) == 0
+    )
     meta = box.meta()
     assert sorted(meta.keyslots) == [0] and meta.tokens == {}
 
