@@ -31,13 +31,13 @@ import shutil
 import signal
 import sys
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from types import FrameType
 
 from . import config, keystore, luksadmin, process
 from .config import DEFAULT_MEASURE_PCR
 from .errors import ConfigError, OpsError, UnlockError
-from .ops_common import EXIT_FAILURE, EXIT_NOTCONFIGURED, EXIT_OK, ask_secret, err, load_config, say
+from .ops_common import EXIT_OK, ask_secret, err, load_config, run_command, say
 from .secretbuf import wipe
 from .text import escape
 
@@ -432,17 +432,6 @@ def _stop_timer() -> None:
         say(f"stopped {DISARM_UNIT}.timer")
 
 
-def _run(fn: Callable[[argparse.Namespace], int], args: argparse.Namespace) -> int:
-    try:
-        return fn(args)
-    except OpsError as exc:
-        err(str(exc))
-        return EXIT_NOTCONFIGURED if "check-config" in str(exc) else EXIT_FAILURE
-    except UnlockError as exc:
-        err(str(exc))
-        return EXIT_FAILURE
-
-
 def arm_main(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(
         prog="lczfs-unlockd arm-reboot",
@@ -494,7 +483,7 @@ def arm_main(argv: list[str]) -> int:
         "machine while it is armed can then unseal the secret (better with --tpm2-pcrs "
         "0+2+4+7)",
     )  # fmt: skip
-    return _run(arm, parser.parse_args(argv))
+    return run_command(arm, parser.parse_args(argv))
 
 
 def disarm_main(argv: list[str]) -> int:
@@ -509,4 +498,4 @@ def disarm_main(argv: list[str]) -> int:
         epilog="example: lczfs-unlockd disarm",
     )
     parser.add_argument("--config", default=config.DEFAULT_PATH, metavar="PATH")
-    return _run(disarm, parser.parse_args(argv))
+    return run_command(disarm, parser.parse_args(argv))

@@ -9,15 +9,16 @@ adapters; nothing here runs at boot.
 
 from __future__ import annotations
 
+import argparse
 import contextlib
 import os
 import sys
 import termios
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import TextIO
 
 from . import config
-from .errors import ConfigError, OpsError
+from .errors import ConfigError, OpsError, UnlockError
 from .secretbuf import read_bounded, wipe
 
 EXIT_OK = 0
@@ -26,12 +27,29 @@ EXIT_NOTCONFIGURED = 6
 MAX_SECRET = 4096  # a passphrase, a PIN: cryptsetup's own limit for a typed one is 512
 
 
+class ConfigProblem(OpsError):
+    """The daemon's configuration is missing or invalid: exit status 6, as the daemon's."""
+
+
 def load_config(path: str) -> config.Config:
-    """The daemon's config, or OpsError saying what to fix (the command needs it)."""
+    """The daemon's config, or ConfigProblem saying what to fix (the command needs it)."""
     try:
         return config.load(path)
     except ConfigError as exc:
-        raise OpsError(f"{exc} (lczfs-unlockd check-config {path} says the same)") from None
+        raise ConfigProblem(f"{exc} (lczfs-unlockd check-config {path} says the same)") from None
+
+
+def run_command(fn: Callable[[argparse.Namespace], int], args: argparse.Namespace) -> int:
+    """Run a command's body: its error on stderr and the exit status for it
+    (6 for the configuration, 1 for anything else it refused or could not do)."""
+    try:
+        return fn(args)
+    except ConfigProblem as exc:
+        err(str(exc))
+        return EXIT_NOTCONFIGURED
+    except UnlockError as exc:
+        err(str(exc))
+        return EXIT_FAILURE
 
 
 def err(message: str, stream: TextIO | None = None) -> None:

@@ -10,18 +10,15 @@ token), and never guess which of several passphrases is meant.
 from __future__ import annotations
 
 import argparse
-from collections.abc import Callable
 
 from . import config, luksadmin
 from .config import DEFAULT_MEASURE_PCR
-from .errors import OpsError, UnlockError
+from .errors import OpsError
 from .ops_common import (
-    EXIT_FAILURE,
-    EXIT_NOTCONFIGURED,
     EXIT_OK,
     ask_secret,
-    err,
     load_config,
+    run_command,
     say,
     show_plan,
 )
@@ -221,17 +218,6 @@ def _prove_left(device: str, left: list[int], file: str | None) -> None:
         wipe(secret)
 
 
-def _run(fn: Callable[[argparse.Namespace], int], args: argparse.Namespace) -> int:
-    try:
-        return fn(args)
-    except OpsError as exc:
-        err(str(exc))
-        return EXIT_NOTCONFIGURED if "check-config" in str(exc) else EXIT_FAILURE
-    except UnlockError as exc:
-        err(str(exc))
-        return EXIT_FAILURE
-
-
 def enroll_main(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(
         prog="lczfs-unlockd enroll",
@@ -271,7 +257,7 @@ def enroll_main(argv: list[str]) -> int:
         "--tpm2-with-pin", action="store_true", help="tpm2: also ask for a PIN at boot"
     )
     parser.add_argument("--tpm2-device", default="auto", metavar="PATH")
-    return _run(enroll, parser.parse_args(argv))
+    return run_command(enroll, parser.parse_args(argv))
 
 
 def unenroll_main(argv: list[str]) -> int:
@@ -297,4 +283,4 @@ def unenroll_main(argv: list[str]) -> int:
         help="with --yes: a passphrase or recovery key that opens a key slot that stays, "
         "from FILE (- = standard input); default: asked on the terminal",
     )
-    return _run(unenroll, parser.parse_args(argv))
+    return run_command(unenroll, parser.parse_args(argv))

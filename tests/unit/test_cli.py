@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import argparse
+
 import pytest
 
 from lczfs_unlockd import cli
@@ -204,3 +206,23 @@ def test_the_operations_commands_forbid_core_dumps_first():
     )
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip() == "0"
+
+
+@pytest.mark.parametrize("command", ["disarm", "arm-reboot", "unenroll", "enroll"])
+def test_an_operations_command_without_its_config_exits_6_naming_it(command, tmp_path, capsys):
+    missing = tmp_path / "nowhere.toml"
+    extra = {"unenroll": ["tpm2"], "enroll": ["recovery"]}.get(command, [])
+    assert cli.main([command, *extra, "--config", str(missing)]) == 6
+    err = capsys.readouterr().err
+    assert f"{missing} does not exist" in err and "check-config" in err
+
+
+def test_an_operations_command_refusing_exits_1(capsys):
+    from lczfs_unlockd import ops_common
+    from lczfs_unlockd.errors import OpsError
+
+    def refuse(_args: object) -> int:
+        raise OpsError("not armed: mentioning check-config does not make it a config problem")
+
+    assert ops_common.run_command(refuse, argparse.Namespace()) == 1
+    assert "not armed" in capsys.readouterr().err
