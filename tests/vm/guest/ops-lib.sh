@@ -113,8 +113,16 @@ step() {
     return 0
 }
 
-import_pool() {  # import_pool [POOL]: by id, without mounting
-    zpool import -N -d "$ID" "${1:-rpool}"
+# import_pool [POOL]: by id, without mounting.  The disk's by-id link can be
+# there before its partitions' (a whole-disk vdev is -part1): settle, retry.
+import_pool() {
+    local i
+    for ((i = 1; ; i++)); do
+        udevadm settle -t 30 || :
+        zpool import -N -d "$ID" "${1:-rpool}" && return 0
+        ((i < 10)) || return 1
+        sleep 1
+    done
 }
 
 # The keystore's files, read-only: open_keystore DEVICE KEYFILE -> prints the mount point.

@@ -21,13 +21,17 @@ recovery_key_from enroll-recovery /run/lczfs-ops/recovery.key
 record_secret recovery.key /run/lczfs-ops/recovery.key
 step recovery-opens cryptsetup open --test-passphrase --key-file /run/lczfs-ops/recovery.key "$dev"
 st status-recovery
-# Two passphrase-like slots (0, 1): unenroll passphrase must ask which.
-step unenroll-ambiguous lczfs-unlockd unenroll passphrase --yes
-step unenroll-keyfile lczfs-unlockd unenroll passphrase --slot 1 --yes
-step unenroll-passphrase lczfs-unlockd unenroll passphrase --yes
+# Two passphrase-like slots (0, 1): unenroll passphrase must ask which.  Each
+# --yes proves with --passphrase-file that a slot which stays opens.
+step unenroll-ambiguous lczfs-unlockd unenroll passphrase --yes --passphrase-file "$P/passphrase"
+step unenroll-keyfile lczfs-unlockd unenroll passphrase --slot 1 --yes \
+    --passphrase-file "$P/passphrase"
+step unenroll-passphrase lczfs-unlockd unenroll passphrase --yes \
+    --passphrase-file /run/lczfs-ops/recovery.key
 record_header header-humans-gone "$dev"
 # The recovery key is the last slot a person can open now.
-step unenroll-recovery lczfs-unlockd unenroll recovery --yes
+step unenroll-recovery lczfs-unlockd unenroll recovery --yes \
+    --passphrase-file /run/lczfs-ops/recovery.key
 record_header header-refused "$dev"
 st status-tpm-and-recovery
 step pcrextend tpm2_pcrextend "7:sha256=$(printf 'lczfs test: PCR 7 changed' | sha256sum | cut -d' ' -f1)"
