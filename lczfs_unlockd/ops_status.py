@@ -23,21 +23,25 @@ from __future__ import annotations
 import argparse
 import contextlib
 import datetime
+import glob
 import json
 import mmap
 import os
 import re
+import select
 import shutil
 import stat
+import subprocess
 import sys
 import tempfile
+import threading
 import time
 import zlib
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, BinaryIO
 
-from . import config, luksadmin, paths, process, tpm2policy
+from . import config, keystore, luksadmin, paths, process, tpm2policy
 from .errors import UnlockError
 from .keyformat import key_file_path
 from .ops_common import load_config
@@ -88,20 +92,40 @@ def _journal() -> str:
     return result.stdout
 
 
-def default_initrds() -> list[str]:
+def default_initrds(boot: str = "/boot") -> list[str]:
     """Where the next boot's initrd is, most likely first.
 
     NixOS: the system profile's (what the boot loader's default entry
     boots, also after ``nixos-rebuild boot``), then the running
-    generation's.  dracut: the running kernel's image in /boot (Debian's
-    and Fedora's names); a newer kernel installed since has its own.
+    generation's.  Debian: /boot/initrd.img, the symlink its default boot
+    entry follows to the newest kernel's.  Otherwise the newest
+    initrd.img-* or initramfs-*.img in /boot (dracut's names on Debian and
+    Fedora): a kernel installed since this boot is the one booted next.
     """
-    release = os.uname().release
-    return [
-        *NIXOS_INITRDS,
-        f"/boot/initrd.img-{release}",
-        f"/boot/initramfs-{release}.img",
+    found = [
+        p
+        for p in glob.glob(os.path.join(glob.escape(boot), "initrd.img-*"))
+        + glob.glob(os.path.join(glob.escape(boot), "initramfs-*.img"))
+        if not p.endswith(("kdump.img", ".old-dkms", ".bak"))
     ]
+
+    def newest_first(p: str) -> float:
+        try:
+            return -os.stat(p).st_mtime
+        except OSError:
+            return 0.0
+
+    return [*NIXOS_INITRDS, os.path.join(boot, "initrd.img"), *sorted(found, key=newest_first)]
+
+
+def _boot_time() -> float:
+    """When this boot started (Unix seconds): /proc/stat's btime."""
+    try:
+        with open("/proc/stat", "rb") as f:
+            m = re.search(rb"^btime ([0-9]{1,12})$", f.read(1 << 20), re.M)
+    except OSError:
+        return 0.0
+    return float(m[1]) if m else 0.0
 
 
 @dataclass
@@ -115,6 +139,10 @@ class Probe:
     initrds: Callable[[], list[str]] = default_initrds
     tpm_sysfs: str = TPM_SYSFS
     now: Callable[[], float] = time.time
+    release: Callable[[], str] = lambda: os.uname().release
+    realpath: Callable[[str], str] = os.path.realpath
+    boot_time: Callable[[], float] = _boot_time
+    mtime: Callable[[str], float] = os.path.getmtime
     # None: paths.ROOT_CHECKED_FLAG / ROOT_REFUSED_FLAG, read at run time.
     flags: tuple[str, str] | None = None
 
@@ -159,14 +187,27 @@ def _config(path: str, st: Status) -> config.Config | None:
 # --- 2. the keystore's header ----------------------------------------------------
 
 
+def small_number(value: object) -> int | None:
+    """A header's "N" (a key slot or token number): ASCII digits only.
+
+    ``str.isdigit`` and ``int`` accept far more ("²", "٣", 5000 digits):
+    a ValueError or a number nothing else in the header means."""
+    if isinstance(value, str) and re.fullmatch(r"[0-9]{1,2}", value):
+        return int(value)
+    return None
+
+
 def _int_list(value: object, hi: int = 31) -> list[int] | None:
     """A JSON list of small integers (or their strings), or None if it is not one."""
     if not isinstance(value, list) or len(value) > 32:
         return None
     out = []
     for v in value:
-        if isinstance(v, str) and v.isdigit() and len(v) <= 3:
-            v = int(v)
+        if isinstance(v, str):
+            number = small_number(v)
+            if number is None:
+                return None
+            v = number
         if not isinstance(v, int) or isinstance(v, bool) or not 0 <= v <= hi:
             return None
         out.append(v)
@@ -191,13 +232,24 @@ def _flag(fields: Mapping[str, Any], name: str) -> bool:
 def _tpm2_details(fields: Mapping[str, Any]) -> dict[str, Any]:
     pcrs = _int_list(fields.get("tpm2-pcrs", []), tpm2policy.MAX_PCR)
     bank = fields.get("tpm2-pcr-bank", "sha256")
+    # Only a bank name tpm2policy knows is kept as it is; anything else is
+    # shown escaped and bounded (and predicts "unknown").
+    bank = (
+        bank.lower()
+        if isinstance(bank, str) and bank.lower() in tpm2policy.BANK_ALGORITHMS
+        else show(bank, 40)
+    )
+    raw_hash = fields.get("tpm2-policy-hash")
     pubkey_pcrs = _int_list(fields.get("tpm2_pubkey_pcrs", []), tpm2policy.MAX_PCR)
     signed = bool(fields.get("tpm2_pubkey")) or bool(pubkey_pcrs)
     pcrlock = _flag(fields, "tpm2_pcrlock")
     return {
         "pcrs": pcrs,
-        "bank": bank.lower() if isinstance(bank, str) else show(bank, 40),
-        "policy_hash": _hex_list(fields.get("tpm2-policy-hash")),
+        "bank": bank,
+        "policy_hash": _hex_list(raw_hash),
+        # Newer systemd seals one blob per shard, each to its own policy: a
+        # list of more than one digest.
+        "sharded": isinstance(raw_hash, list) and len(raw_hash) > 1,
         "pin": _flag(fields, "tpm2-pin"),
         "pcrlock": pcrlock,
         "pubkey_pcrs": pubkey_pcrs,
@@ -224,8 +276,25 @@ def _token_entry(token: luksadmin.Token) -> dict[str, Any]:
     elif token.type == ARMED_TOKEN:
         for key in ("lczfs_tpm2_token", "armed_at", "expires"):
             value = f.get(key)
-            entry[key] = value if isinstance(value, int) else show(value, 40)
+            ok = isinstance(value, int) and not isinstance(value, bool) and 0 <= value < 2**40
+            entry[key] = value if ok else show(value, 40)
     return entry
+
+
+def human_slots(meta: luksadmin.Metadata) -> list[int]:
+    """Key slots a person can open: luksadmin's (no device token), less those
+    whose only tokens are clevis (a Tang server or a TPM2 opens them, not a
+    person) and those with priority ignore (0: no passphrase try, no
+    any-token try uses them; arm-reboot's one-time slot is one)."""
+    out = []
+    for s in meta.human_slots():
+        tokens = meta.tokens_of(s)
+        if tokens and all(t.type == "clevis" for t in tokens):
+            continue
+        if meta.keyslots[s].priority == keystore.PRIORITY_IGNORE:
+            continue
+        out.append(s)
+    return out
 
 
 def _keystore(cfg: config.Config, probe: Probe, st: Status) -> luksadmin.Metadata | None:
@@ -241,11 +310,12 @@ def _keystore(cfg: config.Config, probe: Probe, st: Status) -> luksadmin.Metadat
         return None
     try:
         meta = probe.metadata(device)
-    except UnlockError as exc:
+    except (UnlockError, ValueError, RecursionError) as exc:
+        # ValueError, RecursionError: what the adapter's checks missed.
         ks["error"] = show(exc, 1000)
         st.warn(f"cannot read the LUKS header of {device}: {ks['error']}", broken=True)
         return None
-    human = meta.human_slots()
+    human = human_slots(meta)
     recovery = [
         t.id
         for t in meta.tokens.values()
@@ -260,6 +330,7 @@ def _keystore(cfg: config.Config, probe: Probe, st: Status) -> luksadmin.Metadat
                     "id": s.id,
                     "type": s.type,
                     "kdf": s.kdf,
+                    "priority": s.priority if s.priority in (0, 1, 2) else None,
                     "tokens": [t.id for t in meta.tokens_of(s.id)],
                     "human": s.id in human,
                 }
@@ -292,59 +363,109 @@ def _keystore(cfg: config.Config, probe: Probe, st: Status) -> luksadmin.Metadat
 
 
 def _iso(seconds: int) -> str:
-    return datetime.datetime.fromtimestamp(seconds, datetime.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+    try:
+        when = datetime.datetime.fromtimestamp(seconds, datetime.UTC)
+    except (OverflowError, ValueError, OSError):  # past the year 9999
+        return f"@{seconds}"
+    return when.strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def _check_marker(meta: luksadmin.Metadata, marker: int) -> keystore.OneTimeUnlock:
+    """The daemon's own checks (keystore.armed): ``ValueError`` saying what is wrong."""
+    unlock = keystore.parse_marker(
+        marker,
+        meta.tokens[marker].fields,
+        lambda n: meta.tokens[n].fields if n in meta.tokens else None,
+    )
+    keystore.check_one_time_slot(
+        unlock, meta.keyslots.get(unlock.slot), [t.id for t in meta.tokens_of(unlock.slot)]
+    )
+    return unlock
+
+
+def marker_named(meta: luksadmin.Metadata) -> set[int]:
+    """The tokens the daemon's token method never tries (keystore._marker_tokens):
+    those any marker names, valid or not, by number or through its key slots."""
+    markers = {n for n, t in meta.tokens.items() if t.type == ARMED_TOKEN}
+    named: set[int] = set()
+    slots: set[int] = set()
+    for m in markers:
+        t = meta.tokens[m]
+        number = small_number(t.fields.get("lczfs_tpm2_token"))
+        if number is not None:
+            named.add(number)
+        slots |= set(t.keyslots)
+    named |= {n for n, t in meta.tokens.items() if slots & set(t.keyslots)}
+    return named - markers
 
 
 def _armed(meta: luksadmin.Metadata | None, probe: Probe, st: Status) -> int | None:
-    """The armed marker, checked as the daemon checks it; returns its TPM2 token's number."""
-    markers = [] if meta is None else [t for t in meta.tokens.values() if t.type == ARMED_TOKEN]
-    if not markers:
-        st.data["armed"] = {"armed": False}
-        return None
-    marker = markers[0]
-    f = marker.fields
-    raw_token, expires, armed_at = f.get("lczfs_tpm2_token"), f.get("expires"), f.get("armed_at")
-    token = int(raw_token) if isinstance(raw_token, str) and raw_token.isdigit() else None
-    tpm2 = meta.tokens.get(token) if meta is not None and token is not None else None
-    info: dict[str, Any] = {
-        "armed": False,
-        "marker": marker.id,
-        "keyslots": list(marker.keyslots),
-        "token": token,
-        "armed_at": armed_at if isinstance(armed_at, int) else None,
-        "expires": expires if isinstance(expires, int) else None,
-        "expires_iso": None,
-        "expired": None,
-        "valid": False,
-    }
-    st.data["armed"] = info
-    valid = (
-        tpm2 is not None
-        and tpm2.type == "systemd-tpm2"
-        and len(marker.keyslots) == 1
-        and marker.keyslots[0] in tpm2.keyslots
-        and isinstance(expires, int)
-        and not isinstance(expires, bool)
-        and 0 < expires < 2**40
+    """The markers, each checked as the daemon checks it (keystore.armed and
+    _one_time): every valid one is consumed and destroyed at the next real
+    boot, the first one in time is tried.  Returns that one's TPM2 token."""
+    markers = (
+        [] if meta is None else sorted(n for n, t in meta.tokens.items() if t.type == ARMED_TOKEN)
     )
-    if not valid:
-        st.warn(
-            f"token {marker.id} is an lczfs-armed marker the daemon will not use (its TPM2 "
-            "token or key slot is missing or it has no valid expiry): lczfs-unlockd disarm"
-        )
+    info: dict[str, Any] = {"armed": False, "markers": []}
+    st.data["armed"] = info
+    if meta is not None:
+        for n in keystore.one_time_leftovers(meta.keyslots, meta.tokens):
+            t = meta.tokens[n]
+            slots = ", ".join(map(str, t.keyslots)) or "none"
+            st.warn(
+                f"token {n} ({show(t.type, 64)}, key slot {slots}) is a leftover of a "
+                "one-time unlock: run lczfs-unlockd disarm (nothing uses it, the daemon "
+                "passes over it)"
+            )
+    if meta is None or not markers:
         return None
-    assert isinstance(expires, int)
-    info["valid"] = True
-    info["expires_iso"] = _iso(expires)
-    info["expired"] = probe.now() >= expires
-    if info["expired"]:
-        st.warn(
-            f"the one-time unlock (arm-reboot) expired at {info['expires_iso']}: the next boot "
-            "will not use it and destroys it; lczfs-unlockd disarm removes it now"
+    now = probe.now()
+    chosen: int | None = None
+    for n in markers:
+        entry: dict[str, Any] = {"marker": n, "valid": False, "error": None}
+        info["markers"].append(entry)
+        try:
+            unlock = _check_marker(meta, n)
+        except ValueError as exc:
+            entry["error"] = show(exc, 300)
+            st.warn(
+                f"token {n} is an lczfs-armed marker the daemon will not use ({entry['error']}): "
+                "lczfs-unlockd disarm"
+            )
+            continue
+        expired = now >= unlock.expires
+        early = now < unlock.armed_at - keystore.CLOCK_SKEW
+        entry.update(
+            {
+                "valid": True,
+                "keyslots": [unlock.slot],
+                "token": unlock.token,
+                "armed_at": unlock.armed_at,
+                "expires": unlock.expires,
+                "expires_iso": _iso(unlock.expires),
+                "expired": expired,
+            }
         )
-        return None
-    info["armed"] = True
-    return token
+        if expired:
+            st.warn(
+                f"the one-time unlock (arm-reboot, marker {n}) expired at {entry['expires_iso']}: "
+                "the next boot will not use it and destroys it; lczfs-unlockd disarm removes it "
+                "now"
+            )
+        elif early:
+            st.warn(
+                f"the clock is before the one-time unlock (arm-reboot, marker {n}) was armed "
+                f"({_iso(unlock.armed_at)}): the daemon will not trust it and destroys it; check "
+                "the clock, then lczfs-unlockd disarm and arm-reboot again"
+            )
+        elif chosen is None:
+            chosen = n
+    # What the screen shows: the marker the daemon tries, else the first one.
+    shown = next((e for e in info["markers"] if e["marker"] == chosen), info["markers"][0])
+    info.update({k: v for k, v in shown.items() if k != "error"})
+    info.setdefault("token", None)
+    info["armed"] = chosen is not None
+    return info["token"] if chosen is not None else None
 
 
 # --- 3. the encryption roots ---------------------------------------------------------
@@ -490,6 +611,20 @@ def _read_pcr(sysfs: str, bank: str, pcr: int) -> bytes:
     return tpm2policy.parse_pcr_value(text, bank)
 
 
+# PCRs whose value in the running system is not what the next boot's unseal
+# sees, because something extends them after the keystore is unlocked
+# (systemd's "Linux TPM PCR Registry", systemd-cryptenroll(1)): the
+# measurement PCR is handled apart (zero at the unseal).
+MOVING_PCRS: dict[int, str] = {
+    10: "IMA extends it with every file it measures",
+    11: "systemd-pcrphase extends it at leave-initrd, sysinit and ready",
+    15: "systemd-pcrmachine, systemd-pcrfs and systemd-cryptsetup extend it in the running system",
+    16: "the debug PCR: anyone may extend it",
+    17: "DRTM", 18: "DRTM", 19: "DRTM", 20: "DRTM", 21: "DRTM", 22: "DRTM",
+    23: "the application PCR: anyone may extend or reset it",
+}  # fmt: skip
+
+
 def predict(
     details: Mapping[str, Any], sysfs: str, measured: int | None
 ) -> tuple[str, dict[str, Any]]:
@@ -511,6 +646,19 @@ def predict(
     if pcrs is None or hashes is None or bank not in tpm2policy.BANK_ALGORITHMS:
         out["detail"] = "the token's tpm2-pcrs, tpm2-pcr-bank or tpm2-policy-hash is invalid"
         return "unknown", out
+    if details["sharded"]:
+        out["detail"] = (
+            f"{len(hashes)} policy digests (a blob per shard, each sealed to its own policy): "
+            "every one must unseal, and which PCR values each shard saw is not in the header"
+        )
+        return "unpredictable", out
+    moving = [p for p in pcrs if p != measured and p in MOVING_PCRS]
+    if moving:
+        out["detail"] = (
+            "; ".join(f"PCR {p} moves after the unlock ({MOVING_PCRS[p]})" for p in moving)
+            + ": unpredictable from the running system"
+        )
+        return "unpredictable", out
     values: dict[int, bytes] = {}
     for pcr in pcrs:
         if pcr == measured:
@@ -525,12 +673,22 @@ def predict(
                 "(a kernel older than 5.12 has no PCRs in sysfs)"
             )
             return "unknown", out
-    predicted = tpm2policy.sealing_policy(bank, values, pin=details["pin"]).hex()
+    try:
+        predicted = tpm2policy.sealing_policy(bank, values, pin=details["pin"]).hex()
+    except ValueError as exc:
+        out["detail"] = f"cannot compute the policy: {show(exc)}"
+        return "unknown", out
     out["predicted"] = predicted
     if predicted in hashes:
         return "match", out
     out["candidates"] = [p for p in pcrs if p != measured]
     return "mismatch", out
+
+
+def _required_measurement(cfg: config.Config) -> bool:
+    """keystore.measure_pcr is a number: the daemon fails the unlock without a TPM2."""
+    pcr = cfg.keystore.measure_pcr
+    return isinstance(pcr, int) and not isinstance(pcr, bool)
 
 
 def _tpm2(cfg: config.Config, meta: luksadmin.Metadata | None, probe: Probe, st: Status) -> None:
@@ -543,22 +701,65 @@ def _tpm2(cfg: config.Config, meta: luksadmin.Metadata | None, probe: Probe, st:
         "tokens": [],
     }
     st.data["tpm2"] = info
+    if not present and _required_measurement(cfg):
+        st.warn(
+            f"no TPM2 on this machine ({probe.tpm_sysfs} does not exist) but keystore.measure_pcr "
+            f"= {cfg.keystore.measure_pcr} requires the measurement: the daemon will fail the "
+            'unlock; set keystore.measure_pcr = false (or "auto": leave it out) or fix the TPM',
+            broken=True,
+        )
     tokens = [] if meta is None else [t for t in meta.tokens.values() if t.type == "systemd-tpm2"]
     if not tokens:
         return
+    assert meta is not None
+    skipped = marker_named(meta)
+    leftovers = set(keystore.one_time_leftovers(meta.keyslots, meta.tokens))  # warned of
     if not present:
         st.warn(
             f"no TPM2 on this machine ({probe.tpm_sysfs} does not exist): the systemd-tpm2 "
             f"token(s) {', '.join(str(t.id) for t in tokens)} cannot unseal"
         )
-        for t in tokens:
-            info["tokens"].append({"token": t.id, "prediction": "unknown", "detail": "no TPM2"})
-        return
     for t in sorted(tokens, key=lambda t: t.id):
         details = _tpm2_details(t.fields)
-        prediction, out = predict(details, probe.tpm_sysfs, measured)
-        entry = {"token": t.id, "prediction": prediction, **details, **out}
+        # What the token method can use (keystore._try_token): a token on a
+        # key slot that exists (libcryptsetup ignores the others), whose slot
+        # any-token does not pass over (priority ignore), that no marker names.
+        slots = [s for s in t.keyslots if s in meta.keyslots]
+        usable = [s for s in slots if meta.keyslots[s].priority != keystore.PRIORITY_IGNORE]
+        if t.id in skipped:
+            unused = "an lczfs-armed marker names it: the token method never tries it"
+        elif not slots:
+            unused = "none of its key slots exists"
+        elif not usable:
+            unused = "its key slots have priority ignore: the token method passes over them"
+        else:
+            unused = None
+        if present:
+            prediction, out = predict(details, probe.tpm_sysfs, measured)
+        else:
+            prediction, out = "unknown", {"candidates": [], "predicted": None, "detail": "no TPM2"}
+        entry = {"token": t.id, "prediction": prediction, **details, **out, "unused": unused}
         info["tokens"].append(entry)
+        pcrs = details["pcrs"]
+        if pcrs is None or details["policy"] != "pcr":
+            pass  # nothing known to warn of
+        elif measured is None and config.DEFAULT_MEASURE_PCR in pcrs:
+            st.warn(
+                f"TPM2 token {t.id} includes PCR {config.DEFAULT_MEASURE_PCR} but "
+                "keystore.measure_pcr = false: nothing moves that PCR after the unlock, so the "
+                "token unseals again later in the same boot (a shell, a root put in its place); "
+                "leave measure_pcr out (auto) or re-enroll: lczfs-unlockd enroll tpm2"
+            )
+        elif measured is not None and measured not in pcrs:
+            st.warn(
+                f"TPM2 token {t.id} is not bound to the measurement PCR {measured}: it unseals "
+                "again after the unlock, in the running system too (anyone who gets root or a "
+                "shell in this boot); re-enroll: lczfs-unlockd enroll tpm2"
+            )
+        if unused is not None and t.id not in skipped | leftovers:
+            st.warn(f"TPM2 token {t.id} is not used at boot: {unused}")
+        if not present:
+            continue
         if prediction == "mismatch":
             cands = out["candidates"]
             which = (
@@ -592,17 +793,27 @@ _COMPRESSIONS: tuple[tuple[bytes, str], ...] = (
     (b"BZh", "bzip2"),
     (b"\x5d\x00\x00", "lzma"),
 )
-# --no-sparse: a sparse output file whose end is zeros is only extended to its
-# full size at the very end, which a complaint about the padding skips.
-_TOOLS: dict[str, Callable[[str, str], list[str]]] = {
-    "zstd": lambda src, dst: ["zstd", "-d", "-q", "-f", "--no-sparse", "-o", dst, src],
-    "lz4": lambda src, dst: ["lz4", "-d", "-q", "-f", "--no-sparse", src, dst],
+# Read from a pipe named /proc/self/fd/N, written to stdout: nothing on disk
+# but what this module reads back, and the program killed at the byte cap.
+_TOOLS: dict[str, Callable[[str], list[str]]] = {
+    "zstd": lambda src: ["zstd", "-d", "-c", "-q", src],
+    "lz4": lambda src: ["lz4", "-d", "-c", "-q", src],
 }
 _CHUNK = 1 << 20
+_NONZERO = re.compile(rb"[^\x00]")
 
 
 class InitrdError(Exception):
-    """The initrd cannot be read or is not a cpio archive (the message says why)."""
+    """The initrd cannot be read or is not a cpio archive (the message says why).
+
+    ``damaged``: the file itself is wrong (not cpio, truncated, corrupt); the
+    next boot will not find the daemon in it.  Otherwise this host could not
+    tell (unreadable, a decompressor missing or too slow, too large): the
+    verdict is "cannot be known", not "will fail"."""
+
+    def __init__(self, message: str, *, damaged: bool = True) -> None:
+        super().__init__(message)
+        self.damaged = damaged
 
 
 @dataclass(frozen=True)
@@ -620,24 +831,40 @@ class Initrd:
     names: dict[str, Entry]
     compression: str
     contents: dict[str, bytes | None]  # asked-for path -> its bytes (symlinks followed)
+    # asked-for path -> its entry, symlinks followed (the content not read)
+    entries: dict[str, Entry | None] = field(default_factory=dict)
 
     def find(self, suffix: str) -> list[str]:
         return [n for n in self.names if n == suffix or n.endswith("/" + suffix)]
+
+
+def clamp(path: str, base: str = "") -> str:
+    """``path`` (relative to ``base``) as the kernel resolves it: ``..`` at
+    the root stays at the root, so "../../nix/store/x" is "nix/store/x"."""
+    parts: list[str] = [] if path.startswith("/") else [p for p in base.split("/") if p]
+    for part in path.split("/"):
+        if part in ("", "."):
+            continue
+        if part == "..":
+            if parts:
+                parts.pop()
+            continue
+        parts.append(part)
+    return "/".join(parts)
 
 
 def _resolve(
     names: Mapping[str, Entry], buffers: Sequence[bytes | mmap.mmap], name: str
 ) -> Entry | None:
     """An entry by path, following symlinks inside the archive (8 hops at most)."""
-    name = name.strip("/")
+    name = clamp(name)
     for _ in range(8):
         entry = names.get(name)
         if entry is None or not stat.S_ISLNK(entry.mode) or entry.size > 4096:
             return entry
         raw = bytes(buffers[entry.source][entry.offset : entry.offset + entry.size])
         target = raw.decode("utf-8", "surrogateescape")
-        base = "" if target.startswith("/") else os.path.dirname(name)
-        name = os.path.normpath(os.path.join(base, target)).strip("/")
+        name = clamp(target, os.path.dirname(name))
     return None
 
 
@@ -649,8 +876,14 @@ def _hexfield(header: bytes, index: int) -> int:
 
 
 def parse_cpio(data: bytes | mmap.mmap, pos: int, source: int, names: dict[str, Entry]) -> int:
-    """One newc cpio archive from ``pos`` to its TRAILER!!!; returns where it ends."""
+    """One newc cpio archive from ``pos`` to its TRAILER!!!; returns where it ends.
+
+    Hard links (a regular file with nlink > 1): newc stores the data with
+    the last of the names sharing an inode and device, the others have size
+    0; the kernel links them all to one file, and so does this parse (per
+    archive: the kernel forgets the inodes at each TRAILER!!!)."""
     end = len(data)
+    links: dict[tuple[int, int, int], list[str]] = {}
     while True:
         if pos + 110 > end:
             raise InitrdError("the cpio archive ends without its TRAILER!!! entry")
@@ -671,16 +904,26 @@ def parse_cpio(data: bytes | mmap.mmap, pos: int, source: int, names: dict[str, 
             return pos
         if len(names) >= MAX_ENTRIES:
             raise InitrdError(f"more than {MAX_ENTRIES} entries")
-        names[name.removeprefix("./").strip("/")] = Entry(mode, source, data_start, size)
+        name = clamp(name)
+        entry = Entry(mode, source, data_start, size)
+        names[name] = entry
+        if stat.S_ISREG(mode) and _hexfield(header, 4) > 1:
+            key = (_hexfield(header, 0), _hexfield(header, 7), _hexfield(header, 8))
+            group = links.setdefault(key, [])
+            group.append(name)
+            if size > 0:
+                for other in group:
+                    names[other] = entry
 
 
 def _parse_all(data: bytes | mmap.mmap, pos: int, source: int, names: dict[str, Entry]) -> int:
     """Concatenated cpio archives from ``pos`` (zero padding between them); returns
     where something that is not a cpio archive starts (or the end)."""
     while pos < len(data):
-        if data[pos] == 0:
-            pos += 1
-            continue
+        found = _NONZERO.search(data, pos)  # padding skipped in C, not byte by byte
+        if found is None:
+            return len(data)
+        pos = found.start()
         if bytes(data[pos : pos + 6]) not in _CPIO_MAGICS:
             return pos
         pos = parse_cpio(data, pos, source, names)
@@ -694,65 +937,156 @@ def _compression(head: bytes) -> str | None:
     return None
 
 
-def _decompress_into(
-    kind: str, data: bytes | mmap.mmap, start: int, out: BinaryIO, workdir: str
-) -> None:
-    """The compressed rest of the initrd from ``start``, unpacked into ``out``.
+def _too_large() -> InitrdError:
+    return InitrdError(f"it unpacks to more than {MAX_INITRD >> 20} MiB", damaged=False)
 
-    gzip, xz, lzma and bzip2 in-process, bounded while they unpack; zstd
-    and lz4 through their programs, with a deadline, in a private directory.
-    """
-    if kind not in _TOOLS:
-        import bz2
-        import lzma
 
-        dec: Any
+def _unpack_in_process(kind: str, data: bytes | mmap.mmap, start: int, out: BinaryIO) -> None:
+    """gzip, xz, lzma, bzip2: at most _CHUNK bytes out of each call
+    (``max_length``), the rest of the input kept by the decompressor, so a
+    small stream of zeros never becomes one huge bytes object."""
+    import bz2
+    import lzma
+
+    written = 0
+
+    def emit(piece: bytes) -> None:
+        nonlocal written
+        written += len(piece)
+        if written > MAX_INITRD:
+            raise _too_large()
+        out.write(piece)
+
+    try:
         if kind == "gzip":
-            dec = zlib.decompressobj(wbits=31)
-        elif kind == "bzip2":
+            inflate = zlib.decompressobj(wbits=31)
+            for offset in range(start, len(data), _CHUNK):
+                chunk = bytes(data[offset : offset + _CHUNK])
+                while not inflate.eof:
+                    piece = inflate.decompress(chunk, _CHUNK)
+                    emit(piece)
+                    chunk = inflate.unconsumed_tail
+                    # A full piece may leave output inside zlib with no input left.
+                    if not chunk and len(piece) < _CHUNK:
+                        break
+                if inflate.eof:  # what follows is padding
+                    return
+            return
+        dec: bz2.BZ2Decompressor | lzma.LZMADecompressor
+        if kind == "bzip2":
             dec = bz2.BZ2Decompressor()
         else:
             dec = lzma.LZMADecompressor(lzma.FORMAT_XZ if kind == "xz" else lzma.FORMAT_ALONE)
-        written = 0
-        try:
-            for offset in range(start, len(data), _CHUNK):
-                chunk = dec.decompress(bytes(data[offset : offset + _CHUNK]))
-                written += len(chunk)
-                if written > MAX_INITRD:
-                    raise InitrdError(f"it unpacks to more than {MAX_INITRD >> 20} MiB")
-                out.write(chunk)
-                if dec.eof:  # what follows is padding
-                    break
-        except (zlib.error, lzma.LZMAError, OSError, EOFError) as exc:
-            raise InitrdError(f"cannot unpack its {kind} archive: {exc}") from None
-        return
-    # Zero padding after the stream: lz4 complains after a complete output,
-    # zstd deletes its output.  zstd gets the stream without the trailing
-    # zeros, then with up to 8 of them back (a frame may end in zero bytes).
+        for offset in range(start, len(data), _CHUNK):
+            emit(dec.decompress(bytes(data[offset : offset + _CHUNK]), _CHUNK))
+            while not dec.eof and not dec.needs_input:
+                emit(dec.decompress(b"", _CHUNK))
+            if dec.eof:
+                return
+    except (zlib.error, lzma.LZMAError, OSError, EOFError) as exc:
+        raise InitrdError(f"cannot unpack its {kind} archive: {exc}") from None
+
+
+def _content_end(data: bytes | mmap.mmap, start: int) -> int:
+    """Where the trailing zero padding after ``start`` begins."""
     end = len(data)
-    while kind == "zstd" and end > start and data[end - 1] == 0:
-        end -= 1
-    src, dst = os.path.join(workdir, "packed"), os.path.join(workdir, "unpacked")
-    result: process.Result | None = None
-    for extra in range(9 if end < len(data) else 1):
-        with open(src, "wb") as f:
-            for offset in range(start, end, _CHUNK):
-                f.write(data[offset : min(offset + _CHUNK, end)])
-            f.write(bytes(min(extra, len(data) - end)))
+    while end > start:
+        lo = max(start, end - _CHUNK)
+        kept = bytes(data[lo:end]).rstrip(b"\0")
+        if kept:
+            return lo + len(kept)
+        end = lo
+    return start
+
+
+def _run_tool(
+    kind: str, data: bytes | mmap.mmap, start: int, stop: int, zeros: int, out: BinaryIO,
+    deadline: float,
+) -> tuple[int, str]:  # fmt: skip
+    """One run of zstd/lz4 on data[start:stop] + ``zeros`` zero bytes, fed
+    through a pipe by a thread; its stdout into ``out``, killed at the
+    MAX_INITRD cap or at ``deadline`` (time.monotonic())."""
+    read_end, write_end = os.pipe()
+    argv = tuple(_TOOLS[kind](f"/proc/self/fd/{read_end}"))
+
+    def feed() -> None:
         try:
-            result = process.run(_TOOLS[kind](src, dst), check=False, timeout=DECOMPRESS_TIMEOUT)
-        except UnlockError as exc:
-            raise InitrdError(f"cannot unpack its {kind} archive: {exc}") from None
-        if os.path.exists(dst):
-            break
-    # A truncated archive leaves a partial output: the cpio parse fails on it.
-    if not os.path.exists(dst):
-        assert result is not None
-        raise InitrdError(f"cannot unpack its {kind} archive: {show(result.error(), 500)}")
-    if os.path.getsize(dst) > MAX_INITRD:
-        raise InitrdError(f"it unpacks to more than {MAX_INITRD >> 20} MiB")
-    with open(dst, "rb") as f:
-        shutil.copyfileobj(f, out)
+            for offset in range(start, stop, _CHUNK):
+                view = memoryview(bytes(data[offset : min(offset + _CHUNK, stop)]))
+                while view:
+                    view = view[os.write(write_end, view) :]
+            if zeros:
+                os.write(write_end, bytes(zeros))
+        except OSError:  # the program exited or was killed: EPIPE
+            pass
+        finally:
+            os.close(write_end)
+
+    feeder = threading.Thread(target=feed, name="feed-decompressor", daemon=True)
+
+    def collect(child: subprocess.Popen[bytes], _limit: float | None) -> tuple[int, str]:
+        nonlocal read_end
+        os.close(read_end)  # the child has its copy
+        read_end = -1
+        feeder.start()
+        assert child.stdout is not None and child.stderr is not None
+        drainer, err = process._drain(child.stderr.fileno(), 4096)
+        fd = child.stdout.fileno()
+        poller = select.poll()
+        poller.register(fd, select.POLLIN)
+        written = 0
+        while True:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise subprocess.TimeoutExpired(argv, DECOMPRESS_TIMEOUT)
+            if not poller.poll(min(left, 1.0) * 1000):
+                continue
+            chunk = os.read(fd, _CHUNK)
+            if not chunk:
+                break
+            written += len(chunk)
+            if written > MAX_INITRD:
+                raise _too_large()  # _supervised kills it
+            out.write(chunk)
+        returncode = child.wait(max(deadline - time.monotonic(), 0.1))
+        drainer.join(1.0)
+        return returncode, err.decode("utf-8", "replace")
+
+    try:
+        return process._supervised(argv, DECOMPRESS_TIMEOUT, collect, pass_fds=[read_end])
+    except UnlockError as exc:  # not installed, or the deadline
+        raise InitrdError(f"cannot unpack its {kind} archive: {exc}", damaged=False) from None
+    finally:
+        if read_end >= 0:  # the spawn failed: collect never ran
+            os.close(read_end)
+            os.close(write_end)
+        elif feeder.is_alive():
+            feeder.join(1.0)
+
+
+def _decompress_into(kind: str, data: bytes | mmap.mmap, start: int, out: BinaryIO) -> None:
+    """The compressed rest of the initrd from ``start``, unpacked into ``out``,
+    at most MAX_INITRD bytes of it.
+
+    gzip, xz, lzma and bzip2 in-process; zstd and lz4 through their
+    programs, all tries within one DECOMPRESS_TIMEOUT.  Zero padding after
+    the stream makes both programs fail after a complete output: they get
+    the stream without its trailing zeros, then with up to 8 of them back
+    (a stream may end in zero bytes), until one run succeeds.
+    """
+    if kind not in _TOOLS:
+        _unpack_in_process(kind, data, start, out)
+        return
+    deadline = time.monotonic() + DECOMPRESS_TIMEOUT
+    stop = _content_end(data, start)
+    stderr = ""
+    for zeros in range(min(len(data) - stop, 8) + 1):
+        out.seek(0)
+        out.truncate()
+        returncode, stderr = _run_tool(kind, data, start, stop, zeros, out, deadline)
+        if returncode == 0:
+            return
+    raise InitrdError(f"cannot unpack its {kind} archive: {show(stderr.strip(), 500)}")
 
 
 def _mapped(stack: contextlib.ExitStack, f: BinaryIO) -> bytes | mmap.mmap:
@@ -762,26 +1096,37 @@ def _mapped(stack: contextlib.ExitStack, f: BinaryIO) -> bytes | mmap.mmap:
     return stack.enter_context(mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ))
 
 
-def read_initrd(path: str, wanted: Sequence[str] = ()) -> Initrd:
+def read_initrd(path: str, wanted: Sequence[str] = (), present: Sequence[str] = ()) -> Initrd:
     """Every entry of an initrd (early uncompressed cpio archives such as the
     microcode, then the main one, compressed or not), and the content of the
     ``wanted`` paths, symlinks inside the archive followed (NixOS links
-    /etc files into its store)."""
+    /etc files into its store); for the ``present`` paths only their entry
+    (a key file's content is never read)."""
+    try:
+        return _read_initrd(path, wanted, present)
+    except MemoryError:
+        raise InitrdError("not enough memory to read it", damaged=False) from None
+
+
+def _read_initrd(path: str, wanted: Sequence[str], present: Sequence[str]) -> Initrd:
     try:
         # O_NONBLOCK: a FIFO put there must not block the open.
         fd = os.open(path, os.O_RDONLY | os.O_NOCTTY | os.O_NONBLOCK)
     except OSError as exc:
-        raise InitrdError(f"cannot read it: {exc.strerror}") from None
+        raise InitrdError(f"cannot read it: {exc.strerror}", damaged=False) from None
     names: dict[str, Entry] = {}
     compression = "none"
     with contextlib.ExitStack() as stack:
         f = stack.enter_context(os.fdopen(fd, "rb"))
         st = os.fstat(f.fileno())
         if not stat.S_ISREG(st.st_mode):
-            raise InitrdError("not a regular file")
+            raise InitrdError("not a regular file", damaged=False)
         if st.st_size > MAX_INITRD:
-            raise InitrdError(f"larger than {MAX_INITRD >> 20} MiB")
-        buffers = [_mapped(stack, f)]
+            raise InitrdError(f"larger than {MAX_INITRD >> 20} MiB", damaged=False)
+        try:
+            buffers = [_mapped(stack, f)]
+        except OSError as exc:
+            raise InitrdError(f"cannot read it: {exc.strerror}", damaged=False) from None
         data = buffers[0]
         pos = _parse_all(data, 0, 0, names)
         if pos < len(data):
@@ -792,7 +1137,7 @@ def read_initrd(path: str, wanted: Sequence[str] = ()) -> Initrd:
             workdir = tempfile.mkdtemp(prefix="lczfs-status-")
             stack.callback(shutil.rmtree, workdir, True)
             out = stack.enter_context(open(os.path.join(workdir, "cpio"), "w+b"))
-            _decompress_into(kind, data, pos, out, workdir)
+            _decompress_into(kind, data, pos, out)
             buffers.append(_mapped(stack, out))
             inner = _parse_all(buffers[1], 0, 1, names)
             if inner < len(buffers[1]):
@@ -805,7 +1150,32 @@ def read_initrd(path: str, wanted: Sequence[str] = ()) -> Initrd:
             else:
                 buf = buffers[entry.source]
                 contents[want] = bytes(buf[entry.offset : entry.offset + entry.size])
-        return Initrd(names, compression, contents)
+        entries = {want: _resolve(names, buffers, want) for want in present}
+        return Initrd(names, compression, contents, entries)
+
+
+# What the daemon loads through ctypes (tpm2.py) or tctildr loads by name
+# (dlopen): no dependency scan of an initrd builder sees them.
+def tss2_libraries() -> list[tuple[str, tuple[str, ...]]]:
+    tcti = paths.TPM2_TCTI.partition(":")[0]
+    return [
+        ("libtss2-esys", paths.LIBTSS2_ESYS),
+        ("libtss2-tctildr", paths.LIBTSS2_TCTILDR),
+        (f"libtss2-tcti-{tcti}", (f"libtss2-tcti-{tcti}.so.0",)),
+    ]
+
+
+def _running_kernel_check(path: str, probe: Probe, st: Status) -> None:
+    """Warn when the default initrd (a symlink followed) is another kernel's."""
+    real = os.path.basename(probe.realpath(path))
+    m = re.fullmatch(r"(?:initrd\.img-(.+)|initramfs-(.+)\.img)", real)
+    release = probe.release()
+    if m and (m[1] or m[2]) != release:
+        st.warn(
+            f"initrd {path} is {show(real)}, not the running kernel's ({show(release)}): the "
+            "next boot is expected to boot that kernel; check the boot loader's default entry, "
+            "or pass --initrd"
+        )
 
 
 def _initrd(
@@ -826,13 +1196,20 @@ def _initrd(
             "the daemon; pass --initrd PATH"
         )
         return info
+    if not chosen:
+        _running_kernel_check(path, probe, st)
     keyfile = cfg.keystore.keyfile
-    wanted = [CONFIG_IN_INITRD, *([keyfile] if keyfile else [])]
     try:
-        archive = read_initrd(path, wanted)
+        archive = read_initrd(path, [CONFIG_IN_INITRD], [keyfile] if keyfile else [])
     except (InitrdError, OSError) as exc:
         info["error"] = show(exc, 500)
-        st.warn(f"initrd {path}: cannot read it: {info['error']}", broken=True)
+        damaged = isinstance(exc, InitrdError) and exc.damaged
+        st.warn(
+            f"initrd {path}: cannot read it: {info['error']}"
+            + ("" if damaged else " (whether the next boot has the daemon cannot be known)"),
+            broken=damaged,
+            unknown=not damaged,
+        )
         return info
     info["compression"] = archive.compression
     info["entries"] = len(archive.names)
@@ -874,14 +1251,38 @@ def _initrd(
             f"initrd {path} does not contain the TPM2 token plugin {TPM2_PLUGIN}: no TPM2 token "
             "can unlock at boot; rebuild it with systemd's cryptsetup plugins"
         )
-    info["keyfile"] = archive.contents[keyfile] is not None if keyfile else None
+    # The measurement is required with a TPM2 token enrolled or a number in
+    # keystore.measure_pcr (measure.py): without the libraries it fails the unlock.
+    info["tss2"] = None
+    if has_tpm2 or _required_measurement(cfg):
+        missing = [
+            name
+            for name, sonames in tss2_libraries()
+            if not any(archive.find(os.path.basename(s)) for s in sonames)
+        ]
+        info["tss2"] = not missing
+        for name in missing:
+            st.warn(
+                f"initrd {path} does not contain the tpm2-tss library {name} (.so.0): the daemon "
+                "cannot measure the unlock, which a TPM2 token or keystore.measure_pcr requires, "
+                "so the unlock fails; rebuild it with tpm2-tss's libraries (dracut's tpm2-tss "
+                "module)",
+                broken=True,
+            )
+    info["keyfile"] = None
+    if keyfile:
+        entry = archive.entries.get(keyfile)
+        # Present and not empty; its content is never read here.
+        info["keyfile"] = entry is not None and stat.S_ISREG(entry.mode) and entry.size > 0
     return info
 
 
 # --- 6. the last boot ------------------------------------------------------------------
 
-_DONE = re.compile(r"^(.{1,200}): done in (\d+(?:\.\d+)?) s$")
-_SUCCESS = re.compile(r" in (\d+(?:\.\d+)?) s; keystore closed$")
+# ASCII digits, bounded: float() of 400 nines is inf, which is not JSON.
+_SECONDS = r"([0-9]{1,9}(?:\.[0-9]{1,9})?)"
+_DONE = re.compile(r"^(.{1,200}): done in " + _SECONDS + " s$")
+_SUCCESS = re.compile(r" in " + _SECONDS + " s; keystore closed$")
 
 
 def _message(entry: Mapping[str, Any]) -> str | None:
@@ -956,6 +1357,32 @@ def _last_boot(skip: bool, probe: Probe, st: Status) -> None:
 # --- 7. the verdict ---------------------------------------------------------------------
 
 
+def _boot_chain(probe: Probe, st: Status) -> None:
+    """A token on PCR 4 or 9 (the boot loader, the kernel and its initrd)
+    predicted from this boot's values, with an initrd written after this
+    boot started: the next boot measures the new one, so the match is not
+    known."""
+    tokens = (st.data.get("tpm2") or {}).get("tokens", [])
+    initrd = st.data.get("initrd") or {}
+    bound = [t for t in tokens if t["prediction"] == "match" and {4, 9} & set(t["pcrs"] or [])]
+    if not bound or not initrd.get("path"):
+        return
+    try:
+        changed = probe.mtime(initrd["path"]) > probe.boot_time() > 0
+    except OSError:
+        return
+    for t in bound:
+        t["boot_chain_changed"] = changed
+        if changed:
+            st.warn(
+                f"TPM2 token {t['token']} is bound to PCR 4/9 (boot loader, kernel, initrd) and "
+                f"the initrd {initrd['path']} was written after this boot started: the next boot "
+                "measures other values, so whether it unseals cannot be known from this boot; "
+                "if it does not, unlock by hand and re-enroll: lczfs-unlockd enroll tpm2",
+                unknown=True,
+            )
+
+
 def _verdict(cfg: config.Config | None, meta: luksadmin.Metadata | None, st: Status) -> int:
     if cfg is None or meta is None:
         return EXIT_BROKEN if st.broken else EXIT_PERSON
@@ -963,16 +1390,23 @@ def _verdict(cfg: config.Config | None, meta: luksadmin.Metadata | None, st: Sta
     initrd_ok = initrd.get("found") and not initrd.get("error")
     methods = cfg.keystore.unlock
     tpm2 = st.data.get("tpm2") or {}
-    matching = {t["token"]: t for t in tpm2.get("tokens", []) if t["prediction"] == "match"}
+    matching = {
+        t["token"]: t
+        for t in tpm2.get("tokens", [])
+        if t["prediction"] == "match" and not t.get("boot_chain_changed")
+    }
     armed = st.data.get("armed") or {}
-    if initrd_ok and armed.get("armed") and armed.get("token") in matching:
+    # A TPM2 token unlocks only through systemd's plugin in the initrd, and
+    # only without a PIN nobody is there to type: the one-time one as any.
+    tpm2_ok = initrd_ok and initrd.get("tpm2_plugin")
+    armed_token = matching.get(armed.get("token")) if armed.get("armed") else None
+    if tpm2_ok and armed_token is not None and not armed_token["pin"]:
         st.unattended_by.append(f"the one-time TPM2 unlock (arm-reboot, token {armed['token']})")
-    # A valid marker's token is destroyed before the configured methods run
-    # (expired or not): it is never one of them.
-    armed_token = armed.get("token") if armed.get("valid") else None
-    if initrd_ok and config.UnlockMethod.TOKEN in methods and initrd.get("tpm2_plugin"):
+    if tpm2_ok and config.UnlockMethod.TOKEN in methods:
         for n, t in sorted(matching.items()):
-            if n != armed_token and not t["pin"]:
+            # A marker's token (valid: destroyed first; invalid: skipped),
+            # and tokens on missing or priority-ignore slots are never tried.
+            if t["unused"] is None and not t["pin"]:
                 st.unattended_by.append(f"TPM2 token {n}")
     if (
         initrd_ok
@@ -1000,6 +1434,7 @@ def collect(
         _datasets(cfg, probe, st)
         _tpm2(cfg, meta, probe, st)
         _initrd(cfg, config_path, initrd, meta, probe, st)
+        _boot_chain(probe, st)
     else:
         for key in ("keystore", "datasets", "tpm2", "armed", "initrd"):
             st.data[key] = None
@@ -1053,7 +1488,13 @@ def render(st: Status) -> list[str]:
             lines.append(f"keystore {ks['device']}: LUKS{ks['luks_version']}, UUID {ks['uuid']}")
             for s in ks["keyslots"]:
                 tokens = ", ".join(map(str, s["tokens"]))
-                how = "a passphrase or key opens it" if s["human"] else "token-bound"
+                how = (
+                    "a passphrase or key opens it"
+                    if s["human"]
+                    else "priority ignore: only a token named by number opens it"
+                    if s["priority"] == keystore.PRIORITY_IGNORE
+                    else "token-bound"
+                )
                 lines.append(
                     f"  key slot {s['id']}: {s['type']} {s['kdf']}"
                     + (f", token {tokens}" if tokens else "")
@@ -1062,12 +1503,21 @@ def render(st: Status) -> list[str]:
             lines += [f"  {_token_line(t)}" for t in ks["tokens"]]
             lines.append(f"  recovery key: {'yes' if ks['recovery_key'] else 'NO'}")
     armed = d.get("armed")
-    if armed and armed.get("marker") is not None:
-        state = "armed" if armed["armed"] else "expired" if armed["expired"] else "not usable"
+    for marker in (armed or {}).get("markers", []):
+        if not marker["valid"]:
+            lines.append(f"one-time unlock (arm-reboot): marker {marker['marker']} not usable")
+            continue
+        state = (
+            "armed"
+            if armed and armed["armed"] and armed["marker"] == marker["marker"]
+            else "expired"
+            if marker["expired"]
+            else "not used"
+        )
         lines.append(
             f"one-time unlock (arm-reboot): {state}, key slot "
-            f"{', '.join(map(str, armed['keyslots']))} (token {armed['token']}), expires "
-            f"{armed['expires_iso'] or '?'}"
+            f"{', '.join(map(str, marker['keyslots']))} (token {marker['token']}), expires "
+            f"{marker['expires_iso']}"
         )
     ds = d.get("datasets")
     if ds:
@@ -1102,6 +1552,8 @@ def render(st: Status) -> list[str]:
                 lines.append(f"  TPM2 token {n}: will NOT unseal (policy mismatch)")
             else:
                 lines.append(f"  TPM2 token {n}: {t['prediction']}: {t.get('detail', '')}")
+            if t.get("unused"):
+                lines.append(f"    not used at boot: {t['unused']}")
     ini = d.get("initrd")
     if ini:
         if not ini["found"]:
@@ -1119,6 +1571,8 @@ def render(st: Status) -> list[str]:
             ]
             if ini["tpm2_plugin"] is not None:
                 parts.append("TPM2 token plugin" if ini["tpm2_plugin"] else "NO TPM2 token plugin")
+            if ini["tss2"] is not None:
+                parts.append("tpm2-tss" if ini["tss2"] else "NOT all of tpm2-tss")
             if ini["keyfile"] is not None:
                 parts.append("the key file" if ini["keyfile"] else "NOT the key file")
             lines.append(f"initrd {ini['path']}: {', '.join(parts)}")
@@ -1173,8 +1627,9 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--initrd",
         metavar="PATH",
-        help="the initrd to check (default: NixOS's system profile's, else "
-        "/boot/initrd.img-$(uname -r) or /boot/initramfs-$(uname -r).img)",
+        help="the initrd to check (default: NixOS's system profile's, else /boot/initrd.img "
+        "(Debian's default boot entry), else the newest /boot/initrd.img-* or "
+        "/boot/initramfs-*.img; a warning when that is not the running kernel's)",
     )
     parser.add_argument(
         "--no-journal", action="store_true", help="do not read the last boot from the journal"
@@ -1186,7 +1641,8 @@ def main(argv: Sequence[str], probe: Probe | None = None) -> int:
     args = _parser().parse_args(list(argv))
     st = collect(args.config, initrd=args.initrd, journal=not args.no_journal, probe=probe)
     if args.json:
-        print(json.dumps(st.data, indent=2, ensure_ascii=False), flush=True)
+        # allow_nan=False: every number shown is bounded; jq refuses Infinity.
+        print(json.dumps(st.data, indent=2, ensure_ascii=False, allow_nan=False), flush=True)
     else:
         print("\n".join(render(st)), flush=True)
     return int(st.data["exit"])

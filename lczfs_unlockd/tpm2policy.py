@@ -21,6 +21,7 @@ when no PCR is selected.
 from __future__ import annotations
 
 import hashlib
+import re
 import struct
 from collections.abc import Mapping
 
@@ -79,11 +80,12 @@ def sealing_policy(bank: str, values: Mapping[int, bytes], *, pin: bool) -> byte
 
 def parse_pcr_value(text: str, bank: str) -> bytes:
     """A PCR as the kernel's sysfs prints it (``/sys/class/tpm/tpm0/pcr-sha256/7``: hex)."""
-    value = text.strip()
+    # Exactly 2 * size ASCII hex digits and the newline: bytes.fromhex would
+    # also take spaces (a value of the wrong size) and int() other digits.
+    value = text.removesuffix("\n")
     size = digest_size(bank)
     if len(value) != 2 * size:
         raise ValueError(f"expected {2 * size} hex digits for a {bank} PCR, got {len(value)}")
-    try:
-        return bytes.fromhex(value)
-    except ValueError:
-        raise ValueError(f"not hexadecimal: {value[:80]!r}") from None
+    if not re.fullmatch(r"[0-9a-fA-F]+", value):
+        raise ValueError(f"not hexadecimal: {value[:80]!r}")
+    return bytes.fromhex(value)

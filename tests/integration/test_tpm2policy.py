@@ -181,6 +181,10 @@ def test_status_on_a_real_header_token_and_initrd(tpm, tmp_path, capsys):
         ("usr/lib/lczfs-unlockd/lczfs_unlockd/__init__.py", b""),
         ("usr/lib/systemd/system/lczfs-unlockd.service", b"[Unit]\n"),
         ("usr/lib/x86_64-linux-gnu/cryptsetup/libcryptsetup-token-systemd-tpm2.so", b""),
+        # What the daemon loads to measure the unlock (tpm2.py, paths.py).
+        ("usr/lib/x86_64-linux-gnu/libtss2-esys.so.0", b""),
+        ("usr/lib/x86_64-linux-gnu/libtss2-tctildr.so.0", b""),
+        ("usr/lib/x86_64-linux-gnu/libtss2-tcti-device.so.0", b""),
     ):
         (root / name).parent.mkdir(parents=True, exist_ok=True)
         (root / name).write_bytes(data)
@@ -222,3 +226,11 @@ def test_status_on_a_real_header_token_and_initrd(tpm, tmp_path, capsys):
     assert ops_status.main(argv, probe=probe) == 1
     out = capsys.readouterr().out
     assert f"TPM2 policy of token {token} will not match the next boot: PCR 7 changed" in out
+
+    # Without the TCTI module GNU cpio packed, the measurement fails: exit 2.
+    (root / "usr/lib/x86_64-linux-gnu/libtss2-tcti-device.so.0").unlink()
+    (tmp_path / "early").rename(tmp_path / "early-old")
+    cpio(root, initrd)
+    assert ops_status.main(argv, probe=probe) == 2
+    out = capsys.readouterr().out
+    assert f"initrd {initrd} does not contain the tpm2-tss library libtss2-tcti-device" in out

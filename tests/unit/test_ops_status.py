@@ -62,8 +62,15 @@ def link(name: str, target: str) -> tuple[str, int, bytes]:
 CONFIG_TEXT = f'pool = "{POOL}"\n[keystore]\nvolume = "{VOLUME}"\nmountpoint = "/bootsecrets"\n'
 
 
-def initrd_entries(config: bytes, *, daemon: bool = True, unit: bool = True, plugin: bool = True):
+TSS2 = ("libtss2-esys.so.0", "libtss2-tctildr.so.0", "libtss2-tcti-device.so.0")
+
+
+def initrd_entries(
+    config: bytes, *, daemon: bool = True, unit: bool = True, plugin: bool = True,
+    tss2: tuple[str, ...] = TSS2,
+):  # fmt: skip
     entries = [("etc", stat.S_IFDIR | 0o755, b""), reg("etc/lczfs-unlockd.toml", config)]
+    entries += [reg(f"usr/lib/x86_64-linux-gnu/{lib}", b"\x7fELF") for lib in tss2]
     if daemon:
         entries.append(reg("usr/lib/lczfs-unlockd/lczfs_unlockd/__init__.py", b'"""x"""\n'))
     if unit:
@@ -111,6 +118,8 @@ class Machine:
     existing: set[str] = field(default_factory=set)
     now: float = 1_800_000_000.0
     zfs_error: Exception | None = None
+    boot_time: float = 0.0  # unknown: no boot-chain warning unless a test sets it
+    release: str = "6.1.0-test"
 
     @property
     def config_path(self) -> Path:
@@ -156,6 +165,8 @@ class Machine:
             initrds=lambda: [str(self.initrd)],
             tpm_sysfs=str(self.sysfs),
             now=lambda: self.now,
+            release=lambda: self.release,
+            boot_time=lambda: self.boot_time,
             flags=(str(self.root / "root-checked"), str(self.root / "root-refused")),
         )
 
@@ -173,8 +184,11 @@ class Machine:
         return code, capsys.readouterr().out
 
 
-def slot(kdf: str = "argon2id") -> dict[str, Any]:
-    return {"type": "luks2", "kdf": {"type": kdf}}
+def slot(kdf: str = "argon2id", priority: int | None = None) -> dict[str, Any]:
+    out: dict[str, Any] = {"type": "luks2", "kdf": {"type": kdf}}
+    if priority is not None:
+        out["priority"] = priority
+    return out
 
 
 @pytest.fixture
@@ -300,12 +314,19 @@ def test_the_measurement_pcr_is_predicted_zero_whatever_it_is_now(m):
 
 
 def test_measure_pcr_configured_elsewhere(m):
-    # measure_pcr = 14: PCR 15 is read as it is now, so the token no longer matches.
+    # measure_pcr = 14: PCR 15 is no longer zero at the unseal, and in the
+    # running system systemd extends it after the unlock: unpredictable.
     m.config_path.write_text(CONFIG_TEXT + "measure_pcr = 14\n")
     m.write_initrd(newc(initrd_entries(m.config_path.read_bytes())))
     code, data = m.status()
     assert data["tpm2"]["measure_pcr"] == 14
-    assert code == 1 and has(data, "one of PCRs 7, 15 changed")
+    token = data["tpm2"]["tokens"][0]
+    assert code == 1 and token["prediction"] == "unpredictable"
+    assert "PCR 15 moves after the unlock" in token["detail"]
+    assert has(data, "TPM2 token 1 is not bound to the measurement PCR 14")
+    m.tokens["1"] = tpm2_token(2, [7, 14], policy({7: ZERO, 14: ZERO}))
+    code, data = m.status()
+    assert code == 1 and has(data, "TPM2 policy of token 1 will not match the next boot: PCR 7")
     m.config_path.write_text(CONFIG_TEXT + "measure_pcr = false\n")
     m.write_initrd(newc(initrd_entries(m.config_path.read_bytes())))
     assert m.status()[1]["tpm2"]["measure_pcr"] is None
@@ -319,7 +340,9 @@ def test_mismatch_on_the_measurement_pcr_alone(m):
 
 
 def test_a_pin_needs_a_person(m):
-    m.tokens["1"] = tpm2_token(2, [7], policy({7: PCR7}, pin=True), **{"tpm2-pin": True})
+    m.tokens["1"] = tpm2_token(
+        2, [7, 15], policy({7: PCR7, 15: ZERO}, pin=True), **{"tpm2-pin": True}
+    )
     code, data = m.status()
     assert data["tpm2"]["tokens"][0]["prediction"] == "match"
     assert code == 1 and data["warnings"] == []
@@ -360,17 +383,151 @@ def test_sha1_bank(m):
 
 
 def test_policy_hash_list_of_newer_systemd(m):
-    m.tokens["1"]["tpm2-policy-hash"] = ["ab" * 32, policy({7: PCR7, 15: ZERO})]
+    # One digest in a list: as a plain one.
+    m.tokens["1"]["tpm2-policy-hash"] = [policy({7: PCR7, 15: ZERO})]
     assert m.status()[0] == 0
+    # Sharded: every shard must unseal, each sealed to its own policy; one
+    # digest that matches proves nothing about the others.
+    for hashes in (["ab" * 32, policy({7: PCR7, 15: ZERO})], [policy({7: PCR7, 15: ZERO})] * 2):
+        m.tokens["1"]["tpm2-policy-hash"] = hashes
+        code, data = m.status()
+        assert code == 1 and data["tpm2"]["tokens"][0]["prediction"] == "unpredictable"
 
 
-def test_hostile_token_fields_are_no_traceback(m):
+def test_hostile_token_fields_are_no_traceback(m, capsys):
     m.tokens["1"]["tpm2-pcrs"] = "7; rm -rf /"
-    m.tokens["1"]["tpm2-pcr-bank"] = "md5\n\x1b[31m"
+    m.tokens["1"]["tpm2-pcr-bank"] = "SHA256\x1b[2J\x1b]0;pwned\x07" + "A" * 100_000
     m.tokens["1"]["tpm2-policy-hash"] = {"x": 1}
     code, data = m.status()
     assert code == 1 and data["tpm2"]["tokens"][0]["prediction"] == "unknown"
-    assert "\x1b" not in json.dumps(data, ensure_ascii=False)
+    # The screen, not a json.dumps (which escapes control characters itself).
+    code, out = m.text(capsys)
+    assert code == 1 and "\x1b" not in out and "\x07" not in out
+    line = next(x for x in out.splitlines() if x.startswith("  token 1:"))
+    assert "(SHA256… (" in line and len(line) < 400  # bounded, the escapes cut or shown
+    code, out = m.text(capsys, "--json")
+    assert "\x1b" not in json.loads(out)["keystore"]["tokens"][1]["bank"]
+
+
+@pytest.mark.parametrize("digit", ["\u00b2", "\u0663", "9" * 5000, "+7", " 7"])
+def test_non_ascii_numbers_from_the_header(m, digit):
+    m.tokens["1"]["tpm2-pcrs"] = [digit]
+    assert m.status()[1]["tpm2"]["tokens"][0]["prediction"] == "unknown"
+    armed_layout(m, m.now + 3600)
+    m.tokens["5"]["lczfs_tpm2_token"] = digit
+    code, data = m.status()
+    assert data["armed"]["armed"] is False and has(data, "the daemon will not use")
+    # luksadmin's own numbers (key slot keys): no traceback ("²" is refused
+    # there with a ValueError; luksadmin takes "٣" as 3, which is its own matter).
+    m.keyslots[digit] = slot()
+    code, data = m.status()
+    if digit == "\u00b2":
+        assert code == 2 and has(data, "cannot read the LUKS header")
+
+
+@pytest.mark.parametrize(
+    "text", ["aa bb cc" + "dd" * 28 + "\n", "\u00e9" * 64, "0x" + "00" * 31, "00" * 32 + " \n"]
+)
+def test_sysfs_pcr_must_be_exact_hex(m, text):
+    (m.sysfs / "pcr-sha256" / "7").write_text(text)
+    code, data = m.status()
+    assert code == 1 and data["tpm2"]["tokens"][0]["prediction"] == "unknown"
+    assert has(data, "cannot read PCR 7")
+
+
+@pytest.mark.parametrize(
+    ("pcr", "why"),
+    [(10, "IMA"), (11, "systemd-pcrphase"), (16, "debug"), (23, "application")],
+)
+def test_pcrs_that_move_after_the_unlock_are_unpredictable(m, pcr, why):
+    m.set_pcr(pcr, PCR7)
+    m.tokens["1"] = tpm2_token(2, [7, pcr, 15], policy({7: PCR7, pcr: PCR7, 15: ZERO}))
+    code, data = m.status()
+    token = data["tpm2"]["tokens"][0]
+    assert code == 1 and token["prediction"] == "unpredictable", data["warnings"]
+    assert why in token["detail"] and "unpredictable from the running system" in token["detail"]
+    assert not has(data, "will not match")
+
+
+def test_initrd_written_after_this_boot_for_pcr_4_and_9(m):
+    m.set_pcr(9, PCR15_NOW)
+    m.tokens["1"] = tpm2_token(2, [7, 9, 15], policy({7: PCR7, 9: PCR15_NOW, 15: ZERO}))
+    m.boot_time = m.initrd.stat().st_mtime + 60  # the initrd predates this boot
+    assert m.status()[0] == 0
+    m.boot_time = m.initrd.stat().st_mtime - 60  # rebuilt since
+    code, data = m.status()
+    assert code == 1 and has(data, "was written after this boot started")
+    m.tokens["1"] = tpm2_token(2, [7, 15], policy({7: PCR7, 15: ZERO}))
+    assert m.status()[0] == 0  # PCR 7 alone does not measure the initrd
+
+
+def test_measure_pcr_off_while_a_token_pins_pcr_15(m):
+    m.config_path.write_text(CONFIG_TEXT + "measure_pcr = false\n")
+    m.write_initrd(newc(initrd_entries(m.config_path.read_bytes())))
+    m.set_pcr(15, ZERO)
+    _, data = m.status()
+    assert has(data, "TPM2 token 1 includes PCR 15 but keystore.measure_pcr = false")
+    assert data["tpm2"]["tokens"][0]["prediction"] == "unpredictable"
+
+
+def test_token_without_the_measurement_pcr_warns(m):
+    m.tokens["1"] = tpm2_token(2, [7], policy({7: PCR7}))
+    code, data = m.status()
+    assert code == 0 and has(data, "TPM2 token 1 is not bound to the measurement PCR 15")
+
+
+@pytest.mark.parametrize(
+    ("keyslots", "phrase"),
+    [
+        (["9"], "TPM2 token 1 is not used at boot: none of its key slots exists"),
+        ([], "token 1 (systemd-tpm2, key slot none) is a leftover of a one-time unlock"),
+    ],
+)
+def test_tpm2_token_without_an_existing_slot_does_not_count(m, keyslots, phrase):
+    m.tokens["1"]["keyslots"] = keyslots
+    code, data = m.status()
+    assert code == 1 and data["unattended_by"] == [] and has(data, phrase), data["warnings"]
+
+
+def test_tpm2_token_on_a_priority_ignore_slot_does_not_count(m):
+    m.keyslots["2"] = slot("argon2id", priority=0)  # not pbkdf2: no one-time leftover
+    code, data = m.status()
+    assert code == 1 and has(data, "priority ignore")
+
+
+def test_clevis_and_priority_ignore_slots_are_not_human(m):
+    m.keyslots = {"0": slot(priority=0), "1": slot(), "2": slot("pbkdf2")}
+    m.tokens["3"] = {"type": "clevis", "keyslots": ["1"], "jwe": {}}
+    m.tokens["0"] = {"type": "systemd-recovery", "keyslots": ["2"]}
+    m.tokens["1"] = tpm2_token(2, [7, 15], policy({7: PCR7, 15: ZERO}))
+    code, data = m.status()
+    assert data["keystore"]["human_slots"] == []
+    assert code == 2 and has(data, "only token-bound key slots")
+
+
+def test_measure_pcr_required_without_a_tpm_is_broken(m):
+    text = CONFIG_TEXT + 'unlock = ["keyfile", "passphrase"]\nkeyfile = "/etc/ks.key"\n'
+    m.tokens.pop("1")
+    shutil.rmtree(m.sysfs)
+    for extra, want in (("", 0), ("measure_pcr = 15\n", 2)):
+        m.config_path.write_text(text + extra)
+        m.write_initrd(newc([*initrd_entries((text + extra).encode()), reg("etc/ks.key", b"k")]))
+        code, data = m.status()
+        assert code == want, data["warnings"]
+    assert has(data, "requires the measurement: the daemon will fail the unlock")
+
+
+@pytest.mark.parametrize("missing", TSS2)
+def test_initrd_without_the_tss2_libraries_is_broken(m, missing):
+    libs = tuple(x for x in TSS2 if x != missing)
+    m.write_initrd(newc(initrd_entries(CONFIG_TEXT.encode(), tss2=libs)))
+    code, data = m.status()
+    name = missing.removesuffix(".so.0")
+    assert code == 2 and has(data, f"does not contain the tpm2-tss library {name}")
+    assert has(data, f"initrd {m.initrd} does not contain")
+    # Neither a TPM2 token nor a required measurement: not needed.
+    m.tokens.pop("1")
+    assert not has(m.status()[1], "tpm2-tss")
 
 
 def test_no_recovery_key_warns(m):
@@ -440,8 +597,8 @@ def test_unreadable_header_is_broken(m):
 
 
 def armed_layout(m: Machine, expires: float) -> None:
-    m.keyslots["3"] = slot("pbkdf2")
-    m.tokens["1"] = tpm2_token(2, [7], "ab" * 32)  # the normal token: mismatch now
+    m.keyslots["3"] = slot("pbkdf2", priority=0)  # arm-reboot sets priority ignore
+    m.tokens["1"] = tpm2_token(2, [7, 15], "ab" * 32)  # the normal token: mismatch now
     m.tokens["4"] = tpm2_token(3, [7, 15], policy({7: PCR7, 15: ZERO}))
     m.tokens["5"] = {
         "type": "lczfs-armed",
@@ -475,11 +632,79 @@ def test_broken_armed_marker_warns(m):
     m.tokens["5"]["lczfs_tpm2_token"] = "9"
     code, data = m.status()
     assert has(data, "lczfs-armed marker the daemon will not use")
-    # The daemon leaves such a marker alone: token 4 is an ordinary token then.
-    assert code == 0 and data["unattended_by"] == ["TPM2 token 4"]
+    # The daemon's token method never tries a token any marker names, by
+    # number or through its key slot (keystore._marker_tokens): not token 4.
+    assert code == 1 and data["unattended_by"] == []
     m.tokens["5"]["lczfs_tpm2_token"] = "4"
     m.tokens["5"]["expires"] = "tomorrow"
-    assert m.status()[1]["unattended_by"] == ["TPM2 token 4"]
+    assert m.status()[1]["unattended_by"] == []
+
+
+NOW = 1_800_000_000
+
+
+@pytest.mark.parametrize(
+    ("change", "why"),
+    [
+        ({"note": "x"}, "fields are not exactly"),
+        ({"armed_at": None}, "fields are not exactly"),
+        ({"expires": NOW - 60 + 30 * 86400}, "at most 7 days"),
+        ({"armed_at": True}, "armed_at is not a time"),
+        ({"lczfs_tpm2_token": "5"}, "names the marker itself"),
+    ],
+)
+def test_armed_marker_is_checked_as_the_daemon_checks_it(m, change, why):
+    armed_layout(m, NOW + 3600)
+    m.tokens["5"].update(change)
+    m.tokens["5"] = {k: v for k, v in m.tokens["5"].items() if v is not None}
+    m.config_path.write_text(CONFIG_TEXT + 'unlock = ["passphrase"]\n')
+    m.write_initrd(newc(initrd_entries(m.config_path.read_bytes())))
+    code, data = m.status()
+    assert code == 1 and data["unattended_by"] == [] and has(data, why), data["warnings"]
+
+
+@pytest.mark.parametrize(
+    "change",
+    [
+        lambda m: m.keyslots.update({"3": slot("pbkdf2")}),  # priority normal
+        lambda m: m.keyslots.update({"3": slot("argon2id", priority=0)}),
+        lambda m: m.tokens.update({"6": {"type": "systemd-recovery", "keyslots": ["3"]}}),
+        lambda m: m.tokens["4"].update({"keyslots": ["3", "2"]}),
+    ],
+)
+def test_armed_slot_is_checked_as_the_daemon_checks_it(m, change):
+    armed_layout(m, m.now + 3600)
+    change(m)
+    _, data = m.status()
+    assert data["armed"]["armed"] is False and has(data, "the daemon will not use")
+
+
+def test_armed_needs_the_plugin_and_no_pin(m):
+    armed_layout(m, m.now + 3600)
+    m.write_initrd(newc(initrd_entries(CONFIG_TEXT.encode(), plugin=False)))
+    assert m.status()[0] == 1
+    armed_layout(m, m.now + 3600)
+    m.tokens["4"] = tpm2_token(
+        3, [7, 15], policy({7: PCR7, 15: ZERO}, pin=True), **{"tpm2-pin": True}
+    )
+    m.write_initrd(newc(initrd_entries(CONFIG_TEXT.encode())))
+    code, data = m.status()
+    assert code == 1 and data["unattended_by"] == []
+
+
+def test_one_time_leftovers_warn(m):
+    m.keyslots["3"] = slot("pbkdf2", priority=0)
+    m.tokens["4"] = tpm2_token(3, [7, 15], "ab" * 32)  # T without its marker
+    m.tokens["6"] = {"type": "lczfs-armed", "keyslots": [], "lczfs_tpm2_token": "4",
+                     "armed_at": 1, "expires": 2}  # fmt: skip
+    code, data = m.status()
+    assert code == 0, data["warnings"]
+    for n in (4, 6):
+        assert any(
+            w.startswith(f"token {n} (")
+            and "leftover of a one-time unlock: run lczfs-unlockd disarm" in w
+            for w in data["warnings"]
+        )
 
 
 # --- the encryption roots ---------------------------------------------------------------------------
@@ -731,7 +956,218 @@ def test_help_is_enough_on_its_own(capsys):
     assert "lczfs-unlockd status" in out and "exit status: 0" in out and "--initrd" in out
 
 
-def test_default_initrds():
-    found = ops_status.default_initrds()
+def test_default_initrds(tmp_path):
+    boot = tmp_path / "boot"
+    boot.mkdir()
+    found = ops_status.default_initrds(str(boot))
     assert found[0] == "/nix/var/nix/profiles/system/initrd"
-    assert any(p.startswith("/boot/initrd.img-") for p in found)
+    assert found[2:] == [str(boot / "initrd.img")]
+    for age, name in ((300, "initrd.img-6.1.0-old"), (100, "initramfs-6.9.0.img"),
+                      (200, "initrd.img-6.5.0")):  # fmt: skip
+        (boot / name).write_bytes(b"")
+        t = 1_700_000_000 - age
+        import os
+
+        os.utime(boot / name, (t, t))
+    found = ops_status.default_initrds(str(boot))
+    assert found[2:] == [str(boot / n) for n in
+                         ("initrd.img", "initramfs-6.9.0.img", "initrd.img-6.5.0",
+                          "initrd.img-6.1.0-old")]  # fmt: skip
+
+
+def test_default_initrd_of_another_kernel_warns(m):
+    real = m.initrd.parent / "initrd.img-6.9.0"
+    m.initrd.rename(real)
+    m.initrd.symlink_to(real.name)  # Debian's /boot/initrd.img
+    code, data = m.status()
+    assert code == 0 and has(data, "not the running kernel's (6.1.0-test)")
+    m.release = "6.9.0"
+    assert m.status()[1]["warnings"] == []
+    # --initrd: what the operator asked about, no guess.
+    m.release = "6.1.0-test"
+    st = ops_status.collect(str(m.config_path), initrd=str(real), probe=m.probe())
+    assert st.data["exit"] == 0 and st.warnings == []
+
+
+# --- review: the initrd reader's bounds --------------------------------------------------
+
+
+def bomb(kind: str, size: int) -> bytes:
+    import bz2
+    import lzma
+
+    zeros = bytes(size)
+    return {
+        "gzip": lambda: gzip.compress(zeros),
+        "xz": lambda: lzma.compress(zeros),
+        "lzma": lambda: lzma.compress(zeros, format=lzma.FORMAT_ALONE),
+        "bzip2": lambda: bz2.compress(zeros),
+    }[kind]()
+
+
+@pytest.mark.parametrize("kind", ["gzip", "xz", "lzma", "bzip2"])
+def test_in_process_decompression_bomb_is_bounded_while_it_unpacks(m, monkeypatch, kind):
+    import tracemalloc
+
+    monkeypatch.setattr(ops_status, "MAX_INITRD", 4 << 20)
+    m.write_initrd(newc([reg("early.bin")]) + bomb(kind, 64 << 20))
+    tracemalloc.start()
+    try:
+        code, data = m.status()
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert code == 1 and has(data, "unpacks to more than 4 MiB"), data["warnings"]
+    assert has(data, "cannot be known")
+    assert peak < 16 << 20  # never the 64 MiB in one piece
+
+
+def fake_tool(tmp_path: Path, monkeypatch, name: str, script: str) -> Path:
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir(exist_ok=True)
+    tool = bin_dir / name
+    tool.write_text("#!/bin/sh\n" + script)
+    tool.chmod(0o755)
+    import os
+
+    monkeypatch.setenv("PATH", f"{bin_dir}:{os.environ['PATH']}")
+    return bin_dir
+
+
+def test_zstd_is_killed_at_the_byte_cap(m, tmp_path, monkeypatch):
+    import os
+
+    monkeypatch.setattr(ops_status, "MAX_INITRD", 4 << 20)
+    monkeypatch.setattr(ops_status, "DECOMPRESS_TIMEOUT", 20.0)
+    pid_file = tmp_path / "pid"
+    fake_tool(tmp_path, monkeypatch, "zstd", f"echo $$ > {pid_file}\nexec cat /dev/zero\n")
+    m.write_initrd(newc([reg("early.bin")]) + b"\x28\xb5\x2f\xfd" + b"\x01" * 100)
+    code, data = m.status()
+    assert code == 1 and has(data, "unpacks to more than 4 MiB"), data["warnings"]
+    with pytest.raises(ProcessLookupError):
+        os.kill(int(pid_file.read_text()), 0)
+
+
+def test_zstd_tries_share_one_deadline(m, tmp_path, monkeypatch):
+    monkeypatch.setattr(ops_status, "DECOMPRESS_TIMEOUT", 1.0)
+    runs = tmp_path / "runs"
+    fake_tool(tmp_path, monkeypatch, "zstd", f"echo run >> {runs}\nsleep 0.4\nexit 1\n")
+    # Trailing zeros: up to 9 tries (0 to 8 zeros given back).
+    m.write_initrd(newc([reg("early.bin")]) + b"\x28\xb5\x2f\xfd" + b"\x01" * 100 + bytes(64))
+    code, data = m.status()
+    assert code == 1 and has(data, "did not finish within"), data["warnings"]
+    assert len(runs.read_text().split()) < 9
+
+
+def test_missing_decompressor_cannot_be_known(m, tmp_path, monkeypatch):
+    empty = tmp_path / "empty-bin"
+    empty.mkdir()
+    monkeypatch.setenv("PATH", str(empty))
+    m.write_initrd(b"\x28\xb5\x2f\xfd" + b"\x01" * 100)
+    code, data = m.status()
+    assert code == 1 and has(data, "zstd not found"), data["warnings"]
+
+
+def test_memory_error_is_a_warning_not_a_traceback(m, monkeypatch):
+    class Boom:
+        eof = False
+
+        def decompress(self, *args):
+            raise MemoryError
+
+    monkeypatch.setattr(ops_status.zlib, "decompressobj", lambda **kw: Boom())
+    m.write_initrd(gzip.compress(newc(initrd_entries(CONFIG_TEXT.encode()))))
+    code, data = m.status()
+    assert code == 1 and has(data, "not enough memory"), data["warnings"]
+
+
+def test_unreadable_initrd_cannot_be_known(m):
+    import os
+
+    m.initrd.unlink()
+    os.mkfifo(m.initrd)
+    code, data = m.status()
+    assert code == 1 and has(data, "not a regular file"), data["warnings"]
+
+
+def test_zero_padding_is_skipped_in_c(m):
+    class Counting(bytes):
+        calls = 0
+
+        def __getitem__(self, index):
+            Counting.calls += 1
+            return super().__getitem__(index)
+
+    archive = newc([reg("a")])
+    data = Counting(archive + bytes(1 << 20) + archive)
+    names: dict = {}
+    assert ops_status._parse_all(data, 0, 0, names) == len(data)
+    assert list(names) == ["a"] and Counting.calls < 100
+
+
+def test_json_has_no_infinity(m, capsys):
+    m.journal = journal(
+        "keystore: done in " + "9" * 400 + " s",
+        "unlocked x in " + "9" * 400 + ".5 s; keystore closed",
+        "opening: done in 1.5 s",
+    )
+    _, out = m.text(capsys, "--json")
+
+    def refuse(constant):
+        raise ValueError(constant)
+
+    data = json.loads(out, parse_constant=refuse)
+    assert data["last_boot"]["steps"] == [{"step": "opening", "seconds": 1.5}]
+
+
+def test_symlink_dot_dot_is_clamped_at_the_root(m):
+    store = "nix/store/abc-lczfs-unlockd.toml"
+    entries = [e for e in initrd_entries(b"") if e[0] != "etc/lczfs-unlockd.toml"]
+    entries += [reg(store, CONFIG_TEXT.encode()),
+                link("etc/lczfs-unlockd.toml", "../../../../" + store)]  # fmt: skip
+    m.write_initrd(newc(entries))
+    code, data = m.status()
+    assert code == 0 and data["initrd"]["config"] == "same", data["warnings"]
+
+
+def newc_links(entries: list[tuple[str, int, bytes, int, int]]) -> bytes:
+    """newc with (name, mode, data, inode, nlink) given."""
+    out = bytearray()
+    for name, mode, data, ino, nlink in [*entries, ("TRAILER!!!", 0, b"", 0, 1)]:
+        raw = name.encode() + b"\0"
+        fields = [ino, mode, 0, 0, nlink, 0, len(data), 8, 1, 0, 0, len(raw), 0]
+        out += b"070701" + b"".join(b"%08X" % v for v in fields) + raw
+        out += bytes(-len(out) % 4) + data
+        out += bytes(-len(out) % 4)
+    return bytes(out)
+
+
+def test_hard_linked_config_has_its_data_on_the_last_link(m):
+    rest = [(n, mode, d, 100 + i, 1) for i, (n, mode, d) in enumerate(initrd_entries(b""))
+            if n != "etc/lczfs-unlockd.toml"]  # fmt: skip
+    f = stat.S_IFREG | 0o644
+    m.write_initrd(
+        newc_links(
+            [
+                *rest,
+                ("etc/lczfs-unlockd.toml", f, b"", 7, 2),
+                ("etc/other-name", f, CONFIG_TEXT.encode(), 7, 2),
+            ]
+        )
+    )
+    code, data = m.status()
+    assert code == 0 and data["initrd"]["config"] == "same", data["warnings"]
+
+
+def test_key_file_must_be_a_non_empty_regular_file_and_is_not_read(m):
+    text = CONFIG_TEXT + 'unlock = ["keyfile", "passphrase"]\nkeyfile = "/etc/ks.key"\n'
+    m.tokens.pop("1")
+    m.config_path.write_text(text)
+    m.write_initrd(newc([*initrd_entries(text.encode()), reg("etc/ks.key", b"")]))
+    code, data = m.status()
+    assert code == 1 and data["initrd"]["keyfile"] is False
+    m.write_initrd(newc([*initrd_entries(text.encode()), reg("etc/ks.key", b"secret")]))
+    archive = ops_status.read_initrd(str(m.initrd), ["etc/lczfs-unlockd.toml"], ["/etc/ks.key"])
+    assert "/etc/ks.key" not in archive.contents
+    assert archive.entries["/etc/ks.key"].size == 6
+    assert m.status()[0] == 0
