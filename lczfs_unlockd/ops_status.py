@@ -1158,10 +1158,13 @@ def _read_initrd(path: str, wanted: Sequence[str], present: Sequence[str]) -> In
 # (dlopen): no dependency scan of an initrd builder sees them.
 def tss2_libraries() -> list[tuple[str, tuple[str, ...]]]:
     tcti = paths.TPM2_TCTI.partition(":")[0]
+    # A name ("device": tctildr loads libtss2-tcti-device.so.0) or, in
+    # packaged builds (Nix's _build_paths.py), the library's own path.
+    tcti_lib = os.path.basename(tcti) if "/" in tcti else f"libtss2-tcti-{tcti}.so.0"
     return [
         ("libtss2-esys", paths.LIBTSS2_ESYS),
         ("libtss2-tctildr", paths.LIBTSS2_TCTILDR),
-        (f"libtss2-tcti-{tcti}", (f"libtss2-tcti-{tcti}.so.0",)),
+        (tcti_lib.removesuffix(".so.0"), (tcti_lib,)),
     ]
 
 

@@ -22,6 +22,7 @@
   pyzfs,
   pytestCheckHook,
   hypothesis,
+  groff,
   zfs,
   cryptsetup,
   systemd,
@@ -85,6 +86,8 @@ buildPythonApplication {
       ../units/lczfs-unlockd.service
       ../nix/build-paths.sh
       ../nix/install-unit.sh
+      # Installed (share/man), and tests/unit/test_manpages.py reads them.
+      ../docs/man
       ../tests/__init__.py
       # tests/unit/conftest.py imports it.
       ../tests/fakes.py
@@ -114,6 +117,8 @@ buildPythonApplication {
   # units/lczfs-unlockd.service with ExecStart pointing here.
   postInstall = ''
     bash nix/install-unit.sh $out $out/bin/lczfs-unlockd
+    install -Dm444 docs/man/lczfs-unlockd.8 $out/share/man/man8/lczfs-unlockd.8
+    install -Dm444 docs/man/lczfs-unlockd.toml.5 $out/share/man/man5/lczfs-unlockd.toml.5
   '';
 
   build-system = [ setuptools ];
@@ -129,6 +134,8 @@ buildPythonApplication {
   nativeCheckInputs = [
     pytestCheckHook
     hypothesis
+    # tests/unit/test_manpages.py renders the man pages with groff -ww.
+    groff
   ];
   # The unit tests run against fakes; the VM tests need QEMU and are run by
   # the NixOS test in nix/tests/unlock.nix instead.

@@ -286,3 +286,14 @@ def test_unit_ordering_is_read_from_the_unit_file() -> None:
         assert name == "zfs-import-tank.service" or name in unit
     assert ordering["wantedBy"] == ["initrd.target", "zfs-import-tank.service"]
     assert lib_call("poolOrdering", "tank")["before"] == ["zfs-import-tank.service"]
+
+
+def test_the_options_setup_prints_for_nixos_are_the_modules() -> None:
+    """lczfs-unlockd setup --nixos prints boot.initrd.lczfs-unlockd.{enable,settings,
+    tokenPlugins} with settings.keystore.* (tests/unit/test_ops_setup.py checks the text)."""
+    module = (ROOT / "nix" / "module.nix").read_text()
+    assert "options.boot.initrd.lczfs-unlockd" in module
+    for option in ("settings = mkOption", "tokenPlugins = mkOption", "volume = mkOption",
+                   "mountpoint = mkOption", "unlock = mkOption", "datasets = mkOption",
+                   "partition = mkOption"):  # fmt: skip
+        assert option in module, option

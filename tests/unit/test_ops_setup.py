@@ -556,11 +556,8 @@ def test_nixos_prints_the_options_and_writes_no_file(setup, machine, paths):
     assert 'volume = "rpool/volumes/bootsecrets";' in result.out
     assert 'datasets = [ "rpool/crypt" ];' in result.out
     assert "nixos-rebuild boot" in result.out
-    module = (Path(__file__).parents[2] / "nix" / "module.nix").read_text()
-    assert "options.boot.initrd.lczfs-unlockd" in module
-    for option in ("settings = mkOption", "volume = mkOption", "mountpoint = mkOption",
-                   "unlock = mkOption", "datasets = mkOption", "partition = mkOption"):  # fmt: skip
-        assert option in module, option
+    # That these are the module's option names: tests/nix/test_nix.py (the
+    # package's check phase has no nix/ directory).
 
 
 # --- failures -----------------------------------------------------------------

@@ -1171,3 +1171,17 @@ def test_key_file_must_be_a_non_empty_regular_file_and_is_not_read(m):
     assert "/etc/ks.key" not in archive.contents
     assert archive.entries["/etc/ks.key"].size == 6
     assert m.status()[0] == 0
+
+
+def test_tss2_libraries_of_a_packaged_build_are_found_by_file_name(monkeypatch):
+    """Nix's _build_paths.py names the libraries and the TCTI by store path."""
+    import os
+
+    from lczfs_unlockd import ops_status, paths
+
+    store = "/nix/store/abc-tpm2-tss/lib"
+    monkeypatch.setattr(paths, "LIBTSS2_ESYS", (f"{store}/libtss2-esys.so.0",))
+    monkeypatch.setattr(paths, "LIBTSS2_TCTILDR", (f"{store}/libtss2-tctildr.so.0",))
+    monkeypatch.setattr(paths, "TPM2_TCTI", f"{store}/libtss2-tcti-device.so.0:/dev/tpmrm0")
+    names = {os.path.basename(s) for _, sonames in ops_status.tss2_libraries() for s in sonames}
+    assert names == set(TSS2)
