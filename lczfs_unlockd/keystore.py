@@ -58,6 +58,7 @@ from .errors import (
 )
 from .ports import LuksDevice, MappingState, Tpm2Policy, VolumeKeyHook
 from .secretbuf import wipe
+from .text import is_number
 
 log = logging.getLogger("lczfs_unlockd")
 
@@ -133,7 +134,7 @@ def marker_json(slot: int, token: int, armed_at: int, expires: int) -> dict[str,
 
 
 def _number(value: object, what: str) -> int:
-    if not (isinstance(value, str) and value.isdigit() and len(value) <= 2 and int(value) <= 31):
+    if not (isinstance(value, str) and is_number(value, 2) and int(value) <= 31):
         raise ValueError(f"{what} is not a number 0-31 in a string")
     return int(value)
 
@@ -383,9 +384,7 @@ def _token_slots(luks: LuksDevice) -> dict[int, frozenset[int] | None]:
     for t in luks.tokens():
         value = _json_of(luks, t.id, MAX_TOKEN_JSON)
         refs = value.get("keyslots") if isinstance(value, Mapping) else None
-        if isinstance(refs, list) and all(
-            isinstance(r, str) and r.isdigit() and len(r) <= 2 for r in refs
-        ):
+        if isinstance(refs, list) and all(isinstance(r, str) and is_number(r, 2) for r in refs):
             out[t.id] = frozenset(int(r) for r in refs)
         else:
             out[t.id] = None
@@ -580,7 +579,7 @@ def _marker_tokens(luks: LuksDevice) -> set[int]:
         if not isinstance(value, Mapping):
             continue
         t = value.get("lczfs_tpm2_token")
-        if isinstance(t, str) and t.isdigit() and len(t) <= 2:
+        if isinstance(t, str) and is_number(t, 2):
             named.add(int(t))
         slots |= slots_of.get(m) or frozenset()
     return (named | {n for n, refs in slots_of.items() if refs and refs & slots}) - set(markers)

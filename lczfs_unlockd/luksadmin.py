@@ -26,6 +26,7 @@ from typing import Any
 from . import process
 from .errors import CommandError, LuksAdminError, UnlockError
 from .text import escape as printable
+from .text import is_number
 
 log = logging.getLogger("lczfs_unlockd")
 
@@ -87,7 +88,7 @@ class Metadata:
 
 
 def _int(value: object, what: str, device: str, hi: int) -> int:
-    if isinstance(value, str) and value.isdigit() and len(value) <= 6:
+    if isinstance(value, str) and is_number(value, 6):
         value = int(value)
     if not isinstance(value, int) or isinstance(value, bool) or not 0 <= value <= hi:
         raise LuksAdminError(f"{device}: the LUKS header has an invalid {what} ({value!r:.40})")

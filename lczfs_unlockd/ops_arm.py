@@ -39,7 +39,7 @@ from .config import DEFAULT_MEASURE_PCR
 from .errors import ConfigError, OpsError, UnlockError
 from .ops_common import EXIT_OK, ask_secret, err, load_config, run_command, say
 from .secretbuf import wipe
-from .text import escape
+from .text import escape, is_number
 
 TPM_DEVICE = "/dev/tpmrm0"
 DISARM_UNIT = "lczfs-unlockd-disarm"
@@ -59,7 +59,7 @@ def _pcrs(user: list[int], measure_pcr: int) -> str:
 def _user_pcrs(value: str, measure_pcr: int) -> list[int]:
     """--tpm2-pcrs: PCR numbers 0-23 joined by "+" (bound to their values now)."""
     parts = value.split("+")
-    if not all(p.isdigit() and len(p) <= 2 and int(p) <= 23 for p in parts):
+    if not all(is_number(p, 2) and int(p) <= 23 for p in parts):
         raise OpsError(
             f"--tpm2-pcrs {escape(value)}: PCR numbers 0-23 joined by + (e.g. 7 or 0+2+4+7); "
             "each is bound to its value now"

@@ -23,7 +23,7 @@ from .ops_common import (
     show_plan,
 )
 from .secretbuf import wipe
-from .text import escape
+from .text import escape, is_number
 
 ZERO_PCR = "0" * 64
 KINDS = ("tpm2", "fido2", "passphrase", "recovery")
@@ -41,7 +41,7 @@ def _pcr_parts(user: str) -> list[tuple[int, str | None]]:
     out = []
     for part in user.split("+"):
         number, _, value = part.partition(":")
-        if not (number.isdigit() and len(number) <= 2 and int(number) <= 23):
+        if not (is_number(number, 2) and int(number) <= 23):
             raise OpsError(
                 f"--tpm2-pcrs {escape(user)}: {escape(part)[:40]!r} is not a PCR number 0-23 "
                 "(optionally :BANK=HEX); give PCRs by number (names such as system-identity "

@@ -60,3 +60,13 @@ def bound(text: str, max_bytes: int) -> str:
         if len(text) - len(head) == len(text) - keep:
             return head + marker
         keep = len(head)
+
+
+def is_number(text: str, max_digits: int = 20) -> bool:
+    """``text`` is 1 to ``max_digits`` ASCII digits.
+
+    ``str.isdigit`` alone accepts "²" and "٣", which ``int`` then rejects
+    (a ValueError where a value from the disk was expected to be checked),
+    and any length (``int`` refuses more than 4300 digits).
+    """
+    return 0 < len(text) <= max_digits and text.isascii() and text.isdigit()

@@ -24,7 +24,7 @@ from .errors import (
 )
 from .ports import DatasetInfo, PoolScan
 from .process import Result, run
-from .text import escape
+from .text import escape, is_number
 
 # Properties read for every candidate dataset, in this order.
 _PROPERTIES = (
@@ -72,7 +72,7 @@ def _parse_block(block: list[str], pool: str) -> PoolScan:
     in_config = False
     for line in block[1:]:
         key, sep, value = line.strip().partition(":")
-        if not in_config and sep and key == "id" and value.strip().isdigit():
+        if not in_config and sep and key == "id" and is_number(value.strip()):
             guid = int(value.strip())
             continue
         if not in_config and sep and key in ("state", "status", "action"):
@@ -175,7 +175,7 @@ def parse_properties(
         values[name][prop] = value
 
     def number(v: str) -> int:
-        return int(v) if v.isdigit() else 0
+        return int(v) if is_number(v) else 0
 
     return [
         DatasetInfo(
@@ -235,7 +235,7 @@ class ZpoolCli:
         argv = [paths.ZPOOL, "get", "-H", "-p", "-o", "value", "guid", pool]
         result = self._run(argv, timeout, QUERY_TIMEOUT)
         value = result.stdout.strip()
-        if result.returncode == 0 and value.isdigit():
+        if result.returncode == 0 and is_number(value):
             return int(value)
         if "no such pool" in result.stderr:
             return None

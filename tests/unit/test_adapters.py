@@ -144,3 +144,11 @@ def test_prompt_timeout_of_infinity_means_no_limit(timeout, flag):
         "Passphrase:", ident="cryptsetup:/dev/x", timeout=timeout, keyname=None, accept_cached=False
     )
     assert flag in argv
+
+
+def test_a_guid_in_other_digits_is_no_guid_and_no_traceback():
+    """ "id: ²" passes str.isdigit(); int() would raise."""
+    forged = ONLINE.replace("id: 1234567890", "id: \u00b21234567890")
+    assert forged != ONLINE
+    scan = parse_import_listing(forged, "rpool")
+    assert scan.state == "ONLINE" and scan.guid is None

@@ -128,6 +128,9 @@ def test_failed_unseal_is_destroyed_and_passphrase_asked(world, make_config, run
         ({"extra": "x"}, "fields are not exactly"),
         ({"keyslots": ["0"]}, "does not belong to key slot 0"),  # the passphrase's slot
         ({"lczfs_tpm2_token": "5"}, "token 5 is not a systemd-tpm2 token"),
+        # str.isdigit() says yes to these, int() then raises ValueError.
+        ({"lczfs_tpm2_token": "\u00b2"}, "lczfs_tpm2_token is not a number"),
+        ({"keyslots": ["\u0663"]}, "key slot is not a number"),
     ],
 )
 def test_hostile_marker_is_ignored(world, make_config, run, caplog, fields, why):

@@ -56,7 +56,7 @@ ADAPTER_MAY_IMPORT = {
 # What a step may import besides lower steps: never an adapter.
 STEP_MAY_IMPORT = {
     "context", "config", "errors", "ports", "report", "keyformat", "unitnames",
-    "secretbuf", "log", "paths",
+    "secretbuf", "log", "paths", "text",
 }  # fmt: skip
 # Modules that import nothing of the package at all.
 LEAVES = {"errors", "ports", "secretbuf", "text", "unitnames"}

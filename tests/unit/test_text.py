@@ -10,6 +10,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
+from lczfs_unlockd import text
 from lczfs_unlockd.text import bound, escape
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -124,3 +125,12 @@ def test_bound_always_fits(text, limit):
         assert cut == escape(text)
     else:
         assert cut.endswith(" more characters)")
+
+
+@pytest.mark.parametrize(
+    ("value", "ok"),
+    [("0", True), ("31", True), ("", False), ("\u00b2", False), ("\u0663", False),
+     ("1 ", False), ("-1", False), ("9" * 21, False), ("9" * 20, True)],
+)  # fmt: skip
+def test_is_number_takes_ascii_digits_only(value, ok):
+    assert text.is_number(value) is ok
