@@ -600,14 +600,18 @@ class StandInSessionMachine:
             data = json.dumps({"unit": {}, "datasets": []}).encode()
             report.write_bytes(b"LCZFSREPORT1 %d\n" % len(data) + data)
 
+    hang: ClassVar[bool] = False
+
     def wait(self, deadline: float) -> int:
+        if StandInSessionMachine.hang:
+            raise qemu.BootTimeout(f"guest still running after {deadline:.0f} s; killed")
         return 0
 
     def close(self) -> None:
         pass
 
     def console_text(self) -> str:
-        return ""
+        return "lczfs-test: the last words\n"
 
     def elapsed(self) -> float:
         return 1.0
@@ -737,6 +741,19 @@ def test_a_failed_operations_boot_says_so_and_the_session_stays(
     with pytest.raises(AssertionError, match=r"operations boot LCZFSOPS FAILED rc=3 .*report"):
         s.ops(vm.OpsBoot("ops", script, disks=("layout0",)))
     assert s.disk("layout0") == session_guest.golden / "layout0.qcow2"
+
+
+def test_a_hung_operations_boot_shows_its_console(
+    session_guest: vm.Guest, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    s = session_guest.session("s", tmp_path / "s", {"layout0": None})
+    script = tmp_path / "ops-script.sh"
+    script.write_text("")
+    monkeypatch.setattr(StandInSessionMachine, "hang", True)
+    with pytest.raises(
+        qemu.BootTimeout, match=r"(?s)ops: operations boot: .*600 s.*the last words"
+    ):
+        s.ops(vm.OpsBoot("ops", script, disks=("layout0",)))
 
 
 def test_checks_luks_dump_reaches_the_report_and_the_result(tmp_path: Path) -> None:

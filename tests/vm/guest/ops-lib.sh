@@ -14,6 +14,7 @@
 # and NAME.err.  Secrets: /etc/lczfs-provision (the golden disks'),
 # /etc/lczfs-session (this session's, made by the harness).
 set -euo pipefail
+shopt -s inherit_errexit  # $(...) fails like the rest
 exec > /dev/console 2>&1
 
 P=/etc/lczfs-provision
@@ -49,7 +50,15 @@ _ops_close() {
     for m in $(dmsetup ls --target crypt 2> /dev/null | grep -v '^No devices' | cut -f1); do
         cryptsetup close "$m" || :
     done
-    zpool export -a || :
+    # An export can hang for good (a zvol held open): the report is written anyway.
+    zpool export -a &
+    local pid=$! i
+    for ((i = 0; i < 600; i++)); do
+        kill -0 "$pid" 2> /dev/null || return 0
+        sleep 0.1
+    done
+    echo "lczfs-test: zpool export -a still running after 60 s"
+    record export-hung yes
 }
 
 _ops_finish() {
@@ -129,9 +138,12 @@ import_pool() {
 open_keystore() {
     local dev=$1 key=$2 name
     name=lczfs-ops-$RANDOM
-    cryptsetup open --readonly --key-file "$key" "$dev" "$name" >&2
+    cryptsetup open --readonly --key-file "$key" "$dev" "$name" >&2 || return 1
     mkdir -p "/run/lczfs-ops-mnt/$name"
-    mount -o ro "/dev/mapper/$name" "/run/lczfs-ops-mnt/$name" >&2
+    if ! mount -o ro "/dev/mapper/$name" "/run/lczfs-ops-mnt/$name" >&2; then
+        cryptsetup close "$name"
+        return 1
+    fi
     echo "/run/lczfs-ops-mnt/$name"
 }
 

@@ -763,6 +763,11 @@ class Session:
         try:
             m.start()
             m.wait(spec.timeout)
+        except qemu.BootTimeout as e:
+            tail = "\n".join(m.console_text().splitlines()[-80:])
+            raise qemu.BootTimeout(
+                f"{spec.name}: operations boot: {e}; console {work}/console.log:\n{tail}"
+            ) from None
         finally:
             m.close()
         text = report.read_bytes().split(b"\0", 1)[0].decode(errors="replace")
