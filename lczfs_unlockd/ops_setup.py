@@ -93,6 +93,7 @@ PARTITION_WAIT = 30.0
 MAPPER_WAIT = 10.0
 ZFS_TIMEOUT = 120.0  # zfs create/change-key/destroy: one sync task each
 MKFS_TIMEOUT = 120.0
+SETTLE_TIMEOUT = 30.0
 PARTITION_TIMEOUT = 60.0
 MOUNT_TIMEOUT = 30.0
 DRACUT_TIMEOUT = 600.0
@@ -345,6 +346,17 @@ class Machine:
             [SFDISK_SCRIPT],
             timeout=PARTITION_TIMEOUT,
         )
+        # When sfdisk closes the zvol, udev re-reads its partition table and
+        # removes and re-adds -part1: a link that exists right now may be gone
+        # a moment later (seen in the guest: luksFormat found no device).
+        # Waiting for the link only after udev's queue is empty avoids that.
+        # No udevadm (or it overran): wait_for still bounds the wait.
+        with contextlib.suppress(UnlockError):
+            process.run(
+                ["udevadm", "settle", f"--timeout={SETTLE_TIMEOUT:g}"],
+                check=False,
+                timeout=SETTLE_TIMEOUT + 10,
+            )
 
     def format_luks(self, device: str, passphrase: bytearray, label: str) -> None:
         luksadmin.format_luks2(

@@ -1171,6 +1171,15 @@ def test_machine_change_key_and_rollback_commands_run_detached(runs):
     ]  # fmt: skip
 
 
+def test_machine_partition_waits_for_udev_before_the_link_is_trusted(runs):
+    """udev re-reads the table when sfdisk closes the zvol: -part1 may vanish for a moment."""
+    ops_setup.Machine().partition("/dev/zvol/rpool/ks")
+    assert [a[:3] for a in runs.argvs] == [
+        ["sh", "-c", 'exec sfdisk --quiet --wipe always "$1" < "$2"'],
+        ["udevadm", "settle", "--timeout=30"],
+    ]
+
+
 def test_machine_destroy_retries_while_busy(runs, monkeypatch):
     monkeypatch.setattr(ops_setup, "DESTROY_RETRY", 0.0)
     runs.answers = [(1, "cannot destroy 'rpool/ks': dataset is busy"), (0, "")]
