@@ -37,7 +37,7 @@ from types import FrameType
 from . import config, keystore, luksadmin, process
 from .config import DEFAULT_MEASURE_PCR
 from .errors import ConfigError, OpsError, UnlockError
-from .ops_common import EXIT_OK, ask_secret, err, load_config, run_command, say
+from .ops_common import EXIT_OK, ask_secret, check_marker, err, load_config, run_command, say
 from .secretbuf import wipe
 from .text import escape, is_number
 
@@ -141,20 +141,6 @@ def _check_tpm(device: str) -> None:
 
 def _markers(meta: luksadmin.Metadata) -> list[int]:
     return sorted(n for n, t in meta.tokens.items() if t.type == keystore.MARKER_TYPE)
-
-
-def _check_marker(meta: luksadmin.Metadata, marker: int) -> keystore.OneTimeUnlock:
-    """What the daemon checks (``ValueError`` otherwise): the marker, and that
-    its slot is one arm-reboot made and nothing else opens."""
-    unlock = keystore.parse_marker(
-        marker,
-        meta.tokens[marker].fields,
-        lambda n: meta.tokens[n].fields if n in meta.tokens else None,
-    )
-    keystore.check_one_time_slot(
-        unlock, meta.keyslots.get(unlock.slot), [t.id for t in meta.tokens_of(unlock.slot)]
-    )
-    return unlock
 
 
 class _Stopped(BaseException):
@@ -350,7 +336,7 @@ def _add_marker(device: str, fields: dict[str, object]) -> int:
     try:
         marker = luksadmin.import_token(device, fields)
         # What the daemon will read: checked with the daemon's own checks.
-        _check_marker(luksadmin.metadata(device), marker)
+        check_marker(luksadmin.metadata(device), marker)
     except (UnlockError, ValueError, KeyError) as exc:
         raise OpsError(f"{device}: cannot add the marker token ({exc}): nothing armed") from None
     return marker
@@ -378,7 +364,7 @@ def disarm(args: argparse.Namespace) -> int:
     markers = _markers(meta)
     for m in markers:
         try:
-            unlock = _check_marker(meta, m)
+            unlock = check_marker(meta, m)
         except ValueError as exc:
             # Its slot cannot be trusted to be the armed one: only the marker goes.
             luksadmin.remove_token(device, m)

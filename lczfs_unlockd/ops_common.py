@@ -17,7 +17,7 @@ import termios
 from collections.abc import Callable, Iterator, Sequence
 from typing import TextIO
 
-from . import config
+from . import config, keystore, luksadmin
 from .errors import ConfigError, OpsError, UnlockError
 from .secretbuf import read_bounded, wipe
 
@@ -155,3 +155,18 @@ def confirmed(yes: bool, dry_run: bool, what: str) -> bool:
         say(f"Nothing done. Run again with --yes to {what}.")
         return False
     return True
+
+
+def check_marker(meta: luksadmin.Metadata, marker: int) -> keystore.OneTimeUnlock:
+    """An arm-reboot marker token checked as the daemon checks it
+    (keystore.parse_marker, check_one_time_slot): ``ValueError`` saying what is
+    wrong.  status and disarm judge a header exactly as the next boot will."""
+    unlock = keystore.parse_marker(
+        marker,
+        meta.tokens[marker].fields,
+        lambda n: meta.tokens[n].fields if n in meta.tokens else None,
+    )
+    keystore.check_one_time_slot(
+        unlock, meta.keyslots.get(unlock.slot), [t.id for t in meta.tokens_of(unlock.slot)]
+    )
+    return unlock

@@ -44,7 +44,7 @@ from typing import Any, BinaryIO
 from . import config, keystore, luksadmin, paths, process, tpm2policy
 from .errors import UnlockError
 from .keyformat import key_file_path
-from .ops_common import load_config
+from .ops_common import check_marker, load_config
 from .text import bound, escape
 
 EXIT_UNATTENDED = 0
@@ -370,19 +370,6 @@ def _iso(seconds: int) -> str:
     return when.strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
-def _check_marker(meta: luksadmin.Metadata, marker: int) -> keystore.OneTimeUnlock:
-    """The daemon's own checks (keystore.armed): ``ValueError`` saying what is wrong."""
-    unlock = keystore.parse_marker(
-        marker,
-        meta.tokens[marker].fields,
-        lambda n: meta.tokens[n].fields if n in meta.tokens else None,
-    )
-    keystore.check_one_time_slot(
-        unlock, meta.keyslots.get(unlock.slot), [t.id for t in meta.tokens_of(unlock.slot)]
-    )
-    return unlock
-
-
 def marker_named(meta: luksadmin.Metadata) -> set[int]:
     """The tokens the daemon's token method never tries (keystore._marker_tokens):
     those any marker names, valid or not, by number or through its key slots."""
@@ -425,7 +412,7 @@ def _armed(meta: luksadmin.Metadata | None, probe: Probe, st: Status) -> int | N
         entry: dict[str, Any] = {"marker": n, "valid": False, "error": None}
         info["markers"].append(entry)
         try:
-            unlock = _check_marker(meta, n)
+            unlock = check_marker(meta, n)
         except ValueError as exc:
             entry["error"] = show(exc, 300)
             st.warn(
